@@ -1,0 +1,2 @@
+from keras_memtrans.layers.knn_attention import KNNAttention
+from keras_memtrans.layers.relative_position_bias import RelativePositionBias

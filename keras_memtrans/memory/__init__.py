@@ -1,0 +1,2 @@
+from keras_memtrans.memory.exact_memory import ExactMemory
+from keras_memtrans.memory.segment_cache import SegmentCache

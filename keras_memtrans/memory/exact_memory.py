@@ -1,0 +1,209 @@
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_memtrans")
+class ExactMemory(keras.layers.Layer):
+    """An in-graph FIFO (key, value) memory per batch lane and head, exact top-k.
+
+    The memory is a ring buffer of `memory_size` slots shared by all lanes:
+    every `append` writes one slot per token into all lanes at once, so each
+    lane holds the (key, value) pairs of the last `memory_size` tokens it was
+    fed. Each slot also records the position of its token in its document
+    (`-1`: empty). Resetting a lane only marks its slots empty, so a reset
+    costs `O(memory_size)` integers, not a rewrite of the buffer.
+
+    All state lives in non-trainable variables of fixed shape, updated with
+    `assign`, so the memory persists across `model.fit` steps on every
+    backend and compiles under XLA. Keys and values are stored in the
+    layer's compute dtype.
+
+    This layer is a state container driven through its methods (`reset`,
+    `search`, `append`) by `KNNAttention`; it is not called on tensors.
+    Its contents are not saved with the model: a loaded model starts with an
+    empty memory.
+
+    Args:
+        batch_size: int. Number of lanes (the fixed batch size).
+        num_heads: int. Number of attention heads.
+        head_dim: int. Size of each key and value vector.
+        memory_size: int. Number of (key, value) pairs kept per lane and head.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Example:
+    >>> import numpy as np
+    >>> memory = ExactMemory(batch_size=2, num_heads=1, head_dim=4,
+    ...                      memory_size=8)
+    >>> memory.build()
+    >>> keys = np.eye(4, dtype="float32")[None, :, None, :].repeat(2, axis=0)
+    >>> memory.append(keys, keys)
+    >>> scores, values, positions = memory.search(keys[:, :1], 2)
+    >>> positions.shape  # [batch, query, heads, neighbours]
+    (2, 1, 1, 2)
+
+    Reference:
+        Wu et al., "Memorizing Transformers", ICLR 2022
+        (https://arxiv.org/abs/2203.08913).
+    """
+
+    def __init__(self, batch_size, num_heads, head_dim, memory_size, **kwargs):
+        super().__init__(**kwargs)
+        for name, value in (
+            ("batch_size", batch_size),
+            ("num_heads", num_heads),
+            ("head_dim", head_dim),
+            ("memory_size", memory_size),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        self.batch_size = batch_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.memory_size = memory_size
+
+    def build(self, input_shape=None):
+        slots = (self.memory_size, self.batch_size)
+        vectors = (*slots, self.num_heads, self.head_dim)
+        self.keys = self.add_weight(
+            name="keys",
+            shape=vectors,
+            initializer="zeros",
+            dtype=self.compute_dtype,
+            trainable=False,
+        )
+        self.values = self.add_weight(
+            name="values",
+            shape=vectors,
+            initializer="zeros",
+            dtype=self.compute_dtype,
+            trainable=False,
+        )
+        self.positions = self.add_weight(
+            name="positions",
+            shape=slots,
+            initializer=keras.initializers.Constant(-1),
+            dtype="int32",
+            trainable=False,
+        )
+        self.next_slot = self.add_weight(
+            name="next_slot",
+            shape=(),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+        )
+        self.document_length = self.add_weight(
+            name="document_length",
+            shape=(self.batch_size,),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+        )
+        self.built = True
+
+    def reset(self, document_start):
+        """Empties the lanes whose `document_start` flag `[batch]` is set."""
+        document_start = ops.cast(document_start, "bool")
+        self.positions.assign(
+            ops.where(document_start[None, :], -1, self.positions.value)
+        )
+        self.document_length.assign(
+            ops.where(document_start, 0, self.document_length.value)
+        )
+
+    def search(self, queries, num_neighbors):
+        """Exact top-k inner-product search in each lane's own memory.
+
+        Args:
+            queries: `[batch, query, heads, head_dim]`.
+            num_neighbors: int, `k`.
+
+        Returns:
+            `(scores, values, positions)`: inner products
+            `[batch, query, heads, k]`, the retrieved values
+            `[batch, query, heads, k, head_dim]` and the document positions
+            of the retrieved tokens `[batch, query, heads, k]`, `-1` where a
+            lane holds fewer than `k` entries (the score there is 0).
+        """
+        queries = ops.cast(queries, self.compute_dtype)
+        scores = ops.einsum("bqhd,mbhd->bqhm", queries, self.keys.value)
+        filled = ops.transpose(self.positions.value >= 0)  # [batch, slots]
+        scores = ops.where(filled[:, None, None, :], scores, float("-inf"))
+        scores, slots = ops.top_k(scores, num_neighbors, sorted=False)
+        # Flat index of (slot, lane, head) in the [slots * batch * heads] rows.
+        lanes = ops.arange(self.batch_size, dtype="int32")[:, None, None, None]
+        heads = ops.arange(self.num_heads, dtype="int32")[None, None, :, None]
+        slot_lane = ops.cast(slots, "int32") * self.batch_size + lanes
+        flat_values = ops.reshape(self.values.value, (-1, self.head_dim))
+        values = ops.take(
+            flat_values, slot_lane * self.num_heads + heads, axis=0
+        )  # [batch, query, heads, k, head_dim]
+        positions = ops.take(ops.reshape(self.positions.value, (-1,)), slot_lane)
+        scores = ops.where(positions >= 0, scores, 0.0)
+        return scores, values, positions
+
+    def append(self, keys, values, padding_mask=None):
+        """Writes one segment; the oldest slots are overwritten (FIFO).
+
+        Args:
+            keys: `[batch, segment, heads, head_dim]`, stored without gradient.
+            values: `[batch, segment, heads, head_dim]`, stored without
+                gradient.
+            padding_mask: optional bool `[batch, segment]`; padded tokens
+                take a slot but are stored as empty and do not advance the
+                lane's document position.
+        """
+        segment_length = ops.shape(keys)[1]
+        if padding_mask is None:
+            padding_mask = ops.ones(ops.shape(keys)[:2], dtype="bool")
+        padding_mask = ops.cast(padding_mask, "int32")
+        positions = (
+            self.document_length.value[:, None] + ops.cumsum(padding_mask, axis=1) - 1
+        )
+        positions = ops.where(padding_mask > 0, positions, -1)  # [batch, seg]
+        slots = (self.next_slot.value + ops.arange(segment_length, dtype="int32")) % (
+            self.memory_size
+        )
+        slots = slots[:, None]  # [segment, 1]: scatter whole lane/head rows
+        for variable, update in (
+            (self.keys, keys),
+            (self.values, values),
+        ):
+            update = ops.cast(ops.stop_gradient(update), variable.dtype)
+            update = ops.transpose(update, (1, 0, 2, 3))  # [seg, batch, h, d]
+            variable.assign(ops.scatter_update(variable.value, slots, update))
+        self.positions.assign(
+            ops.scatter_update(self.positions.value, slots, ops.transpose(positions))
+        )
+        self.next_slot.assign(
+            (self.next_slot.value + segment_length) % self.memory_size
+        )
+        self.document_length.assign(
+            self.document_length.value + ops.sum(padding_mask, axis=1)
+        )
+
+    def reset_state(self):
+        """Empties every lane and rewinds the ring buffer."""
+        for variable in (self.keys, self.values):
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
+        self.positions.assign(ops.full(self.positions.shape, -1, "int32"))
+        self.next_slot.assign(0)
+        self.document_length.assign(ops.zeros((self.batch_size,), "int32"))
+
+    def save_own_variables(self, store):
+        """Saves nothing: memory contents are runtime state, not weights."""
+
+    def load_own_variables(self, store):
+        """Loads nothing: a loaded memory starts empty."""
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "batch_size": self.batch_size,
+                "num_heads": self.num_heads,
+                "head_dim": self.head_dim,
+                "memory_size": self.memory_size,
+            }
+        )
+        return config

@@ -1,0 +1,119 @@
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_memtrans")
+class SegmentCache(keras.layers.Layer):
+    """Transformer-XL cache: the previous segment's keys and values per lane.
+
+    Holds the keys and values one attention layer produced for the last
+    segment of each lane, without gradient, so that the next segment can
+    attend to them as a prefix of its local context. A lane whose document
+    starts in the new segment is emptied first.
+
+    Like `ExactMemory`, this is a state container of fixed shape driven by
+    `KNNAttention` through `reset`, `read` and `write`; its contents are not
+    saved with the model.
+
+    Args:
+        batch_size: int. Number of lanes (the fixed batch size).
+        cache_length: int. Number of cached tokens (the segment length).
+        num_heads: int. Number of attention heads.
+        head_dim: int. Size of each key and value vector.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Example:
+    >>> import numpy as np
+    >>> cache = SegmentCache(batch_size=2, cache_length=3, num_heads=1,
+    ...                      head_dim=4)
+    >>> cache.build()
+    >>> keys, values, mask = cache.read()
+    >>> keys.shape, bool(np.asarray(mask).any())  # empty until written
+    ((2, 3, 1, 4), False)
+
+    Reference:
+        Dai et al., "Transformer-XL: Attentive Language Models Beyond a
+        Fixed-Length Context", ACL 2019 (https://arxiv.org/abs/1901.02860).
+    """
+
+    def __init__(self, batch_size, cache_length, num_heads, head_dim, **kwargs):
+        super().__init__(**kwargs)
+        for name, value in (
+            ("batch_size", batch_size),
+            ("cache_length", cache_length),
+            ("num_heads", num_heads),
+            ("head_dim", head_dim),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        self.batch_size = batch_size
+        self.cache_length = cache_length
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+
+    def build(self, input_shape=None):
+        vectors = (self.batch_size, self.cache_length, self.num_heads, self.head_dim)
+        self.keys = self.add_weight(
+            name="keys",
+            shape=vectors,
+            initializer="zeros",
+            dtype=self.compute_dtype,
+            trainable=False,
+        )
+        self.values = self.add_weight(
+            name="values",
+            shape=vectors,
+            initializer="zeros",
+            dtype=self.compute_dtype,
+            trainable=False,
+        )
+        self.mask = self.add_weight(
+            name="mask",
+            shape=(self.batch_size, self.cache_length),
+            initializer="zeros",
+            dtype="bool",
+            trainable=False,
+        )
+        self.built = True
+
+    def reset(self, document_start):
+        """Empties the lanes whose `document_start` flag `[batch]` is set."""
+        document_start = ops.cast(document_start, "bool")
+        self.mask.assign(ops.logical_and(self.mask.value, ops.logical_not(document_start)[:, None]))
+
+    def read(self):
+        """Returns `(keys, values, mask)`: `[batch, cache, heads, head_dim]`
+        twice, and the bool `[batch, cache]` of tokens present."""
+        return self.keys.value, self.values.value, self.mask.value
+
+    def write(self, keys, values, padding_mask=None):
+        """Replaces the cache with a segment of `cache_length` tokens."""
+        self.keys.assign(ops.cast(ops.stop_gradient(keys), self.keys.dtype))
+        self.values.assign(ops.cast(ops.stop_gradient(values), self.values.dtype))
+        if padding_mask is None:
+            padding_mask = ops.ones(self.mask.shape, dtype="bool")
+        self.mask.assign(ops.cast(padding_mask, "bool"))
+
+    def reset_state(self):
+        """Empties every lane."""
+        for variable in (self.keys, self.values):
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
+        self.mask.assign(ops.zeros(self.mask.shape, "bool"))
+
+    def save_own_variables(self, store):
+        """Saves nothing: the cache is runtime state, not weights."""
+
+    def load_own_variables(self, store):
+        """Loads nothing: a loaded cache starts empty."""
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "batch_size": self.batch_size,
+                "cache_length": self.cache_length,
+                "num_heads": self.num_heads,
+                "head_dim": self.head_dim,
+            }
+        )
+        return config
