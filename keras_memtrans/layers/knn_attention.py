@@ -295,13 +295,18 @@ class KNNAttention(keras.layers.Layer):
         scale = ops.cast(self.attention_scale, queries.dtype)
 
         local = self._local_attention(queries, keys, values, padding_mask, cache)
-        scores, memory_values, positions = memory.search(
+        memory_keys, memory_values, positions = memory.search(
             queries, self.num_neighbors
-        )  # [batch, seg, heads, k], [batch, seg, heads, k, dim], [b, s, h, k]
+        )  # [batch, seg, heads, k, dim] twice, [batch, seg, heads, k]
         found = positions >= 0
+        scores = ops.einsum(
+            "bqhd,bqhkd->bqhk", queries, ops.cast(memory_keys, queries.dtype)
+        )
         weights = _masked_softmax(scores * scale[:, None], found)
         retrieved = ops.einsum(
-            "bqhk,bqhkd->bqhd", ops.cast(weights, values.dtype), memory_values
+            "bqhk,bqhkd->bqhd",
+            ops.cast(weights, values.dtype),
+            ops.cast(memory_values, values.dtype),
         )
         gate = ops.cast(ops.sigmoid(self.gate_bias), values.dtype)[:, None]
         mixed = gate * retrieved + (1.0 - gate) * local

@@ -37,7 +37,7 @@ class ExactMemory(keras.layers.Layer):
     >>> memory.build()
     >>> keys = np.eye(4, dtype="float32")[None, :, None, :].repeat(2, axis=0)
     >>> memory.append(keys, keys)
-    >>> scores, values, positions = memory.search(keys[:, :1], 2)
+    >>> keys, values, positions = memory.search(keys[:, :1], 2)
     >>> positions.shape  # [batch, query, heads, neighbours]
     (2, 1, 1, 2)
 
@@ -114,33 +114,36 @@ class ExactMemory(keras.layers.Layer):
     def search(self, queries, num_neighbors):
         """Exact top-k inner-product search in each lane's own memory.
 
+        The scan over all slots is not differentiable; gradients reach the
+        queries through the retrieved keys, which are gathered afresh (so a
+        later write to the memory never alters what backpropagation reads).
+
         Args:
             queries: `[batch, query, heads, head_dim]`.
             num_neighbors: int, `k`.
 
         Returns:
-            `(scores, values, positions)`: inner products
-            `[batch, query, heads, k]`, the retrieved values
+            `(keys, values, positions)`: the retrieved keys and values
             `[batch, query, heads, k, head_dim]` and the document positions
-            of the retrieved tokens `[batch, query, heads, k]`, `-1` where a
-            lane holds fewer than `k` entries (the score there is 0).
+            of their tokens `[batch, query, heads, k]`, `-1` where a lane
+            holds fewer than `k` entries.
         """
-        queries = ops.cast(queries, self.compute_dtype)
+        queries = ops.stop_gradient(ops.cast(queries, self.compute_dtype))
         scores = ops.einsum("bqhd,mbhd->bqhm", queries, self.keys.value)
         filled = ops.transpose(self.positions.value >= 0)  # [batch, slots]
         scores = ops.where(filled[:, None, None, :], scores, float("-inf"))
-        scores, slots = ops.top_k(scores, num_neighbors, sorted=False)
+        _, slots = ops.top_k(scores, num_neighbors, sorted=False)
         # Flat index of (slot, lane, head) in the [slots * batch * heads] rows.
         lanes = ops.arange(self.batch_size, dtype="int32")[:, None, None, None]
         heads = ops.arange(self.num_heads, dtype="int32")[None, None, :, None]
         slot_lane = ops.cast(slots, "int32") * self.batch_size + lanes
-        flat_values = ops.reshape(self.values.value, (-1, self.head_dim))
-        values = ops.take(
-            flat_values, slot_lane * self.num_heads + heads, axis=0
+        rows = slot_lane * self.num_heads + heads  # [batch, query, heads, k]
+        keys, values = (
+            ops.take(ops.reshape(variable.value, (-1, self.head_dim)), rows, axis=0)
+            for variable in (self.keys, self.values)
         )  # [batch, query, heads, k, head_dim]
         positions = ops.take(ops.reshape(self.positions.value, (-1,)), slot_lane)
-        scores = ops.where(positions >= 0, scores, 0.0)
-        return scores, values, positions
+        return keys, values, positions
 
     def append(self, keys, values, padding_mask=None):
         """Writes one segment; the oldest slots are overwritten (FIFO).

@@ -1,0 +1,20 @@
+import keras
+import numpy as np
+import pytest
+from hypothesis import settings
+
+# Eager backends are slow per example; keep property tests to a CI budget.
+settings.register_profile("keras", max_examples=25, deadline=None)
+settings.load_profile("keras")
+
+
+def pytest_report_header():
+    return f"keras {keras.__version__}, backend: {keras.backend.backend()}"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_policy():
+    keras.utils.set_random_seed(0)
+    np.random.seed(0)
+    yield
+    keras.config.set_dtype_policy("float32")

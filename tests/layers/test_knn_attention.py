@@ -1,0 +1,254 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_memtrans import KNNAttention
+from tests.gradients import segment_gradients
+from tests.numpy_reference import NumpyKNNAttention
+
+BATCH, SEGMENT, HIDDEN, HEADS = 3, 8, 16, 2
+
+
+def to_numpy(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def randomize(layer, seed=0):
+    """Gives every trainable weight a random, non-degenerate value."""
+    rng = np.random.default_rng(seed)
+    for variable in layer.trainable_variables:
+        shape = tuple(variable.shape)
+        if variable.path.endswith("attention_scale"):
+            value = rng.uniform(1.0, 6.0, shape)
+        else:
+            value = rng.normal(0.0, 0.5, shape)
+        variable.assign(value.astype("float32"))
+
+
+def reference_weights(layer):
+    return {
+        "query": to_numpy(layer.query_projection.kernel),
+        "key": to_numpy(layer.key_projection.kernel),
+        "value": to_numpy(layer.value_projection.kernel),
+        "output": to_numpy(layer.output_projection.kernel),
+        "relative_bias": to_numpy(layer.relative_position_bias.embeddings),
+        "scale": to_numpy(layer.attention_scale),
+        "gate_bias": to_numpy(layer.gate_bias),
+    }
+
+
+def make_layer(**kwargs):
+    config = dict(num_heads=HEADS, memory_size=20, num_neighbors=5)
+    config.update(kwargs)
+    layer = KNNAttention(**config)
+    layer.build((BATCH, SEGMENT, HIDDEN))
+    randomize(layer)
+    return layer
+
+
+def segments(count, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(count, BATCH, SEGMENT, HIDDEN)).astype("float32")
+
+
+# Segment 0 starts every document, segment 2 restarts lane 1 only.
+STARTS = [
+    np.array([True, True, True]),
+    np.array([False, False, False]),
+    np.array([False, True, False]),
+    np.array([False, False, False]),
+    np.array([False, False, False]),
+]
+
+
+@pytest.mark.parametrize("use_xl_cache", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_matches_numpy_reference_over_segments(use_xl_cache, training):
+    # memory_size 20 with segments of 8: the ring wraps mid-segment, lanes
+    # 0 and 2 overflow (40 tokens) while lane 1 restarts.
+    layer = make_layer(use_xl_cache=use_xl_cache, max_distance=16, num_buckets=8)
+    reference = NumpyKNNAttention(
+        reference_weights(layer),
+        batch_size=BATCH,
+        memory_size=20,
+        num_neighbors=5,
+        use_xl_cache=use_xl_cache,
+        num_buckets=8,
+        max_distance=16,
+    )
+    padding = np.ones((BATCH, SEGMENT), bool)
+    padding[2, 5:] = False  # lane 2 pads the tail of its third segment
+    for step, (x, start) in enumerate(zip(segments(5), STARTS)):
+        mask = padding if step == 2 else None
+        got, got_positions = layer(
+            x,
+            document_start=start,
+            padding_mask=mask,
+            return_neighbors=True,
+            training=training,
+        )
+        want, want_positions = reference(x, start, mask)
+        valid = np.ones((BATCH, SEGMENT), bool) if mask is None else mask
+        np.testing.assert_allclose(to_numpy(got)[valid], want[valid], atol=1e-4)
+        got_positions = np.sort(to_numpy(got_positions), axis=-1)
+        np.testing.assert_array_equal(
+            got_positions[valid], np.sort(want_positions, axis=-1)[valid]
+        )
+
+
+def test_memory_changes_the_output_only_after_the_first_segment():
+    layer = make_layer()
+    x = segments(1)[0]
+    first = to_numpy(layer(x, document_start=STARTS[0]))
+    again = to_numpy(layer(x, document_start=STARTS[0]))
+    np.testing.assert_allclose(first, again, atol=1e-6)
+    with_memory = to_numpy(layer(x))
+    assert np.abs(with_memory - first).max() > 1e-3
+
+
+def test_training_and_inference_memories_are_separate():
+    layer = make_layer()
+    x = segments(2)
+    layer(x[0], document_start=STARTS[0], training=True)
+    assert np.all(to_numpy(layer.inference_memory.positions) == -1)
+    layer(x[1], document_start=STARTS[0], training=False)
+    train_positions = to_numpy(layer.train_memory.positions)
+    assert np.sum(train_positions >= 0) == BATCH * SEGMENT
+    layer(x[1], document_start=STARTS[0], training=False)
+    np.testing.assert_array_equal(
+        to_numpy(layer.train_memory.positions), train_positions
+    )
+
+
+def test_reset_state_empties_every_memory():
+    layer = make_layer(use_xl_cache=True)
+    for training in (True, False):
+        layer(segments(1)[0], document_start=STARTS[0], training=training)
+    layer.reset_state()
+    for memory in (layer.train_memory, layer.inference_memory):
+        assert np.all(to_numpy(memory.positions) == -1)
+    for cache in (layer.train_cache, layer.inference_cache):
+        assert not np.any(to_numpy(cache.mask))
+
+
+@pytest.mark.parametrize("use_xl_cache", [False, True])
+def test_gradients_reach_weights_but_not_memory(use_xl_cache):
+    layer = make_layer(use_xl_cache=use_xl_cache)
+    x = segments(3)
+    starts = [STARTS[0], STARTS[1], STARTS[1]]
+    weights = np.random.default_rng(2).normal(size=x[0].shape).astype("float32")
+    variable_grads, segment_grads = segment_gradients(layer, x, starts, weights)
+    for variable, grad in zip(layer.trainable_variables, variable_grads):
+        assert np.abs(grad).max() > 0, f"no gradient for {variable.path}"
+    # Earlier segments reach the last one only through memory and cache.
+    assert np.abs(segment_grads[0]).max() == 0
+    assert np.abs(segment_grads[1]).max() == 0
+    assert np.abs(segment_grads[2]).max() > 0
+
+
+def test_gate_starts_at_one_half():
+    layer = KNNAttention(num_heads=4, memory_size=16, num_neighbors=2)
+    layer.build((2, 4, 8))
+    np.testing.assert_allclose(to_numpy(ops.sigmoid(layer.gate_bias)), 0.5)
+
+
+def test_mixed_bfloat16_runs_and_stays_finite():
+    layer = KNNAttention(
+        num_heads=HEADS,
+        memory_size=20,
+        num_neighbors=5,
+        use_xl_cache=True,
+        dtype="mixed_bfloat16",
+    )
+    for x, start in zip(segments(3), STARTS):
+        out = layer(x, document_start=start)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    assert layer.attention_scale.dtype == "float32"
+    assert layer.inference_memory.keys.dtype == "bfloat16"
+    assert np.all(np.isfinite(to_numpy(ops.cast(out, "float32"))))
+
+
+def test_get_config_round_trip():
+    layer = KNNAttention(
+        num_heads=4,
+        head_dim=6,
+        memory_size=64,
+        num_neighbors=8,
+        batch_size=2,
+        use_xl_cache=True,
+        num_buckets=16,
+        max_distance=64,
+        kernel_initializer="he_normal",
+    )
+    config = layer.get_config()
+    clone = KNNAttention.from_config(config)
+    assert clone.get_config() == config
+    for name in ("num_heads", "head_dim", "memory_size", "num_neighbors"):
+        assert config[name] == getattr(layer, name)
+
+
+def test_compute_output_shape_and_symbolic_neighbors():
+    layer = KNNAttention(num_heads=2, memory_size=32, num_neighbors=4)
+    assert layer.compute_output_shape((2, 8, 12)) == (2, 8, 12)
+    hidden = keras.Input((8, 12), batch_size=2)
+    outputs, neighbors = layer(hidden, return_neighbors=True)
+    assert outputs.shape == (2, 8, 12)
+    assert neighbors.shape == (2, 8, 2, 4)
+    assert neighbors.dtype == "int32"
+
+
+class TestBadInput:
+    def test_batch_size_differs_from_memory_lanes(self):
+        layer = make_layer()
+        with pytest.raises(ValueError, match="batch_size"):
+            layer(np.zeros((BATCH + 1, SEGMENT, HIDDEN), "float32"))
+
+    def test_hidden_states_wrong_rank(self):
+        layer = make_layer()
+        with pytest.raises(ValueError, match="hidden_states"):
+            layer(np.zeros((BATCH, HIDDEN), "float32"))
+
+    def test_document_start_wrong_rank(self):
+        layer = make_layer()
+        with pytest.raises(ValueError, match="document_start"):
+            layer(
+                np.zeros((BATCH, SEGMENT, HIDDEN), "float32"),
+                document_start=np.zeros((BATCH, 1), bool),
+            )
+
+    def test_padding_mask_wrong_shape(self):
+        layer = make_layer()
+        with pytest.raises(ValueError, match="padding_mask"):
+            layer(
+                np.zeros((BATCH, SEGMENT, HIDDEN), "float32"),
+                padding_mask=np.ones((BATCH,), bool),
+            )
+
+    def test_segment_longer_than_memory(self):
+        layer = KNNAttention(num_heads=2, memory_size=4, num_neighbors=2)
+        with pytest.raises(ValueError, match="memory_size"):
+            layer(np.zeros((2, 8, 4), "float32"))
+
+    def test_num_neighbors_above_memory_size(self):
+        with pytest.raises(ValueError, match="num_neighbors"):
+            KNNAttention(num_heads=2, memory_size=8, num_neighbors=9)
+
+    def test_heads_do_not_divide_hidden_size(self):
+        layer = KNNAttention(num_heads=3, memory_size=16, num_neighbors=2)
+        with pytest.raises(ValueError, match="num_heads"):
+            layer(np.zeros((2, 4, 10), "float32"))
+
+    def test_unknown_batch_size(self):
+        layer = KNNAttention(num_heads=2, memory_size=16, num_neighbors=2)
+        with pytest.raises(ValueError, match="batch_size"):
+            layer(keras.Input((4, 8)))
+
+    @pytest.mark.parametrize(
+        "name, value", [("num_heads", 0), ("memory_size", -1), ("batch_size", 0)]
+    )
+    def test_non_positive_sizes(self, name, value):
+        config = dict(num_heads=2, memory_size=16, num_neighbors=2)
+        config[name] = value
+        with pytest.raises(ValueError, match=name):
+            KNNAttention(**config)
