@@ -128,7 +128,8 @@ class ExactMemory(keras.layers.Layer):
             of their tokens `[batch, query, heads, k]`, `-1` where a lane
             holds fewer than `k` entries.
         """
-        queries = ops.stop_gradient(ops.cast(queries, self.compute_dtype))
+        queries = ops.convert_to_tensor(queries, self.compute_dtype)
+        queries = ops.stop_gradient(queries)
         scores = ops.einsum("bqhd,mbhd->bqhm", queries, self.keys.value)
         filled = ops.transpose(self.positions.value >= 0)  # [batch, slots]
         scores = ops.where(filled[:, None, None, :], scores, float("-inf"))
@@ -172,7 +173,7 @@ class ExactMemory(keras.layers.Layer):
             (self.keys, keys),
             (self.values, values),
         ):
-            update = ops.cast(ops.stop_gradient(update), variable.dtype)
+            update = ops.stop_gradient(ops.convert_to_tensor(update, variable.dtype))
             update = ops.transpose(update, (1, 0, 2, 3))  # [seg, batch, h, d]
             variable.assign(ops.scatter_update(variable.value, slots, update))
         self.positions.assign(

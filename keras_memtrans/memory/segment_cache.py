@@ -88,8 +88,9 @@ class SegmentCache(keras.layers.Layer):
 
     def write(self, keys, values, padding_mask=None):
         """Replaces the cache with a segment of `cache_length` tokens."""
-        self.keys.assign(ops.cast(ops.stop_gradient(keys), self.keys.dtype))
-        self.values.assign(ops.cast(ops.stop_gradient(values), self.values.dtype))
+        for variable, update in ((self.keys, keys), (self.values, values)):
+            update = ops.convert_to_tensor(update, variable.dtype)
+            variable.assign(ops.stop_gradient(update))
         if padding_mask is None:
             padding_mask = ops.ones(self.mask.shape, dtype="bool")
         self.mask.assign(ops.cast(padding_mask, "bool"))
