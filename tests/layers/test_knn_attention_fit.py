@@ -17,7 +17,7 @@ def to_numpy(x):
     return np.asarray(ops.convert_to_numpy(x))
 
 
-def build_model(use_xl_cache=True):
+def build_model(use_xl_cache=True, dtype=None):
     hidden = keras.Input((SEGMENT, HIDDEN), batch_size=BATCH, name="hidden")
     start = keras.Input((), batch_size=BATCH, dtype="bool", name="document_start")
     x = KNNAttention(
@@ -25,9 +25,10 @@ def build_model(use_xl_cache=True):
         memory_size=12,
         num_neighbors=4,
         use_xl_cache=use_xl_cache,
+        dtype=dtype,
         name="knn_attention",
     )(hidden, document_start=start)
-    outputs = keras.layers.Dense(HIDDEN, name="head")(x)
+    outputs = keras.layers.Dense(HIDDEN, dtype="float32", name="head")(x)
     return keras.Model({"hidden": hidden, "document_start": start}, outputs)
 
 
@@ -98,6 +99,15 @@ def test_validation_during_fit_leaves_training_memory_alone():
         np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
     inference = memory_state(validated, "inference_memory")
     assert np.sum(inference["positions"] >= 0) == 2 * 12
+
+
+def test_mixed_bfloat16_fit_trains_with_finite_loss():
+    x, y = stream()
+    model = build_model(dtype="mixed_bfloat16")
+    model.compile(optimizer="adam", loss="mse", **compiled_kwargs())
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert memory_state(model)["keys"].dtype == "bfloat16"
 
 
 def test_predict_streams_segments_into_the_inference_memory():
