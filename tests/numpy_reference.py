@@ -40,7 +40,8 @@ class NumpyKNNAttention:
     Args:
         weights: dict with `query`, `key`, `value` kernels `[D, H, Dh]`,
             `output` kernel `[H, Dh, D]`, `relative_bias` `[buckets, H]`,
-            `scale` `[H]`, `gate_bias` `[H]`.
+            `scale` `[H]`, `gate_bias` `[H]` (unused without memory).
+        use_memory: `False` states `SegmentAttention`: local attention only.
     """
 
     def __init__(
@@ -52,7 +53,9 @@ class NumpyKNNAttention:
         use_xl_cache=False,
         num_buckets=32,
         max_distance=128,
+        use_memory=True,
     ):
+        self.use_memory = use_memory
         self.w = {name: np.asarray(value, np.float64) for name, value in weights.items()}
         self.batch_size = batch_size
         self.memory_size = memory_size
@@ -102,7 +105,7 @@ class NumpyKNNAttention:
                             bias.append(self._bias(j - i, h))
                     logits = scale * np.array(keys) @ q[b, i, h] + np.array(bias)
                     local = _softmax(logits) @ np.array(values)
-                    if not entries:
+                    if not entries or not self.use_memory:
                         out[b, i, h] = local
                         continue
                     scores = np.array([e[0][h] @ q[b, i, h] for e in entries])

@@ -1,2 +1,3 @@
 from keras_memtrans.layers.knn_attention import KNNAttention
 from keras_memtrans.layers.relative_position_bias import RelativePositionBias
+from keras_memtrans.layers.segment_attention import SegmentAttention

@@ -1,0 +1,300 @@
+import math
+
+import keras
+from keras import ops
+
+from keras_memtrans.layers.relative_position_bias import RelativePositionBias
+from keras_memtrans.memory.segment_cache import SegmentCache
+
+_MASKED_LOGIT = -1e9
+
+
+def l2_normalize(x):
+    """L2-normalises the last axis (in float32), keeping the dtype of `x`."""
+    x32 = ops.cast(x, "float32")
+    norm = ops.sqrt(ops.sum(ops.square(x32), axis=-1, keepdims=True) + 1e-12)
+    return ops.cast(x32 / norm, x.dtype)
+
+
+def masked_softmax(logits, mask, axis=-1):
+    """Softmax in float32 over `axis`; masked entries get weight 0."""
+    logits = ops.where(mask, ops.cast(logits, "float32"), _MASKED_LOGIT)
+    return ops.where(mask, ops.softmax(logits, axis=axis), 0.0)
+
+
+@keras.saving.register_keras_serializable(package="keras_memtrans")
+class SegmentAttention(keras.layers.Layer):
+    """Causal multi-head attention over a segment, optionally Transformer-XL.
+
+    The local attention of the Memorizing Transformer, used on its own in
+    every layer without memory: queries and keys are L2-normalised and
+    scaled by a learned per-head factor, a T5 relative position bias is
+    added, and each token attends causally to its segment, optionally
+    prefixed by a cache of the previous segment's keys and values (no
+    gradient). The cache is per batch lane, so with `use_xl_cache=True` the
+    batch size is fixed and batch row `b` must carry consecutive segments of
+    one document; training and inference calls keep separate caches, and a
+    saved model holds none.
+
+    Args:
+        num_heads: int. Number of attention heads.
+        head_dim: int. Size of each head. Defaults to
+            `hidden_dim // num_heads`.
+        batch_size: int. Number of lanes (needed with `use_xl_cache`).
+            Defaults to the static batch size of the input.
+        use_xl_cache: bool. Whether each segment also attends to the
+            previous one of its lane.
+        num_buckets: int. Relative position buckets (T5).
+        max_distance: int. Relative distance of the last bucket (T5).
+        kernel_initializer: initializer of the projection kernels.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Call arguments:
+        hidden_states: `[batch, segment, hidden_dim]` layer input.
+        document_start: optional bool `[batch]`: `True` where a new document
+            starts in this segment, emptying that lane's cache first.
+        padding_mask: optional bool `[batch, segment]`: `False` marks padded
+            tokens, which are never attended to.
+        training: bool. Selects the training or the inference cache.
+
+    Returns:
+        `[batch, segment, hidden_dim]`.
+
+    Example:
+    >>> import numpy as np
+    >>> layer = SegmentAttention(num_heads=2, use_xl_cache=True)
+    >>> segment = np.random.rand(2, 16, 8).astype("float32")
+    >>> layer(segment, document_start=np.array([True, True])).shape
+    (2, 16, 8)
+
+    Reference:
+        Wu et al., "Memorizing Transformers", ICLR 2022
+        (https://arxiv.org/abs/2203.08913); Dai et al., "Transformer-XL",
+        ACL 2019 (https://arxiv.org/abs/1901.02860).
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        head_dim=None,
+        batch_size=None,
+        use_xl_cache=False,
+        num_buckets=32,
+        max_distance=128,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        for name, value in (
+            ("num_heads", num_heads),
+            ("head_dim", head_dim),
+            ("batch_size", batch_size),
+        ):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if num_heads is None:
+            raise ValueError("`num_heads` must be a positive int, got None.")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.batch_size = batch_size
+        self.use_xl_cache = use_xl_cache
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    @property
+    def needs_fixed_batch(self):
+        """Whether the layer keeps per-lane state (here: the XL cache)."""
+        return self.use_xl_cache
+
+    def build(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(
+                "`hidden_states` must have rank 3 [batch, segment, hidden_dim], "
+                f"got shape {tuple(input_shape)}."
+            )
+        batch_size, segment_length, hidden_dim = input_shape
+        if self.batch_size is None and self.needs_fixed_batch:
+            if batch_size is None:
+                raise ValueError(
+                    f"{type(self).__name__} keeps state per batch lane and "
+                    "needs a fixed batch size: pass `batch_size=` or build it "
+                    "on an input with a static batch size "
+                    "(`keras.Input(..., batch_size=B)`)."
+                )
+            self.batch_size = batch_size
+        if self.use_xl_cache and segment_length is None:
+            raise ValueError(
+                "`use_xl_cache=True` needs a static segment length (the cache "
+                f"length); got hidden_states of shape {tuple(input_shape)}."
+            )
+        self._check_batch(batch_size)
+        if self.head_dim is None:
+            if hidden_dim % self.num_heads:
+                raise ValueError(
+                    f"`num_heads` ({self.num_heads}) must divide the hidden size "
+                    f"({hidden_dim}), or pass `head_dim`."
+                )
+            self.head_dim = hidden_dim // self.num_heads
+        heads = (self.num_heads, self.head_dim)
+        for name in ("query", "key", "value"):
+            projection = keras.layers.EinsumDense(
+                "btd,dnh->btnh",
+                output_shape=(None, *heads),
+                kernel_initializer=self.kernel_initializer,
+                dtype=self.dtype_policy,
+                name=f"{name}_projection",
+            )
+            projection.build(input_shape)
+            setattr(self, f"{name}_projection", projection)
+        self.output_projection = keras.layers.EinsumDense(
+            "btnh,nhd->btd",
+            output_shape=(None, hidden_dim),
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="output_projection",
+        )
+        self.output_projection.build((batch_size, segment_length, *heads))
+        self.relative_position_bias = RelativePositionBias(
+            num_heads=self.num_heads,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+            dtype=self.dtype_policy,
+            name="relative_position_bias",
+        )
+        self.relative_position_bias.build()
+        self.attention_scale = self.add_weight(
+            name="attention_scale",
+            shape=(self.num_heads,),
+            initializer=keras.initializers.Constant(math.sqrt(self.head_dim)),
+        )
+        if self.use_xl_cache:
+            self.cache_length = segment_length
+            for mode in ("train", "inference"):
+                cache = SegmentCache(
+                    batch_size=self.batch_size,
+                    cache_length=segment_length,
+                    num_heads=self.num_heads,
+                    head_dim=self.head_dim,
+                    dtype=self.dtype_policy,
+                    name=f"{mode}_cache",
+                )
+                cache.build()
+                setattr(self, f"{mode}_cache", cache)
+        self.built = True
+
+    def _check_batch(self, batch_size):
+        if (
+            self.batch_size is not None
+            and batch_size is not None
+            and batch_size != self.batch_size
+        ):
+            raise ValueError(
+                f"Got a batch of {batch_size} lanes but the layer keeps state "
+                f"for `batch_size={self.batch_size}` lanes: feed full batches "
+                "of the fixed batch size."
+            )
+
+    def _check_inputs(self, hidden_states, document_start, padding_mask):
+        shape = tuple(hidden_states.shape)
+        if len(shape) != 3:
+            raise ValueError(
+                "`hidden_states` must have rank 3 [batch, segment, hidden_dim], "
+                f"got shape {shape}."
+            )
+        self._check_batch(shape[0])
+        if self.use_xl_cache and shape[1] != self.cache_length:
+            raise ValueError(
+                f"With `use_xl_cache=True` every segment must have the length "
+                f"the layer was built with ({self.cache_length}), got {shape[1]}."
+            )
+        for name, value, expected in (
+            ("document_start", document_start, shape[:1]),
+            ("padding_mask", padding_mask, shape[:2]),
+        ):
+            if value is not None and tuple(value.shape) != expected:
+                raise ValueError(
+                    f"`{name}` must have shape {expected} (rank {len(expected)}), "
+                    f"got {tuple(value.shape)}."
+                )
+
+    def _cache(self, training):
+        if not self.use_xl_cache:
+            return None
+        return self.train_cache if training else self.inference_cache
+
+    def _project(self, hidden_states):
+        """Normalised queries and keys, and values: `[batch, seg, heads, dim]`."""
+        queries = l2_normalize(self.query_projection(hidden_states))
+        keys = l2_normalize(self.key_projection(hidden_states))
+        return queries, keys, self.value_projection(hidden_states)
+
+    def _local_attention(self, queries, keys, values, padding_mask, cache):
+        """Causal attention over the segment (and cache) with relative bias."""
+        batch_size, segment_length = ops.shape(queries)[:2]
+        if padding_mask is None:
+            key_mask = ops.ones((batch_size, segment_length), dtype="bool")
+        else:
+            key_mask = ops.cast(padding_mask, "bool")
+        cache_length = 0
+        if cache is not None:
+            cache_keys, cache_values, cache_mask = cache.read()
+            cache_length = self.cache_length
+            keys = ops.concatenate([ops.cast(cache_keys, keys.dtype), keys], 1)
+            values = ops.concatenate(
+                [ops.cast(cache_values, values.dtype), values], 1
+            )
+            key_mask = ops.concatenate([cache_mask, key_mask], axis=1)
+        # Key j sits at position j - cache_length relative to segment start.
+        query_positions = ops.arange(segment_length)[:, None]
+        key_positions = ops.arange(cache_length + segment_length)[None, :]
+        relative = key_positions - cache_length - query_positions  # [q, k]
+        scale = ops.cast(self.attention_scale, queries.dtype)[:, None, None]
+        logits = ops.einsum("bqhd,bkhd->bhqk", queries, keys) * scale
+        bias = self.relative_position_bias(relative)  # [heads, query, key]
+        logits = logits + ops.cast(bias, logits.dtype)[None]
+        mask = ops.logical_and(relative <= 0, key_mask[:, None, None, :])
+        weights = masked_softmax(logits, mask)  # [batch, heads, query, key]
+        return ops.einsum(
+            "bhqk,bkhd->bqhd", ops.cast(weights, values.dtype), values
+        )
+
+    def call(
+        self, hidden_states, document_start=None, padding_mask=None, training=None
+    ):
+        self._check_inputs(hidden_states, document_start, padding_mask)
+        cache = self._cache(training)
+        if cache is not None and document_start is not None:
+            cache.reset(document_start)
+        queries, keys, values = self._project(hidden_states)
+        attended = self._local_attention(queries, keys, values, padding_mask, cache)
+        if cache is not None:
+            cache.write(keys, values, padding_mask)
+        return self.output_projection(attended)
+
+    def reset_state(self):
+        """Empties the training and inference caches."""
+        for training in (True, False):
+            cache = self._cache(training)
+            if cache is not None:
+                cache.reset_state()
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "head_dim": self.head_dim,
+                "batch_size": self.batch_size,
+                "use_xl_cache": self.use_xl_cache,
+                "num_buckets": self.num_buckets,
+                "max_distance": self.max_distance,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+            }
+        )
+        return config
