@@ -1,3 +1,4 @@
+from keras_memtrans.layers.decoder_block import DecoderBlock
 from keras_memtrans.layers.knn_attention import KNNAttention
 from keras_memtrans.layers.relative_position_bias import RelativePositionBias
 from keras_memtrans.layers.segment_attention import SegmentAttention

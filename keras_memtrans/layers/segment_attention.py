@@ -212,7 +212,13 @@ class SegmentAttention(keras.layers.Layer):
             ("document_start", document_start, shape[:1]),
             ("padding_mask", padding_mask, shape[:2]),
         ):
-            if value is not None and tuple(value.shape) != expected:
+            if value is None:
+                continue
+            shape_ok = len(value.shape) == len(expected) and all(
+                got is None or want is None or got == want
+                for got, want in zip(value.shape, expected)
+            )
+            if not shape_ok:
                 raise ValueError(
                     f"`{name}` must have shape {expected} (rank {len(expected)}), "
                     f"got {tuple(value.shape)}."

@@ -1,0 +1,168 @@
+import keras
+
+from keras_memtrans.layers.knn_attention import KNNAttention
+from keras_memtrans.layers.segment_attention import SegmentAttention
+
+
+@keras.saving.register_keras_serializable(package="keras_memtrans")
+class DecoderBlock(keras.layers.Layer):
+    """Pre-LayerNorm decoder block, with or without a kNN memory.
+
+    `x + attention(norm(x))`, then `x + feedforward(norm(x))`. The attention
+    is a `KNNAttention` when `use_memory=True`, otherwise a
+    `SegmentAttention` (local causal attention, optionally Transformer-XL).
+
+    Args:
+        num_heads: int. Number of attention heads.
+        intermediate_dim: int. Hidden size of the feedforward network.
+        use_memory: bool. Whether attention also reads a kNN memory.
+        memory_size: int. Tokens kept in memory per lane (with memory).
+        num_neighbors: int. Memory entries each query retrieves.
+        batch_size: int. Number of lanes (needed for memory or XL cache).
+        use_xl_cache: bool. Whether attention also covers the previous
+            segment of each lane.
+        dropout: float. Dropout rate after attention and feedforward.
+        activation: feedforward activation.
+        layer_norm_epsilon: float. Epsilon of both layer norms.
+        num_buckets: int. Relative position buckets (T5).
+        max_distance: int. Relative distance of the last bucket (T5).
+        kernel_initializer: initializer of every kernel.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Call arguments:
+        hidden_states: `[batch, segment, hidden_dim]`.
+        document_start: optional bool `[batch]`, see `KNNAttention`.
+        padding_mask: optional bool `[batch, segment]`, see `KNNAttention`.
+        training: bool.
+
+    Returns:
+        `[batch, segment, hidden_dim]`.
+
+    Example:
+    >>> import numpy as np
+    >>> block = DecoderBlock(num_heads=2, intermediate_dim=32, use_memory=True,
+    ...                      memory_size=64, num_neighbors=4)
+    >>> block(np.random.rand(2, 16, 8).astype("float32")).shape
+    (2, 16, 8)
+
+    Reference:
+        Wu et al., "Memorizing Transformers", ICLR 2022
+        (https://arxiv.org/abs/2203.08913).
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        intermediate_dim,
+        use_memory=False,
+        memory_size=8192,
+        num_neighbors=32,
+        batch_size=None,
+        use_xl_cache=False,
+        dropout=0.0,
+        activation="gelu",
+        layer_norm_epsilon=1e-6,
+        num_buckets=32,
+        max_distance=128,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.use_memory = use_memory
+        self.memory_size = memory_size
+        self.num_neighbors = num_neighbors
+        self.batch_size = batch_size
+        self.use_xl_cache = use_xl_cache
+        self.dropout = dropout
+        self.activation = keras.activations.get(activation)
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        attention = dict(
+            num_heads=num_heads,
+            batch_size=batch_size,
+            use_xl_cache=use_xl_cache,
+            num_buckets=num_buckets,
+            max_distance=max_distance,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        if use_memory:
+            self.attention = KNNAttention(
+                memory_size=memory_size, num_neighbors=num_neighbors, **attention
+            )
+        else:
+            self.attention = SegmentAttention(**attention)
+        norm = dict(epsilon=layer_norm_epsilon, dtype=self.dtype_policy)
+        self.attention_norm = keras.layers.LayerNormalization(
+            name="attention_norm", **norm
+        )
+        self.feedforward_norm = keras.layers.LayerNormalization(
+            name="feedforward_norm", **norm
+        )
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        self.attention_norm.build(input_shape)
+        self.attention.build(input_shape)
+        self.feedforward_norm.build(input_shape)
+        dense = dict(kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
+        self.feedforward_intermediate = keras.layers.Dense(
+            self.intermediate_dim, name="feedforward_intermediate", **dense
+        )
+        self.feedforward_intermediate.build(input_shape)
+        self.feedforward_output = keras.layers.Dense(
+            hidden_dim, name="feedforward_output", **dense
+        )
+        self.feedforward_output.build((*input_shape[:-1], self.intermediate_dim))
+        self.built = True
+
+    def call(
+        self, hidden_states, document_start=None, padding_mask=None, training=None
+    ):
+        x = self.attention_norm(hidden_states)
+        x = self.attention(
+            x,
+            document_start=document_start,
+            padding_mask=padding_mask,
+            training=training,
+        )
+        hidden_states = hidden_states + self.dropout_layer(x, training=training)
+        x = self.feedforward_norm(hidden_states)
+        x = self.feedforward_output(self.activation(self.feedforward_intermediate(x)))
+        return hidden_states + self.dropout_layer(x, training=training)
+
+    def reset_state(self):
+        """Empties the attention's memories and caches."""
+        self.attention.reset_state()
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "intermediate_dim": self.intermediate_dim,
+                "use_memory": self.use_memory,
+                "memory_size": self.memory_size,
+                "num_neighbors": self.num_neighbors,
+                "batch_size": self.batch_size,
+                "use_xl_cache": self.use_xl_cache,
+                "dropout": self.dropout,
+                "activation": keras.activations.serialize(self.activation),
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "num_buckets": self.num_buckets,
+                "max_distance": self.max_distance,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+            }
+        )
+        return config

@@ -1,0 +1,198 @@
+import keras
+import keras_hub
+
+from keras_memtrans.layers.decoder_block import DecoderBlock
+
+
+@keras.saving.register_keras_serializable(package="keras_memtrans")
+class MemorizingTransformerBackbone(keras_hub.models.Backbone):
+    """Decoder-only transformer with kNN memory layers (Memorizing Transformer).
+
+    A token embedding, `num_layers` pre-LayerNorm `DecoderBlock`s with T5
+    relative position biases (and an optional Transformer-XL cache), and a
+    final layer norm. The blocks at `memory_layer_indices` use
+    `KNNAttention`: they read and extend a memory of the last `memory_size`
+    tokens of each lane's document.
+
+    The model reads documents segment by segment: the batch size and the
+    segment length are fixed, batch row `b` carries consecutive segments of
+    one document (a lane), and `document_start[b]` marks the segment where a
+    new document begins in lane `b` (its memory and cache are emptied first).
+
+    Args:
+        vocabulary_size: int. Size of the token vocabulary.
+        num_layers: int. Number of decoder blocks.
+        num_heads: int. Attention heads per block.
+        hidden_dim: int. Model width.
+        intermediate_dim: int. Feedforward hidden size.
+        batch_size: int. Number of lanes.
+        segment_length: int. Tokens per segment.
+        memory_layer_indices: tuple of ints. Blocks with kNN memory; negative
+            indices count from the top (default: the 4th from the top, the
+            9th of 12 as in the paper). Empty: no memory at all.
+        memory_size: int. Tokens kept in each memory per lane.
+        num_neighbors: int. Memory entries each query retrieves.
+        use_xl_cache: bool. Transformer-XL cache in every block.
+        dropout: float. Dropout rate in every block.
+        layer_norm_epsilon: float.
+        tie_word_embeddings: bool. Whether the output projection reuses the
+            token embedding.
+        dtype: dtype policy of the model.
+        **kwargs: standard `keras.Model` arguments.
+
+    Call arguments:
+        A dict with `"token_ids"` int `[batch, segment]`, `"document_start"`
+        bool `[batch]` and `"padding_mask"` bool `[batch, segment]`.
+
+    Returns:
+        Final hidden states `[batch, segment, hidden_dim]`.
+
+    Example:
+    >>> import numpy as np
+    >>> backbone = MemorizingTransformerBackbone(
+    ...     vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16,
+    ...     intermediate_dim=32, batch_size=2, segment_length=8,
+    ...     memory_layer_indices=(-1,), memory_size=64, num_neighbors=4)
+    >>> backbone({
+    ...     "token_ids": np.ones((2, 8), "int32"),
+    ...     "document_start": np.array([True, True]),
+    ...     "padding_mask": np.ones((2, 8), bool),
+    ... }).shape
+    (2, 8, 16)
+
+    Reference:
+        Wu et al., "Memorizing Transformers", ICLR 2022
+        (https://arxiv.org/abs/2203.08913).
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        num_layers,
+        num_heads,
+        hidden_dim,
+        intermediate_dim,
+        batch_size,
+        segment_length,
+        memory_layer_indices=(-4,),
+        memory_size=8192,
+        num_neighbors=32,
+        use_xl_cache=True,
+        dropout=0.0,
+        layer_norm_epsilon=1e-6,
+        tie_word_embeddings=True,
+        dtype=None,
+        **kwargs,
+    ):
+        memory_layers = set()
+        for index in memory_layer_indices:
+            if not -num_layers <= index < num_layers:
+                raise ValueError(
+                    f"`memory_layer_indices` holds {index}, outside the "
+                    f"{num_layers} layers (valid: -{num_layers}..{num_layers - 1})."
+                )
+            memory_layers.add(index % num_layers)
+
+        # === Layers ===
+        self.token_embedding = keras_hub.layers.ReversibleEmbedding(
+            input_dim=vocabulary_size,
+            output_dim=hidden_dim,
+            tie_weights=tie_word_embeddings,
+            embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02),
+            dtype=dtype,
+            name="token_embedding",
+        )
+        self.transformer_layers = [
+            DecoderBlock(
+                num_heads=num_heads,
+                intermediate_dim=intermediate_dim,
+                use_memory=i in memory_layers,
+                memory_size=memory_size,
+                num_neighbors=num_neighbors,
+                batch_size=batch_size,
+                use_xl_cache=use_xl_cache,
+                dropout=dropout,
+                layer_norm_epsilon=layer_norm_epsilon,
+                dtype=dtype,
+                name=f"transformer_layer_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.layer_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="final_layer_norm"
+        )
+
+        # === Functional Model ===
+        token_ids = keras.Input(
+            (segment_length,), batch_size=batch_size, dtype="int32", name="token_ids"
+        )
+        document_start = keras.Input(
+            (), batch_size=batch_size, dtype="bool", name="document_start"
+        )
+        padding_mask = keras.Input(
+            (segment_length,), batch_size=batch_size, dtype="bool", name="padding_mask"
+        )
+        x = self.token_embedding(token_ids)  # [batch, segment, hidden]
+        for block in self.transformer_layers:
+            x = block(x, document_start=document_start, padding_mask=padding_mask)
+        outputs = self.layer_norm(x)
+        super().__init__(
+            inputs={
+                "token_ids": token_ids,
+                "document_start": document_start,
+                "padding_mask": padding_mask,
+            },
+            outputs=outputs,
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.batch_size = batch_size
+        self.segment_length = segment_length
+        self.memory_layer_indices = tuple(memory_layer_indices)
+        self.memory_size = memory_size
+        self.num_neighbors = num_neighbors
+        self.use_xl_cache = use_xl_cache
+        self.dropout = dropout
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.tie_word_embeddings = tie_word_embeddings
+
+    @property
+    def memory_layers(self):
+        """The `KNNAttention` layers, bottom to top."""
+        return [
+            block.attention for block in self.transformer_layers if block.use_memory
+        ]
+
+    def reset_state(self):
+        """Empties every memory and cache (training and inference)."""
+        for block in self.transformer_layers:
+            block.reset_state()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "vocabulary_size": self.vocabulary_size,
+                "num_layers": self.num_layers,
+                "num_heads": self.num_heads,
+                "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
+                "batch_size": self.batch_size,
+                "segment_length": self.segment_length,
+                "memory_layer_indices": list(self.memory_layer_indices),
+                "memory_size": self.memory_size,
+                "num_neighbors": self.num_neighbors,
+                "use_xl_cache": self.use_xl_cache,
+                "dropout": self.dropout,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "tie_word_embeddings": self.tie_word_embeddings,
+            }
+        )
+        return config

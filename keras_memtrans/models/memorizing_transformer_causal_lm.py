@@ -1,0 +1,134 @@
+import keras
+from keras import ops
+
+from keras_memtrans.models.memorizing_transformer_backbone import (
+    MemorizingTransformerBackbone,
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_memtrans")
+class MemorizingTransformerCausalLM(keras.Model):
+    """Next-token language model on a `MemorizingTransformerBackbone`.
+
+    Maps the backbone's hidden states to vocabulary logits (through the tied
+    token embedding by default). It follows keras-hub's `CausalLM`
+    conventions (`backbone`, `preprocessor`, a default `compile()`,
+    `generate()`), but is a plain functional `keras.Model`: keras-hub's task
+    `fit()` re-batches its inputs into a dataset, which would break the lane
+    order a memory model depends on, and its JAX `generate()` drops state
+    updates, which would lose the memory.
+
+    Training data are lanes of consecutive segments, as produced by
+    `keras_memtrans.data.LaneStreamer`: `fit(streamer)` with `shuffle`
+    irrelevant (a `PyDataset` is read in order).
+
+    Args:
+        backbone: a `MemorizingTransformerBackbone`.
+        preprocessor: optional `MemorizingTransformerPreprocessor`, saved with
+            the model; needed by `generate()` on strings.
+        **kwargs: standard `keras.Model` arguments.
+
+    Call arguments:
+        The backbone's input dict (`token_ids`, `document_start`,
+        `padding_mask`).
+
+    Returns:
+        Logits `[batch, segment, vocabulary_size]`.
+
+    Example:
+    >>> backbone = MemorizingTransformerBackbone(
+    ...     vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16,
+    ...     intermediate_dim=32, batch_size=2, segment_length=8,
+    ...     memory_layer_indices=(-1,), memory_size=64, num_neighbors=4)
+    >>> causal_lm = MemorizingTransformerCausalLM(backbone)
+    >>> causal_lm.output_shape
+    (2, 8, 100)
+
+    Reference:
+        Wu et al., "Memorizing Transformers", ICLR 2022
+        (https://arxiv.org/abs/2203.08913).
+    """
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        inputs = backbone.input
+        hidden_states = backbone(inputs)
+        logits = backbone.token_embedding(hidden_states, reverse=True)
+        logits = keras.layers.Activation("linear", dtype="float32", name="logits")(
+            logits
+        )
+        super().__init__(inputs=inputs, outputs=logits, **kwargs)
+        self.backbone = backbone
+        self._preprocessor = preprocessor
+
+    @property
+    def preprocessor(self):
+        """The preprocessor, checked against the model's vocabulary.
+
+        The check runs on access once the tokenizer holds a vocabulary: on
+        `load_model` the vocabulary arrives after the model is constructed.
+        """
+        preprocessor = self._preprocessor
+        if preprocessor is not None and preprocessor.tokenizer.proto is not None:
+            preprocessor.check_vocabulary(self.backbone.vocabulary_size)
+        return preprocessor
+
+    def compile(
+        self,
+        optimizer="auto",
+        loss="auto",
+        weighted_metrics="auto",
+        **kwargs,
+    ):
+        """Configures training, with keras-hub `CausalLM` defaults.
+
+        `"auto"` gives AdamW (learning rate 1e-3, weight decay 0.01), sparse
+        categorical cross-entropy on logits, and token accuracy weighted by
+        the sample weights (padding counts for nothing).
+        """
+        if optimizer == "auto":
+            optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.01)
+        if loss == "auto":
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if weighted_metrics == "auto":
+            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy("accuracy")]
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            weighted_metrics=weighted_metrics,
+            **kwargs,
+        )
+
+    def reset_state(self):
+        """Empties every memory and cache of the backbone."""
+        self.backbone.reset_state()
+
+    def token_losses(self, inputs, targets):
+        """Per-token cross-entropy `[batch, segment]` (inference memory)."""
+        logits = self(inputs, training=False)
+        return keras.losses.sparse_categorical_crossentropy(
+            targets, logits, from_logits=True
+        )
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "preprocessor": keras.saving.serialize_keras_object(self._preprocessor),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        if config.get("preprocessor") is not None:
+            config["preprocessor"] = keras.saving.deserialize_keras_object(
+                config["preprocessor"]
+            )
+        return cls(**config)
+
+    def next_token_logits(self, inputs, last_index):
+        """Logits at position `last_index[b]` of each lane `[batch, vocab]`."""
+        logits = self(inputs, training=False)
+        index = ops.reshape(ops.cast(last_index, "int32"), (-1, 1, 1))
+        return ops.squeeze(ops.take_along_axis(logits, index, axis=1), axis=1)
