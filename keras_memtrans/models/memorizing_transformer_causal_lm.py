@@ -1,9 +1,7 @@
 import keras
-from keras import ops
+import numpy as np
 
-from keras_memtrans.models.memorizing_transformer_backbone import (
-    MemorizingTransformerBackbone,
-)
+from keras_memtrans.models.segment_generator import SegmentGenerator
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -36,6 +34,7 @@ class MemorizingTransformerCausalLM(keras.Model):
         Logits `[batch, segment, vocabulary_size]`.
 
     Example:
+    >>> from keras_memtrans.models import MemorizingTransformerBackbone
     >>> backbone = MemorizingTransformerBackbone(
     ...     vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16,
     ...     intermediate_dim=32, batch_size=2, segment_length=8,
@@ -102,12 +101,37 @@ class MemorizingTransformerCausalLM(keras.Model):
         """Empties every memory and cache of the backbone."""
         self.backbone.reset_state()
 
-    def token_losses(self, inputs, targets):
-        """Per-token cross-entropy `[batch, segment]` (inference memory)."""
-        logits = self(inputs, training=False)
-        return keras.losses.sparse_categorical_crossentropy(
-            targets, logits, from_logits=True
+    def generate(self, prompts, max_new_tokens=32, temperature=0.0, seed=None):
+        """Continues prompts after reading them, segment by segment, into memory.
+
+        Each prompt goes to its own lane; a prompt longer than the segment
+        length is read into memory (and the XL cache) segment by segment
+        first, so the continuation can draw on all of it. See
+        `SegmentGenerator` for how the memory is kept across steps.
+
+        Args:
+            prompts: a string or a list of at most `batch_size` strings; or,
+                without a preprocessor, 1-D int token sequences.
+            max_new_tokens: int. Tokens to generate per prompt.
+            temperature: float. 0 is greedy; above 0 samples.
+            seed: int. Sampling seed.
+
+        Returns:
+            The continuation text of each prompt (a string for a string
+            prompt), or int token arrays `[prompts, max_new_tokens]` without
+            a preprocessor. The inference memory is left holding the prompts.
+        """
+        single = isinstance(prompts, str) or (
+            self.preprocessor is None and np.isscalar(prompts[0])
         )
+        batch = [prompts] if single else list(prompts)
+        if self.preprocessor is not None:
+            batch = self.preprocessor(batch)
+        generator = SegmentGenerator(self, temperature=temperature, seed=seed)
+        continuations = generator(batch, max_new_tokens)
+        if self.preprocessor is not None:
+            continuations = [self.preprocessor.detokenize(c) for c in continuations]
+        return continuations[0] if single else continuations
 
     def get_config(self):
         return {
@@ -126,9 +150,3 @@ class MemorizingTransformerCausalLM(keras.Model):
                 config["preprocessor"]
             )
         return cls(**config)
-
-    def next_token_logits(self, inputs, last_index):
-        """Logits at position `last_index[b]` of each lane `[batch, vocab]`."""
-        logits = self(inputs, training=False)
-        index = ops.reshape(ops.cast(last_index, "int32"), (-1, 1, 1))
-        return ops.squeeze(ops.take_along_axis(logits, index, axis=1), axis=1)

@@ -61,24 +61,33 @@ class MemorizingTransformerTokenizer(keras_hub.tokenizers.SentencePieceTokenizer
             rng = np.random.default_rng(seed)
             lines = [lines[i] for i in rng.choice(len(lines), max_sentences, replace=False)]
         model = io.BytesIO()
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_writer=model,
-            vocab_size=vocabulary_size,
-            model_type="unigram",
-            pad_id=0,
-            unk_id=1,
-            bos_id=2,
-            eos_id=3,
-            byte_fallback=True,
-            character_coverage=0.995,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            split_digits=True,
-            allow_whitespace_only_pieces=True,
-            shuffle_input_sentence=False,
-            hard_vocab_limit=False,
-            num_threads=2,
-            minloglevel=2,
-        )
+        try:
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines),
+                model_writer=model,
+                vocab_size=vocabulary_size,
+                model_type="unigram",
+                pad_id=0,
+                unk_id=1,
+                bos_id=2,
+                eos_id=3,
+                byte_fallback=True,
+                character_coverage=0.995,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                split_digits=True,
+                allow_whitespace_only_pieces=True,
+                shuffle_input_sentence=False,
+                hard_vocab_limit=False,
+                num_threads=2,
+                minloglevel=2,
+            )
+        except RuntimeError as error:
+            if "smaller than required_chars" not in str(error):
+                raise
+            raise ValueError(
+                f"`vocabulary_size` ({vocabulary_size}) leaves no room for the "
+                "characters of these documents beside the 260 special and byte "
+                f"pieces; SentencePiece says: {error}"
+            ) from None
         return cls(proto=model.getvalue())

@@ -1,0 +1,119 @@
+import keras
+import numpy as np
+from keras import ops
+
+
+class SegmentGenerator:
+    """Continues prompts with a memory model, segment by segment.
+
+    A memory model reads whole segments: each call attends within the
+    segment and then appends all of it to memory. Generation therefore
+    keeps a *current* segment of up to `segment_length` tokens:
+
+    1. Every prompt is left-padded to the longest one, so all lanes reach
+       segment borders together; the complete segments before the last one
+       are read normally, filling the (inference) memory and XL cache.
+    2. Each new token comes from a read-only call on the current segment:
+       `stateless_call` with the current state, whose updated state is
+       dropped, so nothing is written while a segment is incomplete. The
+       memory is carried explicitly as that state, which is why this works
+       the same under JAX, where keras-hub's `generate()` drops state
+       updates, as under TensorFlow and torch.
+    3. When the current segment is full it is read normally (committed to
+       memory) and a new one starts with the latest token.
+
+    Args:
+        causal_lm: a `MemorizingTransformerCausalLM`.
+        temperature: float. 0 picks the most likely token; above 0 samples
+            from the softmax of `logits / temperature`.
+        seed: int. Seed of the sampler.
+    """
+
+    def __init__(self, causal_lm, temperature=0.0, seed=None):
+        if temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0, got {temperature}.")
+        self.causal_lm = causal_lm
+        self.temperature = temperature
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.batch_size = causal_lm.backbone.batch_size
+        self.segment_length = causal_lm.backbone.segment_length
+
+    def __call__(self, prompts, max_new_tokens):
+        """Continuations `[len(prompts), max_new_tokens]` of token prompts.
+
+        Args:
+            prompts: list of at most `batch_size` 1-D int sequences, each
+                with at least one token.
+            max_new_tokens: int.
+        """
+        if not 1 <= len(prompts) <= self.batch_size:
+            raise ValueError(
+                f"Got {len(prompts)} prompts; the model has {self.batch_size} "
+                "lanes, so pass between 1 and batch_size prompts."
+            )
+        if min(len(p) for p in prompts) < 1:
+            raise ValueError("Every prompt needs at least one token.")
+        tokens, mask = self._left_pad(prompts)
+        length = self.segment_length
+        complete = (tokens.shape[1] - 1) // length
+        self.causal_lm.reset_state()
+        for step in range(complete):
+            window = slice(step * length, (step + 1) * length)
+            self._read(tokens[:, window], mask[:, window], document_start=step == 0)
+        current = tokens[:, complete * length :]
+        current_mask = mask[:, complete * length :]
+        first = complete == 0
+        generated = []
+        for _ in range(max_new_tokens):
+            next_token = self._next_token(current, current_mask, first)
+            generated.append(next_token)
+            if current.shape[1] == length:
+                self._read(current, current_mask, document_start=first)
+                first = False
+                current = next_token[:, None]
+                current_mask = np.ones_like(current, bool)
+            else:
+                current = np.concatenate([current, next_token[:, None]], axis=1)
+                current_mask = np.concatenate(
+                    [current_mask, np.ones((self.batch_size, 1), bool)], axis=1
+                )
+        return np.stack(generated, axis=1)[: len(prompts)]
+
+    def _left_pad(self, prompts):
+        longest = max(len(p) for p in prompts)
+        tokens = np.zeros((self.batch_size, longest), "int32")
+        mask = np.zeros((self.batch_size, longest), bool)
+        for lane, prompt in enumerate(prompts):
+            tokens[lane, longest - len(prompt) :] = prompt
+            mask[lane, longest - len(prompt) :] = True
+        return tokens, mask
+
+    def _inputs(self, tokens, mask, document_start):
+        padding = self.segment_length - tokens.shape[1]
+        return {
+            "token_ids": np.pad(tokens, ((0, 0), (0, padding))),
+            "padding_mask": np.pad(mask, ((0, 0), (0, padding))),
+            "document_start": np.full((self.batch_size,), document_start),
+        }
+
+    def _read(self, tokens, mask, document_start):
+        """Reads a complete segment, writing it to memory and cache."""
+        self.causal_lm(self._inputs(tokens, mask, document_start), training=False)
+
+    def _next_token(self, tokens, mask, document_start):
+        """Next token of each lane after `tokens`, writing nothing."""
+        model = self.causal_lm
+        logits, _ = model.stateless_call(
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            self._inputs(tokens, mask, document_start),
+            training=False,
+        )
+        logits = ops.cast(logits[:, tokens.shape[1] - 1, :], "float32")
+        if self.temperature == 0:
+            chosen = ops.argmax(logits, axis=-1)
+        else:
+            chosen = keras.random.categorical(
+                logits / self.temperature, 1, seed=self.seed_generator
+            )[:, 0]
+        return np.asarray(ops.convert_to_numpy(chosen), "int32")

@@ -1,0 +1,70 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_memtrans import KNNAttention
+from keras_memtrans import SegmentAttention
+from keras_memtrans.models import MemorizingTransformerBackbone
+from tests.models.conftest import tiny_backbone
+
+
+def inputs(batch=2, length=32, start=True, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "token_ids": rng.integers(0, 400, (batch, length)).astype("int32"),
+        "document_start": np.full((batch,), start),
+        "padding_mask": np.ones((batch, length), bool),
+    }
+
+
+def test_output_shape_and_memory_layer_placement():
+    backbone = tiny_backbone(num_layers=4, memory_layer_indices=(-2, 0))
+    assert backbone(inputs()).shape == (2, 32, 32)
+    kinds = [type(block.attention) for block in backbone.transformer_layers]
+    assert kinds == [KNNAttention, SegmentAttention, KNNAttention, SegmentAttention]
+    assert backbone.memory_layers == [
+        backbone.transformer_layers[0].attention,
+        backbone.transformer_layers[2].attention,
+    ]
+
+
+def test_without_memory_layers_there_is_no_memory():
+    backbone = tiny_backbone(memory_layer_indices=())
+    assert backbone.memory_layers == []
+    assert not any(isinstance(l, KNNAttention) for l in backbone._flatten_layers())
+
+
+def test_memory_changes_later_segments_only():
+    backbone = tiny_backbone()
+    first = inputs(seed=1)
+    second = inputs(start=False, seed=2)
+    backbone(first)
+    with_memory = ops.convert_to_numpy(backbone(second))
+    backbone.reset_state()
+    without = ops.convert_to_numpy(backbone(second))
+    assert np.abs(with_memory - without).max() > 1e-4
+    backbone.reset_state()
+    fresh = ops.convert_to_numpy(backbone(first))
+    backbone.reset_state()
+    np.testing.assert_allclose(ops.convert_to_numpy(backbone(first)), fresh, atol=1e-5)
+
+
+def test_config_round_trip():
+    backbone = tiny_backbone(memory_layer_indices=(-1,), dropout=0.1)
+    config = backbone.get_config()
+    clone = MemorizingTransformerBackbone.from_config(config)
+    assert clone.get_config() == config
+    assert clone.count_params() == backbone.count_params()
+
+
+@pytest.mark.parametrize("index", [2, -3])
+def test_rejects_a_memory_layer_outside_the_model(index):
+    with pytest.raises(ValueError, match="memory_layer_indices"):
+        tiny_backbone(num_layers=2, memory_layer_indices=(index,))
+
+
+def test_rejects_a_batch_other_than_its_lanes():
+    backbone = tiny_backbone()
+    with pytest.raises(ValueError, match="batch"):
+        backbone(inputs(batch=3))

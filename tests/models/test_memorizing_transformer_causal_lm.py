@@ -1,0 +1,101 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_memtrans import KNNAttention
+from keras_memtrans.data import LaneStreamer
+from keras_memtrans.models import MemorizingTransformerCausalLM
+from tests.models.conftest import tiny_backbone
+
+
+def to_numpy(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def stream(preprocessor, documents):
+    return LaneStreamer(preprocessor(documents), batch_size=2, segment_length=32, shuffle=False)
+
+
+def test_fit_on_a_repeated_batch_lowers_the_loss(preprocessor, documents):
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone(), preprocessor)
+    causal_lm.compile(optimizer=keras.optimizers.Adam(3e-3))
+    x, y, w = stream(preprocessor, documents)[0]
+    repeats = 6
+    batches = {k: np.concatenate([v] * repeats) for k, v in x.items()}
+    history = causal_lm.fit(
+        batches,
+        np.concatenate([y] * repeats),
+        sample_weight=np.concatenate([w] * repeats),
+        batch_size=2,
+        epochs=4,
+        shuffle=False,
+        verbose=0,
+    )
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+
+
+def test_fit_streams_documents_into_the_training_memory(preprocessor, documents):
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone(), preprocessor)
+    causal_lm.compile()
+    causal_lm.fit(stream(preprocessor, documents), steps_per_epoch=3, shuffle=False, verbose=0)
+    memory = causal_lm.backbone.memory_layers[0].train_memory
+    positions = to_numpy(memory.positions)
+    # 3 segments of 32 tokens in each lane: positions 0..95.
+    for lane in range(2):
+        assert sorted(positions[:, lane][positions[:, lane] >= 0]) == list(range(96))
+
+
+def test_save_and_load_keep_weights_and_tokenizer(tmp_path, preprocessor, documents):
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone(), preprocessor)
+    x, _, _ = stream(preprocessor, documents)[0]
+    causal_lm(x)
+    path = tmp_path / "causal_lm.keras"
+    causal_lm.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, MemorizingTransformerCausalLM)
+    text = documents[0][:300]
+    np.testing.assert_array_equal(loaded.preprocessor(text), preprocessor(text))
+    causal_lm.reset_state()
+    np.testing.assert_allclose(to_numpy(loaded(x)), to_numpy(causal_lm(x)), atol=1e-5)
+
+
+def test_a_loaded_memory_layer_works_in_another_model(tmp_path, preprocessor):
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone(), preprocessor)
+    path = tmp_path / "causal_lm.keras"
+    causal_lm.save(path)
+    layer = keras.saving.load_model(path).backbone.memory_layers[0]
+    assert isinstance(layer, KNNAttention)
+    hidden = keras.Input((32, 32), batch_size=2)
+    model = keras.Model(hidden, keras.layers.Dense(3)(layer(hidden)))
+    assert model(np.ones((2, 32, 32), "float32")).shape == (2, 32, 3)
+
+
+def test_a_tokenizer_of_another_vocabulary_is_rejected(preprocessor):
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone(vocabulary_size=512), preprocessor)
+    with pytest.raises(ValueError, match="vocabulary"):
+        causal_lm.preprocessor
+
+
+def test_generate_reads_a_long_prompt_into_memory(preprocessor, documents):
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone(), preprocessor)
+    prompt = documents[0][:2000]
+    prompt_tokens = len(preprocessor(prompt))
+    assert prompt_tokens > 3 * 32
+    text = causal_lm.generate(prompt, max_new_tokens=40)
+    assert isinstance(text, str)
+    memory = causal_lm.backbone.memory_layers[0].inference_memory
+    # Every complete segment of prompt and continuation was committed.
+    stored = int(np.sum(to_numpy(memory.positions)[:, 0] >= 0))
+    assert stored == min(256, (prompt_tokens + 40 - 1) // 32 * 32)
+
+
+def test_generate_without_preprocessor_returns_tokens():
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone())
+    out = causal_lm.generate([np.arange(5), np.arange(40)], max_new_tokens=7)
+    assert out.shape == (2, 7)
+    assert out.dtype == np.int32
+    with pytest.raises(ValueError, match="lanes"):
+        causal_lm.generate([np.arange(5)] * 3, max_new_tokens=1)
