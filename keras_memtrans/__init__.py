@@ -8,6 +8,7 @@ from keras_memtrans.layers.knn_attention import KNNAttention
 from keras_memtrans.layers.relative_position_bias import RelativePositionBias
 from keras_memtrans.layers.segment_attention import SegmentAttention
 from keras_memtrans.memory.exact_memory import ExactMemory
+from keras_memtrans.memory.scann_memory import ScannMemory
 from keras_memtrans.memory.segment_cache import SegmentCache
 
 try:

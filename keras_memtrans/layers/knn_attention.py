@@ -1,9 +1,16 @@
+import warnings
+
 import keras
 from keras import ops
 
 from keras_memtrans.layers.segment_attention import SegmentAttention
 from keras_memtrans.layers.segment_attention import masked_softmax
 from keras_memtrans.memory.exact_memory import ExactMemory
+from keras_memtrans.memory.scann_memory import ScannMemory
+
+# Smallest `memory_size` at which `memory="auto"` picks ScaNN: the measured
+# crossover of docs/memory_lookup.md.
+SCANN_MIN_MEMORY_SIZE = 32768
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -48,6 +55,17 @@ class KNNAttention(SegmentAttention):
         num_buckets: int. Relative position buckets (T5).
         max_distance: int. Relative distance of the last bucket (T5).
         kernel_initializer: initializer of the projection kernels.
+        memory: `"exact"` (`ExactMemory`: in-graph ring buffer, exact
+            top-k, compiles with XLA), `"scann"` (`ScannMemory`: host
+            memory searched with ScaNN; turns `jit_compile` off on
+            TensorFlow and torch, runs inside `jax.jit` on JAX) or `"auto"`:
+            `"scann"` from `memory_size >= 32768` (the crossover measured in
+            docs/memory_lookup.md) when `scann` is installed, else
+            `"exact"`.
+        top_k: `"exact"` or `"approx"`: the exact memory's top-k;
+            `"approx"` uses `approx_max_k` on JAX and TensorFlow (fast on
+            TPU; exact on CPU and GPU), exact top-k on torch.
+        recall_target: float. Recall target of `top_k="approx"`.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -92,6 +110,9 @@ class KNNAttention(SegmentAttention):
         num_buckets=32,
         max_distance=128,
         kernel_initializer="glorot_uniform",
+        memory="auto",
+        top_k="exact",
+        recall_target=0.95,
         **kwargs,
     ):
         super().__init__(
@@ -117,8 +138,49 @@ class KNNAttention(SegmentAttention):
                 f"`num_neighbors` ({num_neighbors}) cannot exceed `memory_size` "
                 f"({memory_size}): a lane holds at most memory_size entries."
             )
+        if memory not in ("auto", "exact", "scann"):
+            raise ValueError(
+                f'`memory` must be "auto", "exact" or "scann", got {memory!r}.'
+            )
+        if top_k not in ("exact", "approx"):
+            raise ValueError(f'`top_k` must be "exact" or "approx", got {top_k!r}.')
+        if not 0.0 < recall_target <= 1.0:
+            raise ValueError(
+                f"`recall_target` must be in (0, 1], got {recall_target!r}."
+            )
         self.memory_size = memory_size
         self.num_neighbors = num_neighbors
+        self.memory = memory
+        self.top_k = top_k
+        self.recall_target = recall_target
+
+    def _make_memory(self, name):
+        options = dict(
+            batch_size=self.batch_size,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            memory_size=self.memory_size,
+            dtype=self.dtype_policy,
+            name=name,
+        )
+        use_scann = self.memory == "scann" or (
+            self.memory == "auto" and self.memory_size >= SCANN_MIN_MEMORY_SIZE
+        )
+        if use_scann:
+            try:
+                return ScannMemory(**options)
+            except ImportError:
+                if self.memory == "scann":
+                    raise
+                warnings.warn(
+                    f"`memory_size={self.memory_size}` selects ScannMemory, but "
+                    "`scann` is not installed (`pip install "
+                    "keras-memtrans[scann]`): using ExactMemory.",
+                    stacklevel=3,
+                )
+        return ExactMemory(
+            top_k=self.top_k, recall_target=self.recall_target, **options
+        )
 
     @property
     def needs_fixed_batch(self):
@@ -130,14 +192,7 @@ class KNNAttention(SegmentAttention):
             name="gate_bias", shape=(self.num_heads,), initializer="zeros"
         )
         for mode in ("train", "inference"):
-            memory = ExactMemory(
-                batch_size=self.batch_size,
-                num_heads=self.num_heads,
-                head_dim=self.head_dim,
-                memory_size=self.memory_size,
-                dtype=self.dtype_policy,
-                name=f"{mode}_memory",
-            )
+            memory = self._make_memory(f"{mode}_memory")
             memory.build()
             setattr(self, f"{mode}_memory", memory)
         self.built = True
@@ -220,6 +275,12 @@ class KNNAttention(SegmentAttention):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"memory_size": self.memory_size, "num_neighbors": self.num_neighbors}
+            {
+                "memory_size": self.memory_size,
+                "num_neighbors": self.num_neighbors,
+                "memory": self.memory,
+                "top_k": self.top_k,
+                "recall_target": self.recall_target,
+            }
         )
         return config

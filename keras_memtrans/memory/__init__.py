@@ -1,2 +1,3 @@
 from keras_memtrans.memory.exact_memory import ExactMemory
+from keras_memtrans.memory.scann_memory import ScannMemory
 from keras_memtrans.memory.segment_cache import SegmentCache

@@ -1,6 +1,8 @@
 import keras
 from keras import ops
 
+from keras_memtrans.memory.host import approx_top_k
+
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
 class ExactMemory(keras.layers.Layer):
@@ -28,6 +30,10 @@ class ExactMemory(keras.layers.Layer):
         num_heads: int. Number of attention heads.
         head_dim: int. Size of each key and value vector.
         memory_size: int. Number of (key, value) pairs kept per lane and head.
+        top_k: `"exact"` or `"approx"`: `"approx"` takes the top-k with
+            `approx_max_k` on JAX and TensorFlow (fast on TPU, exact on CPU
+            and GPU) and exactly on torch.
+        recall_target: float. Recall target of `top_k="approx"`.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
@@ -46,7 +52,16 @@ class ExactMemory(keras.layers.Layer):
         (https://arxiv.org/abs/2203.08913).
     """
 
-    def __init__(self, batch_size, num_heads, head_dim, memory_size, **kwargs):
+    def __init__(
+        self,
+        batch_size,
+        num_heads,
+        head_dim,
+        memory_size,
+        top_k="exact",
+        recall_target=0.95,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         for name, value in (
             ("batch_size", batch_size),
@@ -60,6 +75,8 @@ class ExactMemory(keras.layers.Layer):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.memory_size = memory_size
+        self.top_k = top_k
+        self.recall_target = recall_target
 
     def build(self, input_shape=None):
         slots = (self.memory_size, self.batch_size)
@@ -133,7 +150,10 @@ class ExactMemory(keras.layers.Layer):
         scores = ops.einsum("bqhd,mbhd->bqhm", queries, self.keys.value)
         filled = ops.transpose(self.positions.value >= 0)  # [batch, slots]
         scores = ops.where(filled[:, None, None, :], scores, float("-inf"))
-        _, slots = ops.top_k(scores, num_neighbors, sorted=False)
+        if self.top_k == "approx":
+            _, slots = approx_top_k(scores, num_neighbors, self.recall_target)
+        else:
+            _, slots = ops.top_k(scores, num_neighbors, sorted=False)
         # Flat index of (slot, lane, head) in the [slots * batch * heads] rows.
         lanes = ops.arange(self.batch_size, dtype="int32")[:, None, None, None]
         heads = ops.arange(self.num_heads, dtype="int32")[None, None, :, None]
@@ -208,6 +228,8 @@ class ExactMemory(keras.layers.Layer):
                 "num_heads": self.num_heads,
                 "head_dim": self.head_dim,
                 "memory_size": self.memory_size,
+                "top_k": self.top_k,
+                "recall_target": self.recall_target,
             }
         )
         return config

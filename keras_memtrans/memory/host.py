@@ -1,0 +1,126 @@
+"""The one place that knows each backend's host-callback mechanism.
+
+A host memory (`ScannMemory`) keeps its state in NumPy and in ScaNN
+searchers on the host. Its methods are called from inside the model's call,
+which may run eagerly (torch, TF eager), inside a `tf.function` (TF `fit`)
+or inside `jax.jit` (JAX `fit`). `host_call` runs a NumPy function in all
+three situations; `approx_top_k` exposes the accelerator-friendly
+approximate top-k that `keras.ops` lacks. Backends are imported lazily,
+inside the function that needs them: nothing else in the package imports
+tensorflow, jax or torch.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def host_call_supports_jit():
+    """Whether a compiled step can contain `host_call`s.
+
+    JAX runs them inside `jax.jit` through `io_callback`. TensorFlow's
+    `tf.numpy_function` works inside `tf.function` but XLA cannot compile
+    it, and `torch.compile` would split the step at every call, so a layer
+    holding a host memory sets `supports_jit` to this value and
+    `Model.compile(jit_compile="auto" or True)` turns XLA off by itself.
+    """
+    return keras.backend.backend() == "jax"
+
+
+def host_call(function, *arrays, result_specs):
+    """Runs `function(*numpy_arrays)` on the host, in program order.
+
+    Args:
+        function: callable taking NumPy arrays and returning a tuple of
+            NumPy arrays matching `result_specs` (an empty tuple for none).
+        *arrays: tensors (or NumPy arrays) passed to `function`, without
+            gradient.
+        result_specs: tuple of `(shape, dtype)` of the results; shapes must
+            be static.
+
+    Returns:
+        A tuple of tensors of the current backend, one per result spec.
+        With no result spec the call still runs, in order, for its side
+        effect on host state.
+    """
+    backend = keras.backend.backend()
+    arrays = [ops.stop_gradient(ops.convert_to_tensor(a)) for a in arrays]
+    # Every call returns at least one array so that no backend treats it as
+    # a no-op: a dummy int32 scalar is appended and dropped afterwards.
+    specs = (*result_specs, ((), "int32"))
+
+    def wrapped(*numpy_arrays):
+        results = function(*(np.asarray(a) for a in numpy_arrays))
+        results = (*results, np.zeros((), "int32"))
+        return tuple(
+            np.asarray(result, dtype=dtype).reshape(shape)
+            for result, (shape, dtype) in zip(results, specs)
+        )
+
+    if backend == "jax":
+        import jax
+        from jax.experimental import io_callback
+
+        # Ordered io_callback: reset, search and append touch host state, so
+        # they must run once each, in program order (pure_callback may be
+        # reordered, deduplicated or dropped).
+        results = io_callback(
+            wrapped,
+            tuple(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in specs),
+            *arrays,
+            ordered=True,
+        )
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        # Stateful numpy_function: automatic control dependencies keep the
+        # calls in program order inside tf.function.
+        results = tf.numpy_function(
+            wrapped, arrays, [tf.as_dtype(dtype) for _, dtype in specs], stateful=True
+        )
+        if not isinstance(results, (list, tuple)):
+            results = [results]
+        for result, (shape, _) in zip(results, specs):
+            result.set_shape(shape)
+    else:
+        # Keras has no public test for it: torch's `compute_output_spec`
+        # (e.g. `fit`'s symbolic build) runs the layers on real tensors inside
+        # a SymbolicScope, where host state must not change; shape-only
+        # zeros are returned instead.
+        from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+
+        if in_symbolic_scope():
+            results = [np.zeros(shape, dtype) for shape, dtype in specs]
+        else:
+            results = wrapped(*(ops.convert_to_numpy(a) for a in arrays))
+        results = [ops.convert_to_tensor(result) for result in results]
+    return tuple(results[:-1])
+
+
+def approx_top_k(scores, k, recall_target=0.95):
+    """Top-`k` over the last axis, approximate where the backend offers it.
+
+    JAX uses `jax.lax.approx_max_k` and TensorFlow `tf.math.approx_max_k`,
+    which are fast on TPU; on CPU and GPU both fall back to an exact top-k,
+    so results equal `ops.top_k`. Other backends use the exact
+    `ops.top_k(sorted=False)`.
+
+    Args:
+        scores: `[..., n]` float tensor.
+        k: int, number of entries to keep.
+        recall_target: float in `(0, 1]`, the expected fraction of the true
+            top-`k` returned (on TPU).
+
+    Returns:
+        `(values, indices)`, each `[..., k]`, in no particular order.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.lax.approx_max_k(scores, k, recall_target=recall_target)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.math.approx_max_k(scores, k, recall_target=recall_target)
+    return ops.top_k(scores, k, sorted=False)

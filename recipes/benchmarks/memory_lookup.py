@@ -1,0 +1,151 @@
+"""Lookup time and recall of ScannMemory against ExactMemory, by memory size.
+
+Keys and queries come from a model layer on real text: the bytes of the
+Python standard library's source, embedded and passed through two randomly
+initialised `SegmentAttention` blocks, then projected (and L2-normalised) by
+a `KNNAttention`'s query and key projections (4 heads, head_dim 64). Each
+of the 4 lanes reads a different part of the library. For every memory
+size the memories are filled with a lane's first `memory_size` keys and
+searched with the queries of its next 256 tokens (4 lanes x 4 heads x 256
+queries, k = 32). Times are medians of `--repeats` searches after one
+untimed search; recall@32 is the fraction of ScaNN's 32 neighbours that score at least
+the exact 32nd score (tie-aware: text keys repeat).
+
+    KERAS_BACKEND=jax python -m recipes.benchmarks.memory_lookup
+"""
+
+import argparse
+import pathlib
+import statistics
+import sys
+import sysconfig
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_memtrans import ExactMemory
+from keras_memtrans import KNNAttention
+from keras_memtrans import ScannMemory
+from keras_memtrans import SegmentAttention
+
+LANES, HEADS, HEAD_DIM, QUERIES, K, SEGMENT = 4, 4, 64, 256, 32, 512
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--memory-sizes", type=int, nargs="+", default=[8192, 32768, 65536, 262144]
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    return parser.parse_args(argv)
+
+
+def stdlib_bytes(num_bytes):
+    paths = sorted(pathlib.Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    chunks, total = [], 0
+    for path in paths:
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= num_bytes:
+            break
+    return np.frombuffer(b"".join(chunks)[:num_bytes], "uint8").astype("int32")
+
+
+def text_queries_and_keys(tokens_per_lane):
+    """Queries and keys `[lanes, tokens, heads, head_dim]` of stdlib text."""
+    keras.utils.set_random_seed(0)
+    tokens = stdlib_bytes(LANES * tokens_per_lane).reshape(LANES, -1)
+    inputs = keras.Input((SEGMENT,), batch_size=None, dtype="int32")
+    x = keras.layers.Embedding(256, 128)(inputs)
+    for _ in range(2):
+        x = x + SegmentAttention(num_heads=4)(keras.layers.LayerNormalization()(x))
+    stack = keras.Model(inputs, keras.layers.LayerNormalization()(x))
+    segments = tokens.reshape(-1, SEGMENT)  # [lanes * segments, segment]
+    hidden = stack.predict(segments, batch_size=64, verbose=0)
+    projection = KNNAttention(num_heads=HEADS, head_dim=HEAD_DIM, memory="exact")
+    projection.build(hidden.shape)
+    queries, keys = [], []
+    for start in range(0, len(hidden), 64):
+        q, k, _ = projection._project(hidden[start : start + 64])
+        queries.append(ops.convert_to_numpy(q))
+        keys.append(ops.convert_to_numpy(k))
+    shape = (LANES, tokens_per_lane, HEADS, HEAD_DIM)
+    return np.concatenate(queries).reshape(shape), np.concatenate(keys).reshape(shape)
+
+
+def timed(function, repeats):
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def exact_search(memory, queries):
+    """ExactMemory.search in query chunks (bounds the score matrix)."""
+    parts = [memory.search(queries[:, i : i + 64], K)[0] for i in range(0, QUERIES, 64)]
+    return np.concatenate([ops.convert_to_numpy(p) for p in parts], axis=1)
+
+
+def scores(queries, keys):
+    return np.einsum("bqhd,bqhkd->bqhk", queries, keys)  # [batch, query, heads, k]
+
+
+def measure(memory_size, queries, keys, repeats):
+    lane_keys = keys[:, :memory_size]
+    lane_queries = queries[:, memory_size : memory_size + QUERIES]
+    exact = ExactMemory(LANES, HEADS, HEAD_DIM, memory_size)
+    exact.build()
+    exact.append(lane_keys, lane_keys)
+    scann = ScannMemory(LANES, HEADS, HEAD_DIM, memory_size)
+    start = time.perf_counter()
+    scann.append(lane_keys, lane_keys)  # fills the ring, builds the searchers
+    build = (time.perf_counter() - start) / (LANES * HEADS)
+    segment = keys[:, memory_size : memory_size + SEGMENT]
+    append, _ = timed(lambda: scann.append(segment, segment), repeats)
+    exact.append(segment, segment)
+    exact_time, exact_keys = timed(lambda: exact_search(exact, lane_queries), repeats)
+    scann_time, scann_keys = timed(
+        lambda: ops.convert_to_numpy(scann.search(lane_queries, K)[0]), repeats
+    )
+    # Tie-aware: a ScaNN neighbour counts if it scores at least the exact
+    # k-th score (text keys repeat, so position sets differ on ties).
+    kth = scores(lane_queries, exact_keys).min(axis=-1, keepdims=True)
+    recall = np.mean(scores(lane_queries, scann_keys) >= kth - 1e-5)
+    return exact_time, scann_time, recall, build, append
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    largest = max(args.memory_sizes) + 2 * SEGMENT * (args.repeats + 1) + QUERIES
+    tokens = -(-largest // SEGMENT) * SEGMENT
+    start = time.perf_counter()
+    queries, keys = text_queries_and_keys(tokens)
+    print(
+        f"backend {keras.backend.backend()}; keys of {LANES} x {tokens} stdlib "
+        f"bytes in {time.perf_counter() - start:.0f} s"
+    )
+    print(
+        "| memory | exact search (s) | scann search (s) | exact / scann "
+        "| recall@32 | build per searcher (s) | append 512 (s) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for memory_size in args.memory_sizes:
+        exact_time, scann_time, recall, build, append = measure(
+            memory_size, queries, keys, args.repeats
+        )
+        print(
+            f"| {memory_size} | {exact_time:.3f} | {scann_time:.3f} "
+            f"| {exact_time / scann_time:.1f} | {recall:.3f} | {build:.2f} "
+            f"| {append:.3f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""KNNAttention with the ScaNN memory: memory choice, compiled fit, top_k."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_memtrans import ExactMemory
+from keras_memtrans import KNNAttention
+from keras_memtrans import ScannMemory
+from keras_memtrans.layers.knn_attention import SCANN_MIN_MEMORY_SIZE
+
+BATCH, SEGMENT, HIDDEN, STEPS, MEMORY = 2, 8, 16, 6, 32
+
+
+def to_numpy(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def build_model(**options):
+    hidden = keras.Input((SEGMENT, HIDDEN), batch_size=BATCH, name="hidden")
+    start = keras.Input((), batch_size=BATCH, dtype="bool", name="document_start")
+    x = KNNAttention(
+        num_heads=2, memory_size=MEMORY, num_neighbors=4, name="knn_attention", **options
+    )(hidden, document_start=start)
+    return keras.Model({"hidden": hidden, "document_start": start}, x)
+
+
+def stream():
+    """STEPS segments of 2 lanes (step-major rows); lane 1 restarts at step 3."""
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(STEPS * BATCH, SEGMENT, HIDDEN)).astype("float32")
+    starts = np.zeros((STEPS, BATCH), bool)
+    starts[0] = True
+    starts[3, 1] = True
+    return {"hidden": hidden, "document_start": starts.reshape(-1)}, hidden
+
+
+def test_memory_choice():
+    def memory_of(**options):
+        layer = KNNAttention(num_heads=2, batch_size=1, **options)
+        layer.build((1, 8, 8))
+        return type(layer.train_memory), type(layer.inference_memory)
+
+    assert memory_of(memory_size=MEMORY) == (ExactMemory, ExactMemory)
+    assert memory_of(memory_size=MEMORY, memory="scann") == (ScannMemory, ScannMemory)
+    assert memory_of(memory_size=SCANN_MIN_MEMORY_SIZE) == (ScannMemory, ScannMemory)
+    assert memory_of(memory_size=SCANN_MIN_MEMORY_SIZE, memory="exact")[0] is ExactMemory
+
+
+def test_compiled_fit_fills_the_scann_memory_like_the_exact_one():
+    x, y = stream()
+    scann = build_model(memory="scann")
+    exact = build_model(memory="exact")
+    for target, source in zip(exact.trainable_weights, scann.trainable_weights):
+        target.assign(ops.convert_to_numpy(source))
+    # Learning rate 0: both models compute the same keys, whatever they
+    # retrieve, so their memories must hold the same entries.
+    # torch.compile of a stateful layer is not what users run on CPU (as in
+    # test_knn_attention_fit); TF and JAX ask for XLA.
+    jit = keras.backend.backend() != "torch"
+    for model in (scann, exact):
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=jit)
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    # XLA cannot compile a host memory: only JAX keeps the step jitted
+    # (with io_callback); TensorFlow and torch turn jit_compile off.
+    assert scann.jit_compile == (keras.backend.backend() == "jax")
+
+    host = scann.get_layer("knn_attention").train_memory
+    state = exact.get_layer("knn_attention").train_memory
+    positions = to_numpy(state.positions).T  # [batch, slots]
+    np.testing.assert_array_equal(host._positions, positions)
+    # 48 tokens through 32 slots: lane 0 holds 16..47, lane 1 (restarted at
+    # step 3) holds 0..23.
+    assert sorted(host._positions[0]) == list(range(16, 48))
+    assert sorted(host._positions[1][host._positions[1] >= 0]) == list(range(24))
+    filled = positions >= 0
+    want = np.transpose(to_numpy(state.keys), (1, 2, 0, 3))  # [batch, heads, slots, d]
+    np.testing.assert_allclose(
+        np.transpose(host._keys, (0, 2, 1, 3))[filled],
+        np.transpose(want, (0, 2, 1, 3))[filled],
+        atol=1e-5,
+    )
+    assert host._searchers[0] is not None  # lane 0 is searched with ScaNN
+    inference = scann.get_layer("knn_attention").inference_memory
+    assert np.all(inference._positions == -1)
+
+
+def test_approx_top_k_matches_exact_top_k_on_cpu():
+    x, _ = stream()
+    exact = build_model(memory="exact")
+    approx = build_model(memory="exact", top_k="approx", recall_target=0.9)
+    approx.set_weights(exact.get_weights())
+    for step in range(STEPS):
+        rows = slice(step * BATCH, (step + 1) * BATCH)
+        batch = {name: value[rows] for name, value in x.items()}
+        np.testing.assert_allclose(
+            to_numpy(approx(batch)), to_numpy(exact(batch)), atol=1e-5
+        )
+
+
+def test_config_keeps_the_memory_options():
+    layer = KNNAttention(num_heads=2, memory="scann", top_k="approx", recall_target=0.8)
+    config = KNNAttention.from_config(layer.get_config()).get_config()
+    assert (config["memory"], config["top_k"], config["recall_target"]) == (
+        "scann",
+        "approx",
+        0.8,
+    )
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"memory": "faiss"}, "memory"),
+        ({"top_k": "fast"}, "top_k"),
+        ({"recall_target": 1.5}, "recall_target"),
+    ],
+)
+def test_rejects_bad_memory_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        KNNAttention(num_heads=2, **options)
