@@ -1,8 +1,8 @@
 """Lookup time and recall of ScannMemory against ExactMemory, by memory size.
 
 Keys and queries come from a model layer on real text: the bytes of the
-Python standard library's source, embedded and passed through two randomly
-initialised `SegmentAttention` blocks, then projected (and L2-normalised) by
+Python standard library's source, embedded and passed through one randomly
+initialised `SegmentAttention` block, then projected (and L2-normalised) by
 a `KNNAttention`'s query and key projections (4 heads, head_dim 64). Each
 of the 4 lanes reads a different part of the library. For every memory
 size the memories are filled with a lane's first `memory_size` keys and
@@ -58,22 +58,20 @@ def text_queries_and_keys(tokens_per_lane):
     """Queries and keys `[lanes, tokens, heads, head_dim]` of stdlib text."""
     keras.utils.set_random_seed(0)
     tokens = stdlib_bytes(LANES * tokens_per_lane).reshape(LANES, -1)
-    inputs = keras.Input((SEGMENT,), batch_size=None, dtype="int32")
+    inputs = keras.Input((SEGMENT,), dtype="int32")
     x = keras.layers.Embedding(256, 128)(inputs)
-    for _ in range(2):
-        x = x + SegmentAttention(num_heads=4)(keras.layers.LayerNormalization()(x))
-    stack = keras.Model(inputs, keras.layers.LayerNormalization()(x))
+    x = x + SegmentAttention(num_heads=4)(keras.layers.LayerNormalization()(x))
+    x = keras.layers.LayerNormalization()(x)
+    projection = KNNAttention(
+        num_heads=HEADS, head_dim=HEAD_DIM, batch_size=1, memory="exact"
+    )
+    projection.build((1, *x.shape[1:]))  # only its projections are used
+    queries, keys, _ = projection._project(x)
+    model = keras.Model(inputs, [queries, keys])
     segments = tokens.reshape(-1, SEGMENT)  # [lanes * segments, segment]
-    hidden = stack.predict(segments, batch_size=64, verbose=0)
-    projection = KNNAttention(num_heads=HEADS, head_dim=HEAD_DIM, memory="exact")
-    projection.build(hidden.shape)
-    queries, keys = [], []
-    for start in range(0, len(hidden), 64):
-        q, k, _ = projection._project(hidden[start : start + 64])
-        queries.append(ops.convert_to_numpy(q))
-        keys.append(ops.convert_to_numpy(k))
+    queries, keys = model.predict(segments, batch_size=128, verbose=0)
     shape = (LANES, tokens_per_lane, HEADS, HEAD_DIM)
-    return np.concatenate(queries).reshape(shape), np.concatenate(keys).reshape(shape)
+    return queries.reshape(shape), keys.reshape(shape)
 
 
 def timed(function, repeats):
