@@ -97,6 +97,12 @@ class MemorizingTransformerCausalLM(keras.Model):
             **kwargs,
         )
 
+    def compile_from_config(self, config):
+        """Re-compiles on `load_model`, so a checkpoint resumes its optimizer."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def reset_state(self):
         """Empties every memory and cache of the backbone."""
         self.backbone.reset_state()

@@ -33,6 +33,7 @@ def test_compare_trains_both_models_and_reports_perplexity(tmp_path):
         assert r["steps"] == 3
         model = keras.saving.load_model(r["checkpoint"])
         assert len(model.backbone.memory_layers) == len(r["memory_layers"])
+        assert int(model.optimizer.iterations) == 3  # resumable checkpoint
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| memory |" in table and "| no_memory |" in table
 
