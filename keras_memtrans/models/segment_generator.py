@@ -2,6 +2,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_memtrans.memory.exact_memory import ExactMemory
+
 
 class SegmentGenerator:
     """Continues prompts with a memory model, segment by segment.
@@ -22,8 +24,12 @@ class SegmentGenerator:
     3. When the current segment is full it is read normally (committed to
        memory) and a new one starts with the latest token.
 
+    Only in-graph memories (`ExactMemory`) qualify: a host memory
+    (`ScannMemory`) would be written by the read-only steps.
+
     Args:
-        causal_lm: a `MemorizingTransformerCausalLM`.
+        causal_lm: a `MemorizingTransformerCausalLM` whose memories are
+            `ExactMemory`s.
         temperature: float. 0 picks the most likely token; above 0 samples
             from the softmax of `logits / temperature`.
         seed: int. Seed of the sampler.
@@ -32,6 +38,14 @@ class SegmentGenerator:
     def __init__(self, causal_lm, temperature=0.0, seed=None):
         if temperature < 0:
             raise ValueError(f"`temperature` must be >= 0, got {temperature}.")
+        for layer in causal_lm.backbone.memory_layers:
+            if not isinstance(layer.inference_memory, ExactMemory):
+                raise ValueError(
+                    f"generate() needs in-graph memories, but {layer.name} holds a "
+                    f"{type(layer.inference_memory).__name__}: its host-side writes "
+                    "cannot be held back during read-only steps. Build the model "
+                    'with `memory="exact"` for generation.'
+                )
         self.causal_lm = causal_lm
         self.temperature = temperature
         self.seed_generator = keras.random.SeedGenerator(seed)
