@@ -18,8 +18,8 @@ def to_numpy(x):
 
 
 def exhaustive(batch, memory_size):
-    """A ScannMemory that visits every leaf and re-scores every candidate
-    exactly (16 * k >= memory_size for k >= 4): results must be exact."""
+    """A ScannMemory that visits every leaf, where it scores every key
+    exactly: results must be exact."""
     return ScannMemory(
         batch,
         HEADS,
@@ -27,7 +27,6 @@ def exhaustive(batch, memory_size):
         memory_size,
         num_leaves=2,
         num_leaves_to_search=2,
-        reorder_factor=16,
     )
 
 
@@ -50,7 +49,7 @@ def test_clustered_keys_give_the_exact_neighbours():
     # quantised scoring + exact re-ordering (partial-leaf recall is measured
     # by recipes/benchmarks/memory_lookup.py, not asserted).
     scann = ScannMemory(
-        2, HEADS, DIM, 256, num_leaves=4, num_leaves_to_search=4, reorder_factor=8
+        2, HEADS, DIM, 256, num_leaves=4, num_leaves_to_search=4
     )
     exact = ExactMemory(2, HEADS, DIM, 256)
     exact.build()
@@ -167,6 +166,6 @@ def test_rejects_more_neighbours_than_slots():
 
 
 def test_config_round_trip():
-    memory = ScannMemory(2, 1, DIM, 64, num_leaves=2, reorder_factor=3)
+    memory = ScannMemory(2, 1, DIM, 64, num_leaves=2, num_leaves_to_search=1)
     clone = ScannMemory.from_config(memory.get_config())
     assert clone.get_config() == memory.get_config()
