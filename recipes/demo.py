@@ -87,7 +87,7 @@ def main(argv=None):
         start = np.full((len(documents),), step == 0)
         batch = tokens[:, step * length : (step + 1) * length]
         neighbors = np.asarray(ops.convert_to_numpy(model([batch, start])))
-    print(f"Last segment: each query and the text its nearest memories end with")
+    print("Last segment: each query and the text its nearest memories end with")
     rng = np.random.default_rng(0)
     offset = (segments - 1) * length
     for lane, name in enumerate(args.modules):

@@ -85,15 +85,15 @@ class SegmentAttention(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        for name, value in (
-            ("num_heads", num_heads),
-            ("head_dim", head_dim),
-            ("batch_size", batch_size),
+        for name, value, optional in (
+            ("num_heads", num_heads, False),
+            ("head_dim", head_dim, True),
+            ("batch_size", batch_size, True),
         ):
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if optional and value is None:
+                continue
+            if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if num_heads is None:
-            raise ValueError("`num_heads` must be a positive int, got None.")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.batch_size = batch_size
