@@ -42,7 +42,7 @@ class DecoderBlock(keras.layers.Layer):
     >>> import numpy as np
     >>> block = DecoderBlock(num_heads=2, intermediate_dim=32, use_memory=True,
     ...                      memory_size=64, num_neighbors=4)
-    >>> block(np.random.rand(2, 16, 8).astype("float32")).shape
+    >>> tuple(block(np.random.rand(2, 16, 8).astype("float32")).shape)
     (2, 16, 8)
 
     Reference:

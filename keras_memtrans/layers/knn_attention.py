@@ -91,7 +91,7 @@ class KNNAttention(SegmentAttention):
     >>> starts = np.array([True, True])
     >>> for i, segment in enumerate(segments):
     ...     outputs = layer(segment, document_start=starts if i == 0 else None)
-    >>> outputs.shape
+    >>> tuple(outputs.shape)
     (2, 16, 8)
 
     Reference:

@@ -37,7 +37,7 @@ class RelativePositionBias(keras.layers.Layer):
     >>> bias = RelativePositionBias(num_heads=4)
     >>> positions = np.arange(8)
     >>> relative = positions[None, :] - positions[:, None]
-    >>> bias(relative).shape
+    >>> tuple(bias(relative).shape)
     (4, 8, 8)
 
     Reference:

@@ -64,7 +64,7 @@ class SegmentAttention(keras.layers.Layer):
     >>> import numpy as np
     >>> layer = SegmentAttention(num_heads=2, use_xl_cache=True)
     >>> segment = np.random.rand(2, 16, 8).astype("float32")
-    >>> layer(segment, document_start=np.array([True, True])).shape
+    >>> tuple(layer(segment, document_start=np.array([True, True])).shape)
     (2, 16, 8)
 
     Reference:

@@ -44,7 +44,7 @@ class ExactMemory(keras.layers.Layer):
     >>> keys = np.eye(4, dtype="float32")[None, :, None, :].repeat(2, axis=0)
     >>> memory.append(keys, keys)
     >>> keys, values, positions = memory.search(keys[:, :1], 2)
-    >>> positions.shape  # [batch, query, heads, neighbours]
+    >>> tuple(positions.shape)  # [batch, query, heads, neighbours]
     (2, 1, 1, 2)
 
     Reference:

@@ -28,7 +28,7 @@ class SegmentCache(keras.layers.Layer):
     ...                      head_dim=4)
     >>> cache.build()
     >>> keys, values, mask = cache.read()
-    >>> keys.shape, bool(np.asarray(mask).any())  # empty until written
+    >>> tuple(keys.shape), bool(np.asarray(mask).any())  # empty until written
     ((2, 3, 1, 4), False)
 
     Reference:

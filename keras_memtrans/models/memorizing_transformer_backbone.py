@@ -53,11 +53,12 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
     ...     vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16,
     ...     intermediate_dim=32, batch_size=2, segment_length=8,
     ...     memory_layer_indices=(-1,), memory_size=64, num_neighbors=4)
-    >>> backbone({
+    >>> hidden = backbone({
     ...     "token_ids": np.ones((2, 8), "int32"),
     ...     "document_start": np.array([True, True]),
     ...     "padding_mask": np.ones((2, 8), bool),
-    ... }).shape
+    ... })
+    >>> tuple(hidden.shape)
     (2, 8, 16)
 
     Reference:

@@ -23,7 +23,7 @@ class MemorizingTransformerTokenizer(keras_hub.tokenizers.SentencePieceTokenizer
 
     Example:
     >>> tokenizer = MemorizingTransformerTokenizer.from_documents(
-    ...     ["def add(a, b):\\n    return a + b\\n"] * 50, vocabulary_size=64)
+    ...     ["def add(a, b):\\n    return a + b\\n"] * 50, vocabulary_size=300)
     >>> tokenizer.detokenize(tokenizer.tokenize("def add(a, b):"))
     'def add(a, b):'
 
