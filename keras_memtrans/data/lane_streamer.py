@@ -207,6 +207,28 @@ class LaneStreamer(keras.utils.PyDataset):
         }
         return inputs, targets, padding_mask.astype("float32")
 
+    def batch_contents(self, index):
+        """Which document segment each lane of batch `index` carries.
+
+        Returns:
+            `(documents, segments)`, int arrays `[batch_size]`: the index
+            into the `documents` given (`-1` for a padded lane) and the
+            segment within that document; segment `i` holds the inputs at
+            document positions `[i * segment_length, (i + 1) *
+            segment_length)` and their next-token targets.
+        """
+        index = operator.index(index)
+        if not 0 <= index < self._num_batches:
+            raise IndexError(
+                f"Batch index {index} out of range for {self._num_batches} batches."
+            )
+        _, lane_documents, lane_segments = self._schedule
+        usable = lane_documents[index]
+        indices = np.asarray(self._document_indices)[np.maximum(usable, 0)]
+        documents = np.where(usable >= 0, indices, -1)
+        segments = np.where(usable >= 0, lane_segments[index], 0)
+        return documents, segments
+
     def on_epoch_end(self):
         self._epoch += 1
         if self.shuffle:

@@ -33,10 +33,14 @@ class DecoderBlock(keras.layers.Layer):
         hidden_states: `[batch, segment, hidden_dim]`.
         document_start: optional bool `[batch]`, see `KNNAttention`.
         padding_mask: optional bool `[batch, segment]`, see `KNNAttention`.
+        return_neighbors: bool. Also return the document positions the
+            memory lookup retrieved (only with `use_memory=True`).
         training: bool.
 
     Returns:
-        `[batch, segment, hidden_dim]`.
+        `[batch, segment, hidden_dim]`; with `return_neighbors=True`, also
+        int `[batch, segment, num_heads, num_neighbors]` positions, as
+        returned by `KNNAttention`.
 
     Example:
     >>> import numpy as np
@@ -123,26 +127,55 @@ class DecoderBlock(keras.layers.Layer):
         self.built = True
 
     def call(
-        self, hidden_states, document_start=None, padding_mask=None, training=None
+        self,
+        hidden_states,
+        document_start=None,
+        padding_mask=None,
+        return_neighbors=False,
+        training=None,
     ):
+        self._check_return_neighbors(return_neighbors)
         x = self.attention_norm(hidden_states)
-        x = self.attention(
-            x,
-            document_start=document_start,
-            padding_mask=padding_mask,
-            training=training,
+        attention_options = dict(
+            document_start=document_start, padding_mask=padding_mask, training=training
         )
+        if return_neighbors:
+            x, positions = self.attention(x, return_neighbors=True, **attention_options)
+        else:
+            x = self.attention(x, **attention_options)
         hidden_states = hidden_states + self.dropout_layer(x, training=training)
         x = self.feedforward_norm(hidden_states)
         x = self.feedforward_output(self.activation(self.feedforward_intermediate(x)))
-        return hidden_states + self.dropout_layer(x, training=training)
+        outputs = hidden_states + self.dropout_layer(x, training=training)
+        if return_neighbors:
+            return outputs, positions
+        return outputs
+
+    def _check_return_neighbors(self, return_neighbors):
+        if return_neighbors and not self.use_memory:
+            raise ValueError(
+                f"`return_neighbors=True` needs a memory block; {self.name!r} "
+                "was built with `use_memory=False`."
+            )
 
     def reset_state(self):
         """Empties the attention's memories and caches."""
         self.attention.reset_state()
 
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
+    def compute_output_spec(
+        self,
+        hidden_states,
+        document_start=None,
+        padding_mask=None,
+        return_neighbors=False,
+        training=None,
+    ):
+        self._check_return_neighbors(return_neighbors)
+        outputs = keras.KerasTensor(hidden_states.shape, dtype=self.compute_dtype)
+        if not return_neighbors:
+            return outputs
+        neighbor_shape = (*hidden_states.shape[:2], self.num_heads, self.num_neighbors)
+        return outputs, keras.KerasTensor(neighbor_shape, dtype="int32")
 
     def get_config(self):
         config = super().get_config()

@@ -135,6 +135,42 @@ def test_every_document_streams_whole_in_one_lane(
 
 
 @given(
+    documents=document_lists,
+    batch_size=st.integers(1, 4),
+    segment_length=st.integers(1, 8),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_batch_contents_locate_every_lane_in_its_document(
+    documents, batch_size, segment_length, shuffle, seed
+):
+    documents = [np.array(document, dtype="int64") for document in documents]
+    streamer = LaneStreamer(
+        documents, batch_size, segment_length, shuffle=shuffle, seed=seed
+    )
+    for index in range(len(streamer)):
+        inputs, targets, _ = streamer[index]
+        lane_documents, lane_segments = streamer.batch_contents(index)
+        assert lane_documents.shape == lane_segments.shape == (batch_size,)
+        for lane in range(batch_size):
+            width = int(inputs["padding_mask"][lane].sum())
+            if lane_documents[lane] < 0:
+                assert width == 0
+                continue
+            document = documents[lane_documents[lane]]
+            begin = lane_segments[lane] * segment_length
+            np.testing.assert_array_equal(
+                inputs["token_ids"][lane, :width], document[begin : begin + width]
+            )
+            np.testing.assert_array_equal(
+                targets[lane, :width], document[begin + 1 : begin + width + 1]
+            )
+            assert inputs["document_start"][lane] == (lane_segments[lane] == 0)
+    with pytest.raises(IndexError, match="out of range"):
+        streamer.batch_contents(len(streamer))
+
+
+@given(
     lengths=st.lists(st.integers(0, 30), min_size=1, max_size=8),
     seed=st.integers(0, 2**16),
     epoch=st.integers(0, 3),

@@ -6,12 +6,9 @@ from keras import ops
 from keras_memtrans import KNNAttention
 from tests.gradients import segment_gradients
 from tests.numpy_reference import NumpyKNNAttention
+from tests.arrays import to_numpy
 
 BATCH, SEGMENT, HIDDEN, HEADS = 3, 8, 16, 2
-
-
-def to_numpy(x):
-    return np.asarray(ops.convert_to_numpy(x))
 
 
 def randomize(layer, seed=0):

@@ -6,15 +6,11 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from keras import ops
 
 from keras_memtrans import KNNAttention
+from tests.arrays import to_numpy
 
 BATCH, SEGMENT, HIDDEN, STEPS = 2, 8, 16, 4
-
-
-def to_numpy(x):
-    return np.asarray(ops.convert_to_numpy(x))
 
 
 def build_model(use_xl_cache=True, dtype=None):

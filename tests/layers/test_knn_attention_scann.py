@@ -9,12 +9,9 @@ from keras_memtrans import ExactMemory
 from keras_memtrans import KNNAttention
 from keras_memtrans import ScannMemory
 from keras_memtrans.layers.knn_attention import SCANN_MIN_MEMORY_SIZE
+from tests.arrays import to_numpy
 
 BATCH, SEGMENT, HIDDEN, STEPS, MEMORY = 2, 8, 16, 6, 32
-
-
-def to_numpy(x):
-    return np.asarray(ops.convert_to_numpy(x))
 
 
 def build_model(**options):

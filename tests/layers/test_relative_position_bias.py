@@ -2,14 +2,10 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from keras import ops
 
 from keras_memtrans import RelativePositionBias
 from tests.numpy_reference import t5_bucket
-
-
-def to_numpy(x):
-    return np.asarray(ops.convert_to_numpy(x))
+from tests.arrays import to_numpy
 
 
 @given(

@@ -1,15 +1,11 @@
 import numpy as np
 import pytest
-from keras import ops
 
 from keras_memtrans.layers.segment_attention import SegmentAttention
 from tests.numpy_reference import NumpyKNNAttention
+from tests.arrays import to_numpy
 
 BATCH, SEGMENT, HIDDEN = 3, 8, 16
-
-
-def to_numpy(x):
-    return np.asarray(ops.convert_to_numpy(x))
 
 
 def randomized_layer(**kwargs):

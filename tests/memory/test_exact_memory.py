@@ -4,15 +4,11 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from keras import ops
 
 from keras_memtrans import ExactMemory
+from tests.arrays import to_numpy
 
 HEADS, DIM = 2, 4
-
-
-def to_numpy(x):
-    return np.asarray(ops.convert_to_numpy(x))
 
 
 @st.composite

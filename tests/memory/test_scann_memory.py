@@ -1,20 +1,14 @@
-import collections
-
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
-from keras import ops
 
 from keras_memtrans import ExactMemory
 from keras_memtrans import ScannMemory
+from tests.arrays import to_numpy
 
 HEADS, DIM = 2, 8
-
-
-def to_numpy(x):
-    return np.asarray(ops.convert_to_numpy(x))
 
 
 def exhaustive(batch, memory_size):

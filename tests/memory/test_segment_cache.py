@@ -1,12 +1,8 @@
 import numpy as np
 import pytest
-from keras import ops
 
 from keras_memtrans import SegmentCache
-
-
-def to_numpy(x):
-    return np.asarray(ops.convert_to_numpy(x))
+from tests.arrays import to_numpy
 
 
 def make_cache():

@@ -3,7 +3,6 @@ import types
 import keras
 import numpy as np
 import pytest
-from keras import ops
 
 from keras_memtrans import KNNAttention
 from keras_memtrans import ScannMemory
@@ -11,10 +10,7 @@ from keras_memtrans.data import LaneStreamer
 from keras_memtrans.models import MemorizingTransformerCausalLM
 from keras_memtrans.models.segment_generator import SegmentGenerator
 from tests.models.conftest import tiny_backbone
-
-
-def to_numpy(x):
-    return np.asarray(ops.convert_to_numpy(x))
+from tests.arrays import to_numpy
 
 
 def stream(preprocessor, documents):
