@@ -40,7 +40,9 @@ class NumpyKNNAttention:
     Args:
         weights: dict with `query`, `key`, `value` kernels `[D, H, Dh]`,
             `output` kernel `[H, Dh, D]`, `relative_bias` `[buckets, H]`,
-            `scale` `[H]`, `gate_bias` `[H]` (unused without memory).
+            `scale` `[H]`, `gate_bias` `[H]` (unused without memory), and
+            optionally `key_smear_logit` `[H]`: each key is then mixed with
+            the previous key of its segment (smeared keys).
         use_memory: `False` states `SegmentAttention`: local attention only.
     """
 
@@ -75,7 +77,17 @@ class NumpyKNNAttention:
         if padding_mask is None:
             padding_mask = np.ones((batch, length), bool)
         q = _normalize(np.einsum("btd,dnh->btnh", x, self.w["query"]))
-        k = _normalize(np.einsum("btd,dnh->btnh", x, self.w["key"]))
+        k = np.einsum("btd,dnh->btnh", x, self.w["key"])
+        if "key_smear_logit" in self.w:
+            own = 1.0 / (1.0 + np.exp(-self.w["key_smear_logit"]))
+            smeared = k.copy()
+            for t in range(1, length):
+                for h in range(k.shape[2]):
+                    smeared[:, t, h] = own[h] * k[:, t, h] + (1 - own[h]) * k[:, t - 1, h]
+            for h in range(k.shape[2]):
+                smeared[:, 0, h] = own[h] * k[:, 0, h]
+            k = smeared
+        k = _normalize(k)
         v = np.einsum("btd,dnh->btnh", x, self.w["value"])
         heads = q.shape[2]
         out = np.zeros_like(q)

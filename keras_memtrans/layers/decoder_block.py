@@ -27,6 +27,8 @@ class DecoderBlock(keras.layers.Layer):
         num_buckets: int. Relative position buckets (T5).
         max_distance: int. Relative distance of the last bucket (T5).
         kernel_initializer: initializer of every kernel.
+        smear_keys: bool. Whether attention keys are mixed with the previous
+            token's key (see `SegmentAttention`).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -69,6 +71,7 @@ class DecoderBlock(keras.layers.Layer):
         num_buckets=32,
         max_distance=128,
         kernel_initializer="glorot_uniform",
+        smear_keys=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -85,6 +88,7 @@ class DecoderBlock(keras.layers.Layer):
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.smear_keys = smear_keys
         attention = dict(
             num_heads=num_heads,
             batch_size=batch_size,
@@ -92,6 +96,7 @@ class DecoderBlock(keras.layers.Layer):
             num_buckets=num_buckets,
             max_distance=max_distance,
             kernel_initializer=self.kernel_initializer,
+            smear_keys=smear_keys,
             dtype=self.dtype_policy,
             name="attention",
         )
@@ -196,6 +201,7 @@ class DecoderBlock(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),
+                "smear_keys": self.smear_keys,
             }
         )
         return config

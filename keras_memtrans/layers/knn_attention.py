@@ -55,6 +55,8 @@ class KNNAttention(SegmentAttention):
         num_buckets: int. Relative position buckets (T5).
         max_distance: int. Relative distance of the last bucket (T5).
         kernel_initializer: initializer of the projection kernels.
+        smear_keys: bool. Whether keys are mixed with the previous token's
+            key (see `SegmentAttention`); memory then holds the mixed keys.
         memory: `"exact"` (`ExactMemory`: in-graph ring buffer, exact
             top-k, compiles with XLA), `"scann"` (`ScannMemory`: host
             memory searched with ScaNN; turns `jit_compile` off on
@@ -110,6 +112,7 @@ class KNNAttention(SegmentAttention):
         num_buckets=32,
         max_distance=128,
         kernel_initializer="glorot_uniform",
+        smear_keys=False,
         memory="auto",
         top_k="exact",
         recall_target=0.95,
@@ -123,6 +126,7 @@ class KNNAttention(SegmentAttention):
             num_buckets=num_buckets,
             max_distance=max_distance,
             kernel_initializer=kernel_initializer,
+            smear_keys=smear_keys,
             **kwargs,
         )
         if not isinstance(memory_size, int) or memory_size < 1:

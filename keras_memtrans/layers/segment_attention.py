@@ -47,6 +47,13 @@ class SegmentAttention(keras.layers.Layer):
         num_buckets: int. Relative position buckets (T5).
         max_distance: int. Relative distance of the last bucket (T5).
         kernel_initializer: initializer of the projection kernels.
+        smear_keys: bool. Whether each key is mixed with the key of the
+            previous token, `sigmoid(a) * k[t] + (1 - sigmoid(a)) * k[t-1]`
+            with a learned per-head `a` (Olsson et al.'s "smeared keys"),
+            before normalisation. A query can then find the tokens that
+            *follow* its own token, which lets a single layer copy what came
+            next (an induction head) and speeds up learning it. The first
+            key of each segment has no predecessor and is not mixed.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -70,7 +77,9 @@ class SegmentAttention(keras.layers.Layer):
     Reference:
         Wu et al., "Memorizing Transformers", ICLR 2022
         (https://arxiv.org/abs/2203.08913); Dai et al., "Transformer-XL",
-        ACL 2019 (https://arxiv.org/abs/1901.02860).
+        ACL 2019 (https://arxiv.org/abs/1901.02860); Olsson et al.,
+        "In-context Learning and Induction Heads", 2022
+        (https://arxiv.org/abs/2209.11895), for `smear_keys`.
     """
 
     def __init__(
@@ -82,6 +91,7 @@ class SegmentAttention(keras.layers.Layer):
         num_buckets=32,
         max_distance=128,
         kernel_initializer="glorot_uniform",
+        smear_keys=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -101,6 +111,7 @@ class SegmentAttention(keras.layers.Layer):
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.smear_keys = smear_keys
 
     @property
     def needs_fixed_batch(self):
@@ -168,6 +179,10 @@ class SegmentAttention(keras.layers.Layer):
             shape=(self.num_heads,),
             initializer=keras.initializers.Constant(math.sqrt(self.head_dim)),
         )
+        if self.smear_keys:
+            self.key_smear_logit = self.add_weight(
+                name="key_smear_logit", shape=(self.num_heads,), initializer="zeros"
+            )
         if self.use_xl_cache:
             self.cache_length = segment_length
             for mode in ("train", "inference"):
@@ -232,8 +247,12 @@ class SegmentAttention(keras.layers.Layer):
     def _project(self, hidden_states):
         """Normalised queries and keys, and values: `[batch, seg, heads, dim]`."""
         queries = l2_normalize(self.query_projection(hidden_states))
-        keys = l2_normalize(self.key_projection(hidden_states))
-        return queries, keys, self.value_projection(hidden_states)
+        keys = self.key_projection(hidden_states)  # [batch, seg, heads, dim]
+        if self.smear_keys:
+            previous = ops.pad(keys[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0)))
+            own = ops.cast(ops.sigmoid(self.key_smear_logit), keys.dtype)[:, None]
+            keys = own * keys + (1.0 - own) * previous  # [batch, seg, heads, dim]
+        return queries, l2_normalize(keys), self.value_projection(hidden_states)
 
     def _local_attention(self, queries, keys, values, padding_mask, cache):
         """Causal attention over the segment (and cache) with relative bias."""
@@ -301,6 +320,7 @@ class SegmentAttention(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),
+                "smear_keys": self.smear_keys,
             }
         )
         return config

@@ -33,6 +33,9 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         memory_size: int. Tokens kept in each memory per lane.
         num_neighbors: int. Memory entries each query retrieves.
         use_xl_cache: bool. Transformer-XL cache in every block.
+        smear_keys: bool. Whether every block mixes each attention key with
+            the previous token's key (see `SegmentAttention`): not in the
+            paper; it makes copying from memory quick to learn.
         dropout: float. Dropout rate in every block.
         layer_norm_epsilon: float.
         tie_word_embeddings: bool. Whether the output projection reuses the
@@ -79,6 +82,7 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         memory_size=8192,
         num_neighbors=32,
         use_xl_cache=True,
+        smear_keys=False,
         dropout=0.0,
         layer_norm_epsilon=1e-6,
         tie_word_embeddings=True,
@@ -112,6 +116,7 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
                 num_neighbors=num_neighbors,
                 batch_size=batch_size,
                 use_xl_cache=use_xl_cache,
+                smear_keys=smear_keys,
                 dropout=dropout,
                 layer_norm_epsilon=layer_norm_epsilon,
                 dtype=dtype,
@@ -160,6 +165,7 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         self.memory_size = memory_size
         self.num_neighbors = num_neighbors
         self.use_xl_cache = use_xl_cache
+        self.smear_keys = smear_keys
         self.dropout = dropout
         self.layer_norm_epsilon = layer_norm_epsilon
         self.tie_word_embeddings = tie_word_embeddings
@@ -191,6 +197,7 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
                 "memory_size": self.memory_size,
                 "num_neighbors": self.num_neighbors,
                 "use_xl_cache": self.use_xl_cache,
+                "smear_keys": self.smear_keys,
                 "dropout": self.dropout,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "tie_word_embeddings": self.tie_word_embeddings,

@@ -24,7 +24,7 @@ def randomize(layer, seed=0):
 
 
 def reference_weights(layer):
-    return {
+    weights = {
         "query": to_numpy(layer.query_projection.kernel),
         "key": to_numpy(layer.key_projection.kernel),
         "value": to_numpy(layer.value_projection.kernel),
@@ -33,6 +33,9 @@ def reference_weights(layer):
         "scale": to_numpy(layer.attention_scale),
         "gate_bias": to_numpy(layer.gate_bias),
     }
+    if layer.smear_keys:
+        weights["key_smear_logit"] = to_numpy(layer.key_smear_logit)
+    return weights
 
 
 def make_layer(**kwargs):
@@ -59,12 +62,22 @@ STARTS = [
 ]
 
 
-@pytest.mark.parametrize("use_xl_cache", [False, True])
-@pytest.mark.parametrize("training", [False, True])
-def test_matches_numpy_reference_over_segments(use_xl_cache, training):
+@pytest.mark.parametrize(
+    "use_xl_cache, training, smear_keys",
+    [
+        (False, False, False),
+        (False, True, False),
+        (True, False, False),
+        (True, True, False),
+        (True, False, True),
+    ],
+)
+def test_matches_numpy_reference_over_segments(use_xl_cache, training, smear_keys):
     # memory_size 20 with segments of 8: the ring wraps mid-segment, lanes
     # 0 and 2 overflow (40 tokens) while lane 1 restarts.
-    layer = make_layer(use_xl_cache=use_xl_cache, max_distance=16, num_buckets=8)
+    layer = make_layer(
+        use_xl_cache=use_xl_cache, smear_keys=smear_keys, max_distance=16, num_buckets=8
+    )
     reference = NumpyKNNAttention(
         reference_weights(layer),
         batch_size=BATCH,
@@ -129,9 +142,11 @@ def test_reset_state_empties_every_memory():
         assert not np.any(to_numpy(cache.mask))
 
 
-@pytest.mark.parametrize("use_xl_cache", [False, True])
-def test_gradients_reach_weights_but_not_memory(use_xl_cache):
-    layer = make_layer(use_xl_cache=use_xl_cache)
+@pytest.mark.parametrize(
+    "use_xl_cache, smear_keys", [(False, False), (True, False), (True, True)]
+)
+def test_gradients_reach_weights_but_not_memory(use_xl_cache, smear_keys):
+    layer = make_layer(use_xl_cache=use_xl_cache, smear_keys=smear_keys)
     x = segments(3)
     starts = [STARTS[0], STARTS[1], STARTS[1]]
     weights = np.random.default_rng(2).normal(size=x[0].shape).astype("float32")
