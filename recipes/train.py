@@ -238,6 +238,13 @@ def main(argv=None):
                 "backbone": backbone_config,
                 "training": training,
                 "vocabulary_size": tokenizer.vocabulary_size(),
+                "corpus": {
+                    "source": args.corpus,
+                    "min_chars": args.min_chars,
+                    "max_documents": training["max_documents"],
+                    "validation_fraction": args.validation_fraction,
+                    "seed": args.seed,
+                },
                 "results": results,
             },
             indent=2,

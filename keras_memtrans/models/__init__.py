@@ -1,3 +1,4 @@
+from keras_memtrans.models.document_scorer import DocumentScorer
 from keras_memtrans.models.memorizing_transformer_backbone import (
     MemorizingTransformerBackbone,
 )

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from keras_memtrans.models import MemorizingTransformerCausalLM
-from keras_memtrans.models.document_scorer import DocumentScorer
+from keras_memtrans.models import DocumentScorer
 from tests.models.conftest import tiny_backbone
 
 SEGMENT = 8

@@ -1,0 +1,63 @@
+import json
+import re
+
+import pytest
+
+from recipes import inspect_memory
+from tests.recipes.test_train import run
+
+
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("inspect")
+    corpus = tmp_path / "corpus"  # short documents keep the scoring quick
+    corpus.mkdir()
+    source = open(inspect_memory.__file__).read() * 2
+    for i in range(4):
+        (corpus / f"doc{i}.py").write_text(source[i * 2500 : (i + 1) * 2500])
+    run(tmp_path, "--compare")
+    return tmp_path / "out"
+
+
+def test_inspection_agrees_with_the_run_and_writes_its_files(compare_run):
+    assert inspect_memory.main([str(compare_run), "--top", "5"]) == 0
+    output = compare_run / "inspection"
+    for name in ("summary.md", "gain_by_position.png", "document.html"):
+        assert (output / name).stat().st_size > 0
+    summary = (output / "summary.md").read_text()
+    results = {
+        r["run"]: r["validation_nll"]
+        for r in json.loads((compare_run / "results.json").read_text())["results"]
+    }
+    # Token by token, the scorer reads the held-out documents exactly as the
+    # run's evaluation did: the mean losses are the reported ones.
+    without, with_memory = map(
+        float,
+        re.search(r"([\d.]+) nats without memory, ([\d.]+) with", summary).groups(),
+    )
+    assert without == pytest.approx(results["no_memory"], abs=2e-4)
+    assert with_memory == pytest.approx(results["memory"], abs=2e-4)
+    # The position table covers every token once.
+    rows = re.findall(r"^\| (\d+)-(\d+) \| (\d+) \|", summary, re.MULTILINE)
+    total = int(re.search(r"\((\d+) tokens;", summary).group(1))
+    assert sum(int(tokens) for *_, tokens in rows) == total
+    assert int(rows[0][0]) == 0
+    assert len(re.findall(r"^\| doc\d", summary, re.MULTILINE)) == 5
+    assert "<span" in (output / "document.html").read_text()
+
+
+def test_needs_a_compare_run(tmp_path):
+    results = {"results": [{"run": "no_memory", "checkpoint": "unused.keras"}]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="--compare"):
+        inspect_memory.main([str(tmp_path)])
+
+
+def test_needs_a_recipe_output(tmp_path):
+    with pytest.raises(SystemExit, match="results.json"):
+        inspect_memory.main([str(tmp_path)])
+
+
+def test_unknown_document_is_named(compare_run):
+    with pytest.raises(SystemExit, match="no_such_file"):
+        inspect_memory.main([str(compare_run), "--document", "no_such_file"])
