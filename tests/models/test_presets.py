@@ -1,0 +1,36 @@
+import pytest
+
+from keras_memtrans.models import PRESETS
+from keras_memtrans.models import MemorizingTransformerBackbone
+from keras_memtrans.models import get_preset
+
+
+@pytest.mark.parametrize("name", ["tiny", "quick", "small"])
+def test_cpu_presets_build_and_hold_a_memory(name):
+    preset = get_preset(name)
+    backbone = MemorizingTransformerBackbone(
+        vocabulary_size=preset["vocabulary_size"], **preset["backbone"]
+    )
+    assert backbone.get_config()["num_layers"] == preset["backbone"]["num_layers"]
+    assert len(backbone.memory_layers) == 1
+    assert set(preset["training"]) == {
+        "steps", "learning_rate", "warmup_steps", "max_documents"
+    }
+
+
+def test_paper_preset_is_the_papers_model():
+    config = get_preset("paper")["backbone"]
+    assert (config["num_layers"], config["hidden_dim"], config["num_heads"]) == (
+        12, 1024, 8
+    )
+    assert config["intermediate_dim"] == 4096
+    assert config["memory_layer_indices"] == (8,)  # the 9th of 12
+    assert (config["segment_length"], config["num_neighbors"]) == (512, 32)
+    assert config["memory_size"] == 8192
+    assert get_preset("paper")["vocabulary_size"] == 32000
+
+
+def test_unknown_preset_lists_the_names():
+    with pytest.raises(ValueError, match="quick"):
+        get_preset("huge")
+    assert "huge" not in PRESETS
