@@ -68,6 +68,11 @@ class KNNAttention(SegmentAttention):
             `"approx"` uses `approx_max_k` on JAX and TensorFlow (fast on
             TPU; exact on CPU and GPU), exact top-k on torch.
         recall_target: float. Recall target of `top_k="approx"`.
+        num_leaves: optional int. Tree partitions of each ScaNN searcher
+            (ScaNN memory only; default about `sqrt(memory_size)`).
+        num_leaves_to_search: optional int. Partitions a ScaNN search
+            visits (ScaNN memory only; default an eighth of `num_leaves`):
+            more is slower and finds more of the true top-k.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -116,6 +121,8 @@ class KNNAttention(SegmentAttention):
         memory="auto",
         top_k="exact",
         recall_target=0.95,
+        num_leaves=None,
+        num_leaves_to_search=None,
         **kwargs,
     ):
         super().__init__(
@@ -157,6 +164,8 @@ class KNNAttention(SegmentAttention):
         self.memory = memory
         self.top_k = top_k
         self.recall_target = recall_target
+        self.num_leaves = num_leaves
+        self.num_leaves_to_search = num_leaves_to_search
 
     def _make_memory(self, name):
         options = dict(
@@ -172,7 +181,11 @@ class KNNAttention(SegmentAttention):
         )
         if use_scann:
             try:
-                return ScannMemory(**options)
+                return ScannMemory(
+                    num_leaves=self.num_leaves,
+                    num_leaves_to_search=self.num_leaves_to_search,
+                    **options,
+                )
             except ImportError:
                 if self.memory == "scann":
                     raise
@@ -285,6 +298,8 @@ class KNNAttention(SegmentAttention):
                 "memory": self.memory,
                 "top_k": self.top_k,
                 "recall_target": self.recall_target,
+                "num_leaves": self.num_leaves,
+                "num_leaves_to_search": self.num_leaves_to_search,
             }
         )
         return config

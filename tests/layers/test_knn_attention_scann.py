@@ -106,6 +106,26 @@ def test_config_keeps_the_memory_options():
     )
 
 
+def test_scann_search_settings_reach_the_searchers():
+    layer = KNNAttention(
+        num_heads=2,
+        memory="scann",
+        memory_size=1024,
+        num_neighbors=4,
+        num_leaves=16,
+        num_leaves_to_search=4,
+    )
+    layer.build((2, 8, 16))
+    for memory in (layer.train_memory, layer.inference_memory):
+        assert (memory.num_leaves, memory.num_leaves_to_search) == (16, 4)
+    config = KNNAttention.from_config(layer.get_config()).get_config()
+    assert (config["num_leaves"], config["num_leaves_to_search"]) == (16, 4)
+    with pytest.raises(ValueError, match="too small for 64 tree leaves"):
+        KNNAttention(
+            num_heads=2, memory="scann", memory_size=256, num_leaves=64
+        ).build((2, 8, 16))
+
+
 @pytest.mark.parametrize(
     "options,match",
     [
