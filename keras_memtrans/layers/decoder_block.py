@@ -18,6 +18,8 @@ class DecoderBlock(keras.layers.Layer):
         use_memory: bool. Whether attention also reads a kNN memory.
         memory_size: int. Tokens kept in memory per lane (with memory).
         num_neighbors: int. Memory entries each query retrieves.
+        memory: `"auto"`, `"exact"` or `"scann"`: the kind of memory (see
+            `KNNAttention`).
         batch_size: int. Number of lanes (needed for memory or XL cache).
         use_xl_cache: bool. Whether attention also covers the previous
             segment of each lane.
@@ -63,6 +65,7 @@ class DecoderBlock(keras.layers.Layer):
         use_memory=False,
         memory_size=8192,
         num_neighbors=32,
+        memory="auto",
         batch_size=None,
         use_xl_cache=False,
         dropout=0.0,
@@ -80,6 +83,7 @@ class DecoderBlock(keras.layers.Layer):
         self.use_memory = use_memory
         self.memory_size = memory_size
         self.num_neighbors = num_neighbors
+        self.memory = memory
         self.batch_size = batch_size
         self.use_xl_cache = use_xl_cache
         self.dropout = dropout
@@ -102,7 +106,10 @@ class DecoderBlock(keras.layers.Layer):
         )
         if use_memory:
             self.attention = KNNAttention(
-                memory_size=memory_size, num_neighbors=num_neighbors, **attention
+                memory_size=memory_size,
+                num_neighbors=num_neighbors,
+                memory=memory,
+                **attention,
             )
         else:
             self.attention = SegmentAttention(**attention)
@@ -191,6 +198,7 @@ class DecoderBlock(keras.layers.Layer):
                 "use_memory": self.use_memory,
                 "memory_size": self.memory_size,
                 "num_neighbors": self.num_neighbors,
+                "memory": self.memory,
                 "batch_size": self.batch_size,
                 "use_xl_cache": self.use_xl_cache,
                 "dropout": self.dropout,

@@ -44,6 +44,11 @@ class ScannMemory(keras.layers.Layer):
     since the build, its trees are rebuilt on the current keys. Resetting a
     lane drops its searchers.
 
+    While `read_only` is `True`, `reset` and `append` leave the contents
+    as they are (checked when the host call runs, so also inside compiled
+    functions): generation reads from it this way without writing partial
+    segments.
+
     Its contents are not saved with the model; `save_memory(path)` and
     `load_memory(path)` store and restore them (NumPy arrays and serialised
     searchers) so that a long document can be resumed.
@@ -119,8 +124,15 @@ class ScannMemory(keras.layers.Layer):
         self._leaves = leaves
         self._leaves_to_search = min(leaves, num_leaves_to_search or max(1, leaves // 8))
         self.supports_jit = host_call_supports_jit()
+        self.read_only = False
         self._clear()
         self.built = True
+
+    @property
+    def positions(self):
+        """Document position held in each slot, int32 `[memory_size, batch]`
+        (`-1`: empty), laid out as `ExactMemory.positions`."""
+        return self._positions.T.copy()
 
     def build(self, input_shape=None):
         """Nothing to build: the state lives on the host from the start."""
@@ -140,6 +152,8 @@ class ScannMemory(keras.layers.Layer):
     # Host-side operations on NumPy arrays.
 
     def _host_reset(self, document_start):
+        if self.read_only:
+            return ()
         for lane in np.flatnonzero(document_start):
             self._positions[lane] = -1
             self._document_length[lane] = 0
@@ -194,6 +208,8 @@ class ScannMemory(keras.layers.Layer):
         self._index_slots[lane] = np.concatenate([index_slots, new_slots])
 
     def _host_append(self, keys, values, padding_mask):
+        if self.read_only:
+            return ()
         segment_length = keys.shape[1]
         slots = (self._next_slot + np.arange(segment_length)) % self.memory_size
         mask = padding_mask.astype(bool)  # [batch, segment]

@@ -32,6 +32,8 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
             9th of 12 as in the paper). Empty: no memory at all.
         memory_size: int. Tokens kept in each memory per lane.
         num_neighbors: int. Memory entries each query retrieves.
+        memory: `"auto"`, `"exact"` or `"scann"`: the kind of memory (see
+            `KNNAttention`; `"auto"` picks ScaNN from 32K tokens).
         use_xl_cache: bool. Transformer-XL cache in every block.
         smear_keys: bool. Whether every block mixes each attention key with
             the previous token's key (see `SegmentAttention`): not in the
@@ -81,6 +83,7 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         memory_layer_indices=(-4,),
         memory_size=8192,
         num_neighbors=32,
+        memory="auto",
         use_xl_cache=True,
         smear_keys=False,
         dropout=0.0,
@@ -114,6 +117,7 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
                 use_memory=i in memory_layers,
                 memory_size=memory_size,
                 num_neighbors=num_neighbors,
+                memory=memory,
                 batch_size=batch_size,
                 use_xl_cache=use_xl_cache,
                 smear_keys=smear_keys,
@@ -164,6 +168,7 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         self.memory_layer_indices = tuple(memory_layer_indices)
         self.memory_size = memory_size
         self.num_neighbors = num_neighbors
+        self.memory = memory
         self.use_xl_cache = use_xl_cache
         self.smear_keys = smear_keys
         self.dropout = dropout
@@ -196,6 +201,7 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
                 "memory_layer_indices": list(self.memory_layer_indices),
                 "memory_size": self.memory_size,
                 "num_neighbors": self.num_neighbors,
+                "memory": self.memory,
                 "use_xl_cache": self.use_xl_cache,
                 "smear_keys": self.smear_keys,
                 "dropout": self.dropout,

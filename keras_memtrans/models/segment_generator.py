@@ -2,7 +2,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_memtrans.memory.exact_memory import ExactMemory
+from keras_memtrans.memory.scann_memory import ScannMemory
 
 
 class SegmentGenerator:
@@ -24,12 +24,11 @@ class SegmentGenerator:
     3. When the current segment is full it is read normally (committed to
        memory) and a new one starts with the latest token.
 
-    Only in-graph memories (`ExactMemory`) qualify: a host memory
-    (`ScannMemory`) would be written by the read-only steps.
+    A host memory (`ScannMemory`) keeps its state outside the model's
+    variables, so it is set `read_only` for the read-only steps instead.
 
     Args:
-        causal_lm: a `MemorizingTransformerCausalLM` whose memories are
-            `ExactMemory`s.
+        causal_lm: a `MemorizingTransformerCausalLM`.
         temperature: float. 0 picks the most likely token; above 0 samples
             from the softmax of `logits / temperature`.
         seed: int. Seed of the sampler.
@@ -38,14 +37,11 @@ class SegmentGenerator:
     def __init__(self, causal_lm, temperature=0.0, seed=None):
         if temperature < 0:
             raise ValueError(f"`temperature` must be >= 0, got {temperature}.")
-        for layer in causal_lm.backbone.memory_layers:
-            if not isinstance(layer.inference_memory, ExactMemory):
-                raise ValueError(
-                    f"generate() needs in-graph memories, but {layer.name} holds a "
-                    f"{type(layer.inference_memory).__name__}: its host-side writes "
-                    "cannot be held back during read-only steps. Build the model "
-                    'with `memory="exact"` for generation.'
-                )
+        self.host_memories = [
+            layer.inference_memory
+            for layer in causal_lm.backbone.memory_layers
+            if isinstance(layer.inference_memory, ScannMemory)
+        ]
         self.causal_lm = causal_lm
         self.temperature = temperature
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -117,12 +113,18 @@ class SegmentGenerator:
     def _next_token(self, tokens, mask, document_start):
         """Next token of each lane after `tokens`, writing nothing."""
         model = self.causal_lm
-        logits, _ = model.stateless_call(
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables],
-            self._inputs(tokens, mask, document_start),
-            training=False,
-        )
+        for memory in self.host_memories:
+            memory.read_only = True
+        try:
+            logits, _ = model.stateless_call(
+                [v.value for v in model.trainable_variables],
+                [v.value for v in model.non_trainable_variables],
+                self._inputs(tokens, mask, document_start),
+                training=False,
+            )
+        finally:
+            for memory in self.host_memories:
+                memory.read_only = False
         logits = ops.cast(logits[:, tokens.shape[1] - 1, :], "float32")
         if self.temperature == 0:
             chosen = ops.argmax(logits, axis=-1)

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_memtrans import ExactMemory
 from keras_memtrans import KNNAttention
+from keras_memtrans import ScannMemory
 from keras_memtrans import SegmentAttention
 from keras_memtrans.models import MemorizingTransformerBackbone
 from tests.models.conftest import tiny_backbone
@@ -49,8 +51,18 @@ def test_memory_changes_later_segments_only():
     np.testing.assert_allclose(ops.convert_to_numpy(backbone(first)), fresh, atol=1e-5)
 
 
+@pytest.mark.parametrize("memory, kind", [("exact", ExactMemory), ("scann", ScannMemory)])
+def test_memory_kind_reaches_the_memory_layers(memory, kind):
+    backbone = tiny_backbone(memory=memory)
+    (layer,) = backbone.memory_layers
+    assert isinstance(layer.train_memory, kind)
+    assert isinstance(layer.inference_memory, kind)
+
+
 def test_config_round_trip():
-    backbone = tiny_backbone(memory_layer_indices=(-1,), dropout=0.1)
+    backbone = tiny_backbone(
+        memory_layer_indices=(-1,), dropout=0.1, memory="exact", smear_keys=True
+    )
     config = backbone.get_config()
     clone = MemorizingTransformerBackbone.from_config(config)
     assert clone.get_config() == config

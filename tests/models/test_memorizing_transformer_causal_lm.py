@@ -1,14 +1,10 @@
-import types
-
 import keras
 import numpy as np
 import pytest
 
 from keras_memtrans import KNNAttention
-from keras_memtrans import ScannMemory
 from keras_memtrans.data import LaneStreamer
 from keras_memtrans.models import MemorizingTransformerCausalLM
-from keras_memtrans.models.segment_generator import SegmentGenerator
 from tests.models.conftest import tiny_backbone
 from tests.arrays import to_numpy
 
@@ -99,16 +95,3 @@ def test_generate_without_preprocessor_returns_tokens():
     assert out.dtype == np.int32
     with pytest.raises(ValueError, match="lanes"):
         causal_lm.generate([np.arange(5)] * 3, max_new_tokens=1)
-
-
-def test_generate_refuses_a_host_memory():
-    host_layer = types.SimpleNamespace(
-        name="knn", inference_memory=ScannMemory(2, 2, 16, memory_size=4096)
-    )
-    causal_lm = types.SimpleNamespace(
-        backbone=types.SimpleNamespace(
-            memory_layers=[host_layer], batch_size=2, segment_length=32
-        )
-    )
-    with pytest.raises(ValueError, match="in-graph memories"):
-        SegmentGenerator(causal_lm)

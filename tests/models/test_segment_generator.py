@@ -9,6 +9,7 @@ predicts what came there. No gradient descent: the weights are set by hand,
 so the test isolates the memory path of `generate()`.
 """
 
+import keras
 import numpy as np
 import pytest
 
@@ -18,7 +19,7 @@ from keras_memtrans.models import MemorizingTransformerCausalLM
 VOCAB, SEGMENT = 16, 8
 
 
-def induction_model(memory_gate_bias):
+def induction_model(memory_gate_bias, memory="exact"):
     backbone = MemorizingTransformerBackbone(
         vocabulary_size=VOCAB,
         num_layers=2,
@@ -30,6 +31,7 @@ def induction_model(memory_gate_bias):
         memory_layer_indices=(1,),
         memory_size=64,
         num_neighbors=4,
+        memory=memory,
         use_xl_cache=True,
     )
     centre = np.eye(VOCAB) - 1.0 / VOCAB  # removes layer-norm offsets
@@ -74,14 +76,22 @@ def prompt(seed=0):
     return np.concatenate([filler[:3], [12, 13, 14, 15], filler[3:48], [12]])
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_generate_copies_a_sequence_seen_beyond_the_local_context(seed):
+@pytest.mark.parametrize("seed, memory", [(0, "exact"), (1, "exact"), (0, "scann")])
+def test_generate_copies_a_sequence_seen_beyond_the_local_context(seed, memory):
     tokens = prompt(seed)
     # The run ends 45 tokens before the query: beyond the segment (8) and
     # the XL cache (8 more), so only the memory can bring it back.
     assert len(tokens) - 1 - 6 > 2 * SEGMENT
-    continuation = induction_model(memory_gate_bias=20.0).generate(tokens, 3)
+    model = induction_model(memory_gate_bias=20.0, memory=memory)
+    continuation = model.generate(tokens, 3)
     np.testing.assert_array_equal(continuation, [13, 14, 15])
+    # Only complete segments were written: the prompt's 52 tokens hold 6
+    # complete segments; the 3 new tokens do not complete the 7th.
+    (layer,) = model.backbone.memory_layers
+    memory_positions = np.asarray(
+        keras.ops.convert_to_numpy(layer.inference_memory.positions)
+    )
+    assert sorted(set(memory_positions[:, 0]) - {-1}) == list(range(48))
 
 
 def test_without_memory_the_sequence_is_not_copied():
