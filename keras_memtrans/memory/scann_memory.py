@@ -44,10 +44,8 @@ class ScannMemory(keras.layers.Layer):
     since the build, its trees are rebuilt on the current keys. Resetting a
     lane drops its searchers.
 
-    While `read_only` is `True`, `reset` and `append` leave the contents
-    as they are (checked when the host call runs, so also inside compiled
-    functions): generation reads from it this way without writing partial
-    segments.
+    While `read_only` is `True` (checked when the host call runs), `reset`
+    and `append` change nothing: `generate()` reads partial segments so.
 
     Its contents are not saved with the model; `save_memory(path)` and
     `load_memory(path)` store and restore them (NumPy arrays and serialised
@@ -130,8 +128,7 @@ class ScannMemory(keras.layers.Layer):
 
     @property
     def positions(self):
-        """Document position held in each slot, int32 `[memory_size, batch]`
-        (`-1`: empty), laid out as `ExactMemory.positions`."""
+        """Slot document positions `[memory_size, batch]`, as ExactMemory's."""
         return self._positions.T.copy()
 
     def build(self, input_shape=None):

@@ -89,16 +89,15 @@ document_lists = st.lists(
     min_size=1,
     max_size=7,
 ).filter(lambda documents: any(len(document) >= 2 for document in documents))
-
-
-@given(
-    documents=document_lists,
+lane_settings = dict(
     batch_size=st.integers(1, 4),
     segment_length=st.integers(1, 8),
     shuffle=st.booleans(),
     seed=st.integers(0, 2**16),
-    pad_id=st.integers(0, 3),
 )
+
+
+@given(documents=document_lists, pad_id=st.integers(0, 3), **lane_settings)
 def test_every_document_streams_whole_in_one_lane(
     documents, batch_size, segment_length, shuffle, seed, pad_id
 ):
@@ -134,13 +133,7 @@ def test_every_document_streams_whole_in_one_lane(
         assert last_inputs["padding_mask"].any(), "no fully padded tail"
 
 
-@given(
-    documents=document_lists,
-    batch_size=st.integers(1, 4),
-    segment_length=st.integers(1, 8),
-    shuffle=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(documents=document_lists, **lane_settings)
 def test_batch_contents_locate_every_lane_in_its_document(
     documents, batch_size, segment_length, shuffle, seed
 ):
