@@ -183,11 +183,11 @@ class DecoderBlock(keras.layers.Layer):
         training=None,
     ):
         self._check_return_neighbors(return_neighbors)
-        outputs = keras.KerasTensor(hidden_states.shape, dtype=self.compute_dtype)
-        if not return_neighbors:
-            return outputs
-        neighbor_shape = (*hidden_states.shape[:2], self.num_heads, self.num_neighbors)
-        return outputs, keras.KerasTensor(neighbor_shape, dtype="int32")
+        if return_neighbors:  # the block keeps the attention's output shapes
+            return self.attention.compute_output_spec(
+                hidden_states, document_start, padding_mask, return_neighbors=True
+            )
+        return keras.KerasTensor(hidden_states.shape, dtype=self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()

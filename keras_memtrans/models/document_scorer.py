@@ -70,17 +70,21 @@ class DocumentScorer:
                     "token arrays instead."
                 )
             documents = self.causal_lm.preprocessor(documents)
-        documents = [np.asarray(document, dtype="int32") for document in documents]
+        documents = [np.asarray(document) for document in documents]
         for index, document in enumerate(documents):
             if document.ndim != 1 or document.size < 2:
                 raise ValueError(
                     f"Document {index} must be a 1-D token array of at least 2 "
                     f"tokens, got shape {document.shape}."
                 )
+        # Validates the token ids (integers in range) before anything runs.
+        streamer = LaneStreamer(
+            documents, self.batch_size, self.segment_length, shuffle=False
+        )
         memory_layers = self.causal_lm.backbone.memory_layers
         scores = [
             {
-                "token_ids": document,
+                "token_ids": document.astype("int32"),
                 "losses": np.zeros(document.size - 1, dtype="float32"),
                 "neighbors": [
                     np.full(
@@ -93,9 +97,6 @@ class DocumentScorer:
             }
             for document in documents
         ]
-        streamer = LaneStreamer(
-            documents, self.batch_size, self.segment_length, shuffle=False
-        )
         for index in range(len(streamer)):
             inputs, targets, _ = streamer[index]
             losses, *neighbors = self._scoring_model.predict_on_batch(
