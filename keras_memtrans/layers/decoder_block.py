@@ -20,6 +20,10 @@ class DecoderBlock(keras.layers.Layer):
         num_neighbors: int. Memory entries each query retrieves.
         memory: `"auto"`, `"exact"` or `"scann"`: the kind of memory (see
             `KNNAttention`).
+        num_leaves: optional int. Tree partitions of each ScaNN searcher
+            (ScaNN memory only; see `KNNAttention`).
+        num_leaves_to_search: optional int. Partitions a ScaNN search
+            visits (ScaNN memory only; see `KNNAttention`).
         batch_size: int. Number of lanes (needed for memory or XL cache).
         use_xl_cache: bool. Whether attention also covers the previous
             segment of each lane.
@@ -66,6 +70,8 @@ class DecoderBlock(keras.layers.Layer):
         memory_size=8192,
         num_neighbors=32,
         memory="auto",
+        num_leaves=None,
+        num_leaves_to_search=None,
         batch_size=None,
         use_xl_cache=False,
         dropout=0.0,
@@ -84,6 +90,8 @@ class DecoderBlock(keras.layers.Layer):
         self.memory_size = memory_size
         self.num_neighbors = num_neighbors
         self.memory = memory
+        self.num_leaves = num_leaves
+        self.num_leaves_to_search = num_leaves_to_search
         self.batch_size = batch_size
         self.use_xl_cache = use_xl_cache
         self.dropout = dropout
@@ -109,6 +117,8 @@ class DecoderBlock(keras.layers.Layer):
                 memory_size=memory_size,
                 num_neighbors=num_neighbors,
                 memory=memory,
+                num_leaves=num_leaves,
+                num_leaves_to_search=num_leaves_to_search,
                 **attention,
             )
         else:
@@ -199,6 +209,8 @@ class DecoderBlock(keras.layers.Layer):
                 "memory_size": self.memory_size,
                 "num_neighbors": self.num_neighbors,
                 "memory": self.memory,
+                "num_leaves": self.num_leaves,
+                "num_leaves_to_search": self.num_leaves_to_search,
                 "batch_size": self.batch_size,
                 "use_xl_cache": self.use_xl_cache,
                 "dropout": self.dropout,

@@ -34,6 +34,10 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         num_neighbors: int. Memory entries each query retrieves.
         memory: `"auto"`, `"exact"` or `"scann"`: the kind of memory (see
             `KNNAttention`; `"auto"` picks ScaNN from 32K tokens).
+        num_leaves: optional int. Tree partitions of each ScaNN searcher
+            (ScaNN memory only; see `KNNAttention`).
+        num_leaves_to_search: optional int. Partitions a ScaNN search
+            visits (ScaNN memory only; see `KNNAttention`).
         use_xl_cache: bool. Transformer-XL cache in every block.
         smear_keys: bool. Whether every block mixes each attention key with
             the previous token's key (see `SegmentAttention`): not in the
@@ -84,6 +88,8 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         memory_size=8192,
         num_neighbors=32,
         memory="auto",
+        num_leaves=None,
+        num_leaves_to_search=None,
         use_xl_cache=True,
         smear_keys=False,
         dropout=0.0,
@@ -118,6 +124,8 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
                 memory_size=memory_size,
                 num_neighbors=num_neighbors,
                 memory=memory,
+                num_leaves=num_leaves,
+                num_leaves_to_search=num_leaves_to_search,
                 batch_size=batch_size,
                 use_xl_cache=use_xl_cache,
                 smear_keys=smear_keys,
@@ -169,6 +177,8 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         self.memory_size = memory_size
         self.num_neighbors = num_neighbors
         self.memory = memory
+        self.num_leaves = num_leaves
+        self.num_leaves_to_search = num_leaves_to_search
         self.use_xl_cache = use_xl_cache
         self.smear_keys = smear_keys
         self.dropout = dropout
@@ -202,6 +212,8 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
                 "memory_size": self.memory_size,
                 "num_neighbors": self.num_neighbors,
                 "memory": self.memory,
+                "num_leaves": self.num_leaves,
+                "num_leaves_to_search": self.num_leaves_to_search,
                 "use_xl_cache": self.use_xl_cache,
                 "smear_keys": self.smear_keys,
                 "dropout": self.dropout,

@@ -59,6 +59,15 @@ def test_memory_kind_reaches_the_memory_layers(memory, kind):
     assert isinstance(layer.inference_memory, kind)
 
 
+def test_scann_leaf_settings_reach_the_searchers():
+    backbone = tiny_backbone(memory="scann", num_leaves=4, num_leaves_to_search=2)
+    (layer,) = backbone.memory_layers
+    for memory in (layer.train_memory, layer.inference_memory):
+        assert (memory.num_leaves, memory.num_leaves_to_search) == (4, 2)
+    config = backbone.get_config()
+    assert (config["num_leaves"], config["num_leaves_to_search"]) == (4, 2)
+
+
 def test_config_round_trip():
     backbone = tiny_backbone(
         memory_layer_indices=(-1,), dropout=0.1, memory="exact", smear_keys=True

@@ -32,6 +32,10 @@ def induction_model(memory_gate_bias, memory="exact"):
         memory_size=64,
         num_neighbors=4,
         memory=memory,
+        # A ScaNN search that visits every leaf scores every key exactly:
+        # the test is about generate()'s memory path, not ScaNN's recall.
+        num_leaves=4,
+        num_leaves_to_search=4,
         use_xl_cache=True,
     )
     centre = np.eye(VOCAB) - 1.0 / VOCAB  # removes layer-norm offsets
@@ -88,6 +92,8 @@ def test_generate_copies_a_sequence_seen_beyond_the_local_context(seed, memory):
     # Only complete segments were written: the prompt's 52 tokens hold 6
     # complete segments; the 3 new tokens do not complete the 7th.
     (layer,) = model.backbone.memory_layers
+    if memory == "scann":
+        assert layer.inference_memory.num_leaves_to_search == 4
     memory_positions = np.asarray(
         keras.ops.convert_to_numpy(layer.inference_memory.positions)
     )
