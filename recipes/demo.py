@@ -93,10 +93,14 @@ def main(argv=None):
     for lane, name in enumerate(args.modules):
         print(f"\nlane {lane}: {name}.py")
         for query in rng.choice(length, args.queries, replace=False):
-            print(f"  query @{offset + query:6d} {show(documents[lane], offset + query)}")
+            print(
+                f"  query @{offset + query:6d} {show(documents[lane], offset + query)}"
+            )
             for position in sorted(neighbors[lane, query, 0]):
                 if position >= 0:
-                    print(f"    memory @{position:6d} {show(documents[lane], position)}")
+                    print(
+                        f"    memory @{position:6d} {show(documents[lane], position)}"
+                    )
     return 0
 
 

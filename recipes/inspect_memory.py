@@ -206,10 +206,11 @@ def main(argv=None):
     )
     with_memory = np.concatenate([s["losses"] for s in memory_scores])
     without = np.concatenate([s["losses"] for s in baseline_scores])
+    arguments = sys.argv[1:] if argv is None else argv
     summary = [
         f"# What memory does on {len(documents)} held-out documents of {args.run}",
         "",
-        f"Command: `python -m recipes.inspect_memory {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        f"Command: `python -m recipes.inspect_memory {' '.join(arguments)}`",
         "",
         f"Mean loss per token: {without.mean():.4f} nats without memory, "
         f"{with_memory.mean():.4f} with a {backbone.memory_size}-token memory "

@@ -27,11 +27,11 @@ import keras
 
 from keras_memtrans.data import LaneStreamer
 from keras_memtrans.data import TextCorpus
+from keras_memtrans.models import PRESETS
 from keras_memtrans.models import MemorizingTransformerBackbone
 from keras_memtrans.models import MemorizingTransformerCausalLM
 from keras_memtrans.models import MemorizingTransformerPreprocessor
 from keras_memtrans.models import MemorizingTransformerTokenizer
-from keras_memtrans.models import PRESETS
 from keras_memtrans.models import get_preset
 
 
@@ -98,6 +98,25 @@ def fresh_directory(path):
     return candidate
 
 
+def prepare_documents(corpus, vocabulary_size, validation_fraction, seed):
+    """Splits `corpus` by document and tokenizes both parts.
+
+    The SentencePiece vocabulary is learnt on the training documents only.
+
+    Returns:
+        `(preprocessor, train_docs, validation_docs)`: the preprocessor holds
+        the tokenizer; the documents are lists of int32 token-id arrays.
+    """
+    train_corpus, validation_corpus = corpus.split(validation_fraction, seed)
+    tokenizer = MemorizingTransformerTokenizer.from_documents(
+        train_corpus.texts, vocabulary_size, seed=seed
+    )
+    preprocessor = MemorizingTransformerPreprocessor(tokenizer)
+    train_docs = preprocessor(train_corpus.texts)
+    validation_docs = preprocessor(validation_corpus.texts)
+    return preprocessor, train_docs, validation_docs
+
+
 def build_causal_lm(backbone_config, vocabulary_size, preprocessor, use_memory, seed):
     keras.utils.set_random_seed(seed)
     config = dict(backbone_config)
@@ -126,7 +145,9 @@ def compile_for_training(causal_lm, training):
     )
 
 
-def train_and_evaluate(name, causal_lm, training, train_docs, validation_docs, args, run_dir):
+def train_and_evaluate(
+    name, causal_lm, training, train_docs, validation_docs, args, run_dir
+):
     lanes = causal_lm.backbone.batch_size
     length = causal_lm.backbone.segment_length
     train_stream = LaneStreamer(train_docs, lanes, length, shuffle=True, seed=args.seed)
@@ -170,7 +191,8 @@ def markdown_table(results, header):
     lines = [
         header,
         "",
-        "| run | memory | validation perplexity | validation accuracy | train seconds |",
+        "| run | memory | validation perplexity | validation accuracy "
+        "| train seconds |",
         "|---|---|---|---|---|",
     ]
     for r in results:
@@ -193,13 +215,10 @@ def main(argv=None):
         args.corpus, min_chars=args.min_chars, max_documents=training["max_documents"]
     )
     print(corpus.summary())
-    train_corpus, validation_corpus = corpus.split(args.validation_fraction, args.seed)
-    tokenizer = MemorizingTransformerTokenizer.from_documents(
-        train_corpus.texts, vocabulary_size, seed=args.seed
+    preprocessor, train_docs, validation_docs = prepare_documents(
+        corpus, vocabulary_size, args.validation_fraction, args.seed
     )
-    preprocessor = MemorizingTransformerPreprocessor(tokenizer)
-    train_docs = preprocessor(train_corpus.texts)
-    validation_docs = preprocessor(validation_corpus.texts)
+    tokenizer = preprocessor.tokenizer
     print(
         f"{len(train_docs)} training / {len(validation_docs)} validation documents, "
         f"{sum(map(len, train_docs))} / {sum(map(len, validation_docs))} tokens, "
@@ -213,7 +232,11 @@ def main(argv=None):
     results = []
     for name, use_memory in runs:
         causal_lm = build_causal_lm(
-            backbone_config, tokenizer.vocabulary_size(), preprocessor, use_memory, args.seed
+            backbone_config,
+            tokenizer.vocabulary_size(),
+            preprocessor,
+            use_memory,
+            args.seed,
         )
         compile_for_training(causal_lm, training)
         run_dir = output_dir / name

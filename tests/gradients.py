@@ -55,13 +55,18 @@ def segment_gradients(layer, segments, document_starts, output_weights):
         for x, start in zip(inputs, document_starts):
             out = layer(x, document_start=torch.tensor(start), training=True)
         torch.sum(out * torch.tensor(output_weights)).backward()
-        grads = ([v.value.grad for v in layer.trainable_variables], [x.grad for x in inputs])
+        grads = (
+            [v.value.grad for v in layer.trainable_variables],
+            [x.grad for x in inputs],
+        )
 
     def as_numpy(grad, like):
         if grad is None:
             return np.zeros(np.shape(like), "float32")
         return np.asarray(keras.ops.convert_to_numpy(grad))
 
-    variable_grads = [as_numpy(g, v) for g, v in zip(grads[0], layer.trainable_variables)]
+    variable_grads = [
+        as_numpy(g, v) for g, v in zip(grads[0], layer.trainable_variables)
+    ]
     segment_grads = [as_numpy(g, s) for g, s in zip(grads[1], segments)]
     return variable_grads, segment_grads

@@ -58,7 +58,9 @@ class NumpyKNNAttention:
         use_memory=True,
     ):
         self.use_memory = use_memory
-        self.w = {name: np.asarray(value, np.float64) for name, value in weights.items()}
+        self.w = {
+            name: np.asarray(value, np.float64) for name, value in weights.items()
+        }
         self.batch_size = batch_size
         self.memory_size = memory_size
         self.num_neighbors = num_neighbors
@@ -83,7 +85,9 @@ class NumpyKNNAttention:
             smeared = k.copy()
             for t in range(1, length):
                 for h in range(k.shape[2]):
-                    smeared[:, t, h] = own[h] * k[:, t, h] + (1 - own[h]) * k[:, t - 1, h]
+                    smeared[:, t, h] = (
+                        own[h] * k[:, t, h] + (1 - own[h]) * k[:, t - 1, h]
+                    )
             for h in range(k.shape[2]):
                 smeared[:, 0, h] = own[h] * k[:, 0, h]
             k = smeared

@@ -168,9 +168,7 @@ class TextCorpus:
                 f"Cannot split {count} document from {self.source}: a split "
                 "needs at least 2."
             )
-        validation_count = min(
-            count - 1, max(1, round(validation_fraction * count))
-        )
+        validation_count = min(count - 1, max(1, round(validation_fraction * count)))
         permutation = np.random.default_rng(seed).permutation(count)
         is_validation = np.zeros(count, dtype=bool)
         is_validation[permutation[:validation_count]] = True
@@ -189,14 +187,11 @@ class TextCorpus:
         return subset
 
     def _skip_counts(self):
-        return ", ".join(
-            f"{count} {reason}" for reason, count in self.skipped.items()
-        )
+        return ", ".join(f"{count} {reason}" for reason, count in self.skipped.items())
 
     def _is_full(self):
         return (
-            self.max_documents is not None
-            and len(self.documents) >= self.max_documents
+            self.max_documents is not None and len(self.documents) >= self.max_documents
         )
 
     def _keep(self, name, text):

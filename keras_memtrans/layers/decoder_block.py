@@ -137,7 +137,9 @@ class DecoderBlock(keras.layers.Layer):
         self.attention_norm.build(input_shape)
         self.attention.build(input_shape)
         self.feedforward_norm.build(input_shape)
-        dense = dict(kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
+        dense = dict(
+            kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy
+        )
         self.feedforward_intermediate = keras.layers.Dense(
             self.intermediate_dim, name="feedforward_intermediate", **dense
         )

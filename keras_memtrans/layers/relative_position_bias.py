@@ -69,9 +69,7 @@ class RelativePositionBias(keras.layers.Layer):
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self.bidirectional = bidirectional
-        self.embeddings_initializer = keras.initializers.get(
-            embeddings_initializer
-        )
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
 
     def build(self, input_shape=None):
         self.embeddings = self.add_weight(
@@ -98,9 +96,7 @@ class RelativePositionBias(keras.layers.Layer):
         log_ratio = ops.log(
             ops.cast(ops.maximum(distance, max_exact), "float32") / max_exact
         ) / math.log(self.max_distance / max_exact)
-        large = max_exact + ops.cast(
-            log_ratio * (num_buckets - max_exact), "int32"
-        )
+        large = max_exact + ops.cast(log_ratio * (num_buckets - max_exact), "int32")
         large = ops.minimum(large, num_buckets - 1)
         return offset + ops.where(distance < max_exact, distance, large)
 

@@ -266,9 +266,7 @@ class SegmentAttention(keras.layers.Layer):
             cache_keys, cache_values, cache_mask = cache.read()
             cache_length = self.cache_length
             keys = ops.concatenate([ops.cast(cache_keys, keys.dtype), keys], 1)
-            values = ops.concatenate(
-                [ops.cast(cache_values, values.dtype), values], 1
-            )
+            values = ops.concatenate([ops.cast(cache_values, values.dtype), values], 1)
             key_mask = ops.concatenate([cache_mask, key_mask], axis=1)
         # Key j sits at position j - cache_length relative to segment start.
         query_positions = ops.arange(segment_length)[:, None]
@@ -280,9 +278,7 @@ class SegmentAttention(keras.layers.Layer):
         logits = logits + ops.cast(bias, logits.dtype)[None]
         mask = ops.logical_and(relative <= 0, key_mask[:, None, None, :])
         weights = masked_softmax(logits, mask)  # [batch, heads, query, key]
-        return ops.einsum(
-            "bhqk,bkhd->bqhd", ops.cast(weights, values.dtype), values
-        )
+        return ops.einsum("bhqk,bkhd->bqhd", ops.cast(weights, values.dtype), values)
 
     def call(
         self, hidden_states, document_start=None, padding_mask=None, training=None

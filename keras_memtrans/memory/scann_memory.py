@@ -105,7 +105,9 @@ class ScannMemory(keras.layers.Layer):
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        leaves = num_leaves or max(1, min(round(math.sqrt(memory_size)), memory_size // 16))
+        leaves = num_leaves or max(
+            1, min(round(math.sqrt(memory_size)), memory_size // 16)
+        )
         if memory_size // 2 < max(16, 8 * leaves):
             raise ValueError(
                 f"`memory_size` ({memory_size}) is too small for {leaves} tree "
@@ -120,7 +122,9 @@ class ScannMemory(keras.layers.Layer):
         self.num_leaves_to_search = num_leaves_to_search
         self.training_sample_size = training_sample_size
         self._leaves = leaves
-        self._leaves_to_search = min(leaves, num_leaves_to_search or max(1, leaves // 8))
+        self._leaves_to_search = min(
+            leaves, num_leaves_to_search or max(1, leaves // 8)
+        )
         self.supports_jit = host_call_supports_jit()
         self.read_only = False
         self._clear()
@@ -341,7 +345,9 @@ class ScannMemory(keras.layers.Layer):
         """Saves the contents to the directory `path` (arrays + searchers)."""
         os.makedirs(path, exist_ok=True)
         indexed = [s is not None for s in self._searchers]
-        index_slots = [s if s is not None else np.zeros((0,), "int64") for s in self._index_slots]
+        index_slots = [
+            s if s is not None else np.zeros((0,), "int64") for s in self._index_slots
+        ]
         np.savez(
             os.path.join(path, "memory.npz"),
             keys=self._keys,

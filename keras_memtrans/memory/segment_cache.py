@@ -79,7 +79,9 @@ class SegmentCache(keras.layers.Layer):
     def reset(self, document_start):
         """Empties the lanes whose `document_start` flag `[batch]` is set."""
         document_start = ops.cast(document_start, "bool")
-        self.mask.assign(ops.logical_and(self.mask.value, ops.logical_not(document_start)[:, None]))
+        self.mask.assign(
+            ops.logical_and(self.mask.value, ops.logical_not(document_start)[:, None])
+        )
 
     def read(self):
         """Returns `(keys, values, mask)`: `[batch, cache, heads, head_dim]`

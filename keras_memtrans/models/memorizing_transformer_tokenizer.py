@@ -56,10 +56,14 @@ class MemorizingTransformerTokenizer(keras_hub.tokenizers.SentencePieceTokenizer
             )
         lines = [line for text in documents for line in text.split("\n") if line]
         if not lines:
-            raise ValueError("No text to train a tokenizer on: all documents are empty.")
+            raise ValueError(
+                "No text to train a tokenizer on: all documents are empty."
+            )
         if len(lines) > max_sentences:
             rng = np.random.default_rng(seed)
-            lines = [lines[i] for i in rng.choice(len(lines), max_sentences, replace=False)]
+            lines = [
+                lines[i] for i in rng.choice(len(lines), max_sentences, replace=False)
+            ]
         model = io.BytesIO()
         try:
             sentencepiece.SentencePieceTrainer.train(

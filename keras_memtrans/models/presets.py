@@ -20,7 +20,9 @@ PRESETS = {
             memory_size=256,
             num_neighbors=8,
         ),
-        "training": dict(steps=20, learning_rate=3e-3, warmup_steps=5, max_documents=20),
+        "training": dict(
+            steps=20, learning_rate=3e-3, warmup_steps=5, max_documents=20
+        ),
     },
     # The README's main job: with and without memory in under 15 min on 2 CPU
     # cores. Memory in the first layer with smeared keys, as in `small`.
@@ -38,7 +40,9 @@ PRESETS = {
             num_neighbors=32,
             smear_keys=True,
         ),
-        "training": dict(steps=600, learning_rate=2e-3, warmup_steps=60, max_documents=300),
+        "training": dict(
+            steps=600, learning_rate=2e-3, warmup_steps=60, max_documents=300
+        ),
     },
     # The CPU recipe: a visible perplexity gain on 2 cores in well under an
     # hour. At CPU budgets (a few million tokens) a memory in the paper's
@@ -76,7 +80,9 @@ PRESETS = {
             memory_size=8192,
             num_neighbors=32,
         ),
-        "training": dict(steps=500_000, learning_rate=1e-2, warmup_steps=1000, max_documents=None),
+        "training": dict(
+            steps=500_000, learning_rate=1e-2, warmup_steps=1000, max_documents=None
+        ),
     },
 }
 

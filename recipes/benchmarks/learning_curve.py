@@ -23,13 +23,12 @@ import numpy as np
 
 from keras_memtrans.data import LaneStreamer
 from keras_memtrans.data import TextCorpus
-from keras_memtrans.models import MemorizingTransformerBackbone
-from keras_memtrans.models import MemorizingTransformerPreprocessor
-from keras_memtrans.models import MemorizingTransformerTokenizer
 from keras_memtrans.models import PRESETS
+from keras_memtrans.models import MemorizingTransformerBackbone
 from keras_memtrans.models import get_preset
 from recipes.train import build_causal_lm
 from recipes.train import compile_for_training
+from recipes.train import prepare_documents
 
 
 def parse_args(argv):
@@ -85,18 +84,19 @@ def main(argv=None):
     config = backbone_config(preset, args.set)
     training = dict(preset["training"], steps=args.steps)
     corpus = TextCorpus(None, max_documents=training["max_documents"])
-    train_corpus, validation_corpus = corpus.split(0.1, 0)
-    tokenizer = MemorizingTransformerTokenizer.from_documents(
-        train_corpus.texts, preset["vocabulary_size"], seed=0
+    preprocessor, train_docs, validation_docs = prepare_documents(
+        corpus, preset["vocabulary_size"], validation_fraction=0.1, seed=0
     )
-    preprocessor = MemorizingTransformerPreprocessor(tokenizer)
-    train_docs = preprocessor(train_corpus.texts)
-    validation_docs = preprocessor(validation_corpus.texts)[: args.validation_documents]
+    validation_docs = validation_docs[: args.validation_documents]
     lanes, length = config["batch_size"], config["segment_length"]
     curves = {}
     for name, use_memory in (("memory", True), ("no_memory", False)):
         causal_lm = build_causal_lm(
-            config, tokenizer.vocabulary_size(), preprocessor, use_memory, seed=0
+            config,
+            preprocessor.tokenizer.vocabulary_size(),
+            preprocessor,
+            use_memory,
+            seed=0,
         )
         compile_for_training(causal_lm, training)
         callback = HeldOutPerplexity(

@@ -1,4 +1,4 @@
-"""ScaNN layout: one searcher per (lane, head) against one per lane with heads folded in.
+"""ScaNN layout: a searcher per (lane, head) against one per lane, heads folded in.
 
 Folding appends a one-hot head tag scaled by `c` to every key and query, so
 same-head pairs gain `c * c`, far above any `|q . k| <= 1`, and a query only
@@ -43,7 +43,11 @@ def main(argv=None):
     parser.add_argument("--memory-size", type=int, default=65536)
     args = parser.parse_args(argv)
     size, heads, dim, k, count = (
-        args.memory_size, lookup.HEADS, lookup.HEAD_DIM, lookup.K, lookup.QUERIES
+        args.memory_size,
+        lookup.HEADS,
+        lookup.HEAD_DIM,
+        lookup.K,
+        lookup.QUERIES,
     )
     queries, keys = lookup.text_queries_and_keys(size + count + lookup.SEGMENT)
     keys, queries = keys[0, :size], queries[0, size : size + count]  # [n, h, d]
@@ -59,7 +63,9 @@ def main(argv=None):
             [searchers[h].search_batched(queries[:, h], k)[0] for h in range(heads)], 1
         )
     )
-    rows = [("per (lane, head)", build_time, search_time, recall(found.astype(int)), 0.0)]
+    rows = [
+        ("per (lane, head)", build_time, search_time, recall(found.astype(int)), 0.0)
+    ]
 
     tag = 4.0 * np.eye(heads, dtype="float32")  # [heads, heads]
 
@@ -72,8 +78,13 @@ def main(argv=None):
     found = found.reshape(count, heads, k).astype(int)  # [query, heads, k]
     other_head = found % heads != np.arange(heads)[None, :, None]
     rows.append(
-        ("per lane, heads folded", build_time, search_time,
-         recall(found // heads), float(other_head.mean()))
+        (
+            "per lane, heads folded",
+            build_time,
+            search_time,
+            recall(found // heads),
+            float(other_head.mean()),
+        )
     )
     print(f"{size} keys x {heads} heads, {count} queries per head, k = {k}\n")
     print("| layout | build (s) | search (s) | recall@32 | other-head hits |")

@@ -18,9 +18,9 @@ import time
 import keras
 import numpy as np
 
+from keras_memtrans.models import PRESETS
 from keras_memtrans.models import MemorizingTransformerBackbone
 from keras_memtrans.models import MemorizingTransformerCausalLM
-from keras_memtrans.models import PRESETS
 from keras_memtrans.models import get_preset
 
 

@@ -25,10 +25,14 @@ def test_directory_keeps_usable_files_and_counts_the_rest(tmp_path):
     corpus = TextCorpus(tmp_path)
     assert corpus.names == ["good.txt", "nested/deeper.txt"]
     assert corpus.texts == [LONG_TEXT, "x" * 2500]
-    assert list(corpus) == corpus.documents == [
-        ("good.txt", LONG_TEXT),
-        ("nested/deeper.txt", "x" * 2500),
-    ]
+    assert (
+        list(corpus)
+        == corpus.documents
+        == [
+            ("good.txt", LONG_TEXT),
+            ("nested/deeper.txt", "x" * 2500),
+        ]
+    )
     assert len(corpus) == 2 and corpus[1] == ("nested/deeper.txt", "x" * 2500)
     assert corpus.skipped == {
         "binary": 1,

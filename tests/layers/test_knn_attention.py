@@ -4,9 +4,9 @@ import pytest
 from keras import ops
 
 from keras_memtrans import KNNAttention
+from tests.arrays import to_numpy
 from tests.gradients import segment_gradients
 from tests.numpy_reference import NumpyKNNAttention
-from tests.arrays import to_numpy
 
 BATCH, SEGMENT, HIDDEN, HEADS = 3, 8, 16, 2
 

@@ -64,7 +64,9 @@ def test_compiled_fit_matches_eager_fit(use_xl_cache):
     compiled = build_model(use_xl_cache)
     eager = build_model(use_xl_cache)
     eager.set_weights(compiled.get_weights())
-    compiled.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", **compiled_kwargs())
+    compiled.compile(
+        optimizer=keras.optimizers.SGD(0.1), loss="mse", **compiled_kwargs()
+    )
     eager.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", run_eagerly=True)
     fit(compiled, x, y)
     fit(eager, x, y)
@@ -87,7 +89,9 @@ def test_validation_during_fit_leaves_training_memory_alone():
     validated = build_model()
     validated.set_weights(plain.get_weights())
     for model in (plain, validated):
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", **compiled_kwargs())
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1), loss="mse", **compiled_kwargs()
+        )
     fit(plain, x, y)
     fit(validated, x, y, validation_data=(x_val, y_val), validation_batch_size=BATCH)
     got, want = memory_state(validated), memory_state(plain)
@@ -141,9 +145,9 @@ def test_saved_model_reloads_with_empty_memory_and_same_outputs(tmp_path):
     with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as f:
         datasets = []
         h5py.File(f, "r").visititems(
-            lambda name, item: datasets.append(name)
-            if isinstance(item, h5py.Dataset)
-            else None
+            lambda name, item: (
+                datasets.append(name) if isinstance(item, h5py.Dataset) else None
+            )
         )
     assert any("knn_attention" in name for name in datasets)
     assert not [n for n in datasets if "memory" in n or "cache" in n]

@@ -18,7 +18,11 @@ def build_model(**options):
     hidden = keras.Input((SEGMENT, HIDDEN), batch_size=BATCH, name="hidden")
     start = keras.Input((), batch_size=BATCH, dtype="bool", name="document_start")
     x = KNNAttention(
-        num_heads=2, memory_size=MEMORY, num_neighbors=4, name="knn_attention", **options
+        num_heads=2,
+        memory_size=MEMORY,
+        num_neighbors=4,
+        name="knn_attention",
+        **options,
     )(hidden, document_start=start)
     return keras.Model({"hidden": hidden, "document_start": start}, x)
 
@@ -42,7 +46,9 @@ def test_memory_choice():
     assert memory_of(memory_size=MEMORY) == (ExactMemory, ExactMemory)
     assert memory_of(memory_size=MEMORY, memory="scann") == (ScannMemory, ScannMemory)
     assert memory_of(memory_size=SCANN_MIN_MEMORY_SIZE) == (ScannMemory, ScannMemory)
-    assert memory_of(memory_size=SCANN_MIN_MEMORY_SIZE, memory="exact")[0] is ExactMemory
+    assert (
+        memory_of(memory_size=SCANN_MIN_MEMORY_SIZE, memory="exact")[0] is ExactMemory
+    )
 
 
 def test_compiled_fit_fills_the_scann_memory_like_the_exact_one():
@@ -121,9 +127,9 @@ def test_scann_search_settings_reach_the_searchers():
     config = KNNAttention.from_config(layer.get_config()).get_config()
     assert (config["num_leaves"], config["num_leaves_to_search"]) == (16, 4)
     with pytest.raises(ValueError, match="too small for 64 tree leaves"):
-        KNNAttention(
-            num_heads=2, memory="scann", memory_size=256, num_leaves=64
-        ).build((2, 8, 16))
+        KNNAttention(num_heads=2, memory="scann", memory_size=256, num_leaves=64).build(
+            (2, 8, 16)
+        )
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keras_memtrans import RelativePositionBias
-from tests.numpy_reference import t5_bucket
 from tests.arrays import to_numpy
+from tests.numpy_reference import t5_bucket
 
 
 @given(

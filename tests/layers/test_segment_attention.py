@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from keras_memtrans.layers.segment_attention import SegmentAttention
-from tests.numpy_reference import NumpyKNNAttention
 from tests.arrays import to_numpy
+from tests.numpy_reference import NumpyKNNAttention
 
 BATCH, SEGMENT, HIDDEN = 3, 8, 16
 

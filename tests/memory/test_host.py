@@ -26,7 +26,9 @@ def test_host_call_returns_shaped_results_and_runs_side_effects():
         return (x * 2, np.int32(len(seen)))
 
     doubled, count = host_call(
-        function, np.arange(4, dtype="float32"), result_specs=(((4,), "float32"), ((), "int32"))
+        function,
+        np.arange(4, dtype="float32"),
+        result_specs=(((4,), "float32"), ((), "int32")),
     )
     np.testing.assert_array_equal(ops.convert_to_numpy(doubled), [0, 2, 4, 6])
     assert int(ops.convert_to_numpy(count)) == 1

@@ -42,9 +42,7 @@ def test_clustered_keys_give_the_exact_neighbours():
     # Every leaf visited: the tree cannot lose a neighbour, so this checks
     # quantised scoring + exact re-ordering (partial-leaf recall is measured
     # by recipes/benchmarks/memory_lookup.py, not asserted).
-    scann = ScannMemory(
-        2, HEADS, DIM, 256, num_leaves=4, num_leaves_to_search=4
-    )
+    scann = ScannMemory(2, HEADS, DIM, 256, num_leaves=4, num_leaves_to_search=4)
     exact = ExactMemory(2, HEADS, DIM, 256)
     exact.build()
     for memory in (scann, exact):
@@ -99,7 +97,9 @@ def test_fifo_resets_and_padding_match_the_exact_memory(plan):
         np.testing.assert_array_equal(
             np.sort(to_numpy(got[2]), -1), np.sort(to_numpy(want[2]), -1)
         )
-    np.testing.assert_array_equal(scann._document_length, to_numpy(exact.document_length))
+    np.testing.assert_array_equal(
+        scann._document_length, to_numpy(exact.document_length)
+    )
 
 
 def test_evicted_entries_are_never_returned():

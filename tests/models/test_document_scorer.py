@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from keras_memtrans.models import MemorizingTransformerCausalLM
 from keras_memtrans.models import DocumentScorer
+from keras_memtrans.models import MemorizingTransformerCausalLM
 from tests.models.conftest import tiny_backbone
 
 SEGMENT = 8

@@ -33,7 +33,9 @@ def test_output_shape_and_memory_layer_placement():
 def test_without_memory_layers_there_is_no_memory():
     backbone = tiny_backbone(memory_layer_indices=())
     assert backbone.memory_layers == []
-    assert not any(isinstance(l, KNNAttention) for l in backbone._flatten_layers())
+    assert not any(
+        isinstance(layer, KNNAttention) for layer in backbone._flatten_layers()
+    )
 
 
 def test_memory_changes_later_segments_only():
@@ -51,7 +53,9 @@ def test_memory_changes_later_segments_only():
     np.testing.assert_allclose(ops.convert_to_numpy(backbone(first)), fresh, atol=1e-5)
 
 
-@pytest.mark.parametrize("memory, kind", [("exact", ExactMemory), ("scann", ScannMemory)])
+@pytest.mark.parametrize(
+    "memory, kind", [("exact", ExactMemory), ("scann", ScannMemory)]
+)
 def test_memory_kind_reaches_the_memory_layers(memory, kind):
     backbone = tiny_backbone(memory=memory)
     (layer,) = backbone.memory_layers

@@ -5,12 +5,14 @@ import pytest
 from keras_memtrans import KNNAttention
 from keras_memtrans.data import LaneStreamer
 from keras_memtrans.models import MemorizingTransformerCausalLM
-from tests.models.conftest import tiny_backbone
 from tests.arrays import to_numpy
+from tests.models.conftest import tiny_backbone
 
 
 def stream(preprocessor, documents):
-    return LaneStreamer(preprocessor(documents), batch_size=2, segment_length=32, shuffle=False)
+    return LaneStreamer(
+        preprocessor(documents), batch_size=2, segment_length=32, shuffle=False
+    )
 
 
 def test_fit_on_a_repeated_batch_lowers_the_loss(preprocessor, documents):
@@ -36,7 +38,9 @@ def test_fit_on_a_repeated_batch_lowers_the_loss(preprocessor, documents):
 def test_fit_streams_documents_into_the_training_memory(preprocessor, documents):
     causal_lm = MemorizingTransformerCausalLM(tiny_backbone(), preprocessor)
     causal_lm.compile()
-    causal_lm.fit(stream(preprocessor, documents), steps_per_epoch=3, shuffle=False, verbose=0)
+    causal_lm.fit(
+        stream(preprocessor, documents), steps_per_epoch=3, shuffle=False, verbose=0
+    )
     memory = causal_lm.backbone.memory_layers[0].train_memory
     positions = to_numpy(memory.positions)
     # 3 segments of 32 tokens in each lane: positions 0..95.
@@ -70,9 +74,11 @@ def test_a_loaded_memory_layer_works_in_another_model(tmp_path, preprocessor):
 
 
 def test_a_tokenizer_of_another_vocabulary_is_rejected(preprocessor):
-    causal_lm = MemorizingTransformerCausalLM(tiny_backbone(vocabulary_size=512), preprocessor)
+    causal_lm = MemorizingTransformerCausalLM(
+        tiny_backbone(vocabulary_size=512), preprocessor
+    )
     with pytest.raises(ValueError, match="vocabulary"):
-        causal_lm.preprocessor
+        _ = causal_lm.preprocessor
 
 
 def test_generate_reads_a_long_prompt_into_memory(preprocessor, documents):

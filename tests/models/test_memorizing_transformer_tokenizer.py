@@ -12,7 +12,9 @@ def test_special_tokens_have_fixed_ids(tokenizer):
     assert tokenizer.vocabulary_size() == 400
 
 
-def test_documents_round_trip_exactly_whitespace_and_unicode_included(preprocessor, documents):
+def test_documents_round_trip_exactly_whitespace_and_unicode_included(
+    preprocessor, documents
+):
     text = documents[0][:3000] + "\n\n\t  café ünïcödé → 数学\n"
     tokens = preprocessor(text)
     assert tokens.dtype == np.int32

@@ -14,14 +14,19 @@ def test_cpu_presets_build_and_hold_a_memory(name):
     assert backbone.get_config()["num_layers"] == preset["backbone"]["num_layers"]
     assert len(backbone.memory_layers) == 1
     assert set(preset["training"]) == {
-        "steps", "learning_rate", "warmup_steps", "max_documents"
+        "steps",
+        "learning_rate",
+        "warmup_steps",
+        "max_documents",
     }
 
 
 def test_paper_preset_is_the_papers_model():
     config = get_preset("paper")["backbone"]
     assert (config["num_layers"], config["hidden_dim"], config["num_heads"]) == (
-        12, 1024, 8
+        12,
+        1024,
+        8,
     )
     assert config["intermediate_dim"] == 4096
     assert config["memory_layer_indices"] == (8,)  # the 9th of 12

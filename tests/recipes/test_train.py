@@ -15,9 +15,19 @@ def run(tmp_path, *flags):
         for i in range(4):
             (corpus / f"doc{i}.py").write_text(text[i * 20000 : (i + 1) * 20000])
     args = [
-        "--preset", "tiny", "--corpus", str(corpus), "--steps", "3",
-        "--output-dir", str(tmp_path / "out"), "--verbose", "0",
-        "--validation-fraction", "0.25", *flags,
+        "--preset",
+        "tiny",
+        "--corpus",
+        str(corpus),
+        "--steps",
+        "3",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--verbose",
+        "0",
+        "--validation-fraction",
+        "0.25",
+        *flags,
     ]
     assert train.main(args) == 0
 
@@ -29,7 +39,9 @@ def test_compare_trains_both_models_and_reports_perplexity(tmp_path):
     memory, no_memory = results["results"]
     assert memory["memory_layers"] == [-1] and no_memory["memory_layers"] == []
     for r in results["results"]:
-        assert math.isfinite(r["validation_perplexity"]) and r["validation_perplexity"] > 1
+        assert (
+            math.isfinite(r["validation_perplexity"]) and r["validation_perplexity"] > 1
+        )
         assert r["steps"] == 3
         model = keras.saving.load_model(r["checkpoint"])
         assert len(model.backbone.memory_layers) == len(r["memory_layers"])
