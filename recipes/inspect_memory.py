@@ -116,8 +116,10 @@ def top_tokens(names, memory_scores, baseline_scores, detokenize, count):
         "|---|---|---|---|---|---|---|",
     ]
     gains = [b["losses"] - m["losses"] for m, b in zip(memory_scores, baseline_scores)]
-    flat = [(gain[i], d, i) for d, gain in enumerate(gains) for i in range(gain.size)]
-    for _, d, i in sorted(flat, reverse=True)[:count]:
+    documents = np.concatenate([np.full(g.size, d) for d, g in enumerate(gains)])
+    offsets = np.concatenate([np.arange(g.size) for g in gains])
+    best = np.argsort(-np.concatenate(gains), kind="stable")[:count]
+    for d, i in zip(documents[best], offsets[best]):
         tokens = memory_scores[d]["token_ids"]
         # The query at position i predicts token i + 1; the top memory layer
         # is the one nearest the output.

@@ -1,6 +1,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 
 from recipes import inspect_memory
@@ -61,3 +62,35 @@ def test_needs_a_recipe_output(tmp_path):
 def test_unknown_document_is_named(compare_run):
     with pytest.raises(SystemExit, match="no_such_file"):
         inspect_memory.main([str(compare_run), "--document", "no_such_file"])
+
+
+def test_top_tokens_lists_the_largest_gains_in_order():
+    rng = np.random.default_rng(0)
+    lengths = (7, 12, 5)
+    memory, baseline = [], []
+    for length in lengths:
+        neighbors = rng.integers(-1, length, size=(1, length, 2, 3))  # [layer, q, h, k]
+        losses = rng.normal(size=length)
+        memory.append(
+            {
+                "token_ids": np.arange(length + 1),
+                "losses": losses,
+                "neighbors": neighbors,
+            }
+        )
+        baseline.append({"losses": losses + rng.normal(size=length)})
+    lines = inspect_memory.top_tokens(
+        ["a", "b", "c"], memory, baseline, lambda ids: " ".join(map(str, ids)), 4
+    )
+    gains = [
+        (b["losses"][i] - m["losses"][i], d, i)
+        for d, (m, b) in enumerate(zip(memory, baseline))
+        for i in range(len(m["losses"]))
+    ]
+    expected = sorted(gains, reverse=True)[:4]
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert [row[0] for row in rows] == ["| " + "abc"[d] for _, d, _ in expected]
+    for row, (_, d, i) in zip(rows, expected):
+        assert row[2] == f"`{i + 1}`"  # the next token's id
+        assert float(row[3]) == pytest.approx(baseline[d]["losses"][i], abs=0.005)
+        assert float(row[4]) == pytest.approx(memory[d]["losses"][i], abs=0.005)
