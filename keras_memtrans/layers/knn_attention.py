@@ -7,6 +7,7 @@ from keras_memtrans.layers.segment_attention import SegmentAttention
 from keras_memtrans.layers.segment_attention import masked_softmax
 from keras_memtrans.memory.exact_memory import ExactMemory
 from keras_memtrans.memory.scann_memory import ScannMemory
+from keras_memtrans.validation import check_positive_ints
 
 # Smallest `memory_size` at which `memory="auto"` picks ScaNN: the measured
 # crossover of docs/memory_lookup.md.
@@ -136,14 +137,7 @@ class KNNAttention(SegmentAttention):
             smear_keys=smear_keys,
             **kwargs,
         )
-        if not isinstance(memory_size, int) or memory_size < 1:
-            raise ValueError(
-                f"`memory_size` must be a positive int, got {memory_size!r}."
-            )
-        if not isinstance(num_neighbors, int) or num_neighbors < 1:
-            raise ValueError(
-                f"`num_neighbors` must be a positive int, got {num_neighbors!r}."
-            )
+        check_positive_ints(memory_size=memory_size, num_neighbors=num_neighbors)
         if num_neighbors > memory_size:
             raise ValueError(
                 f"`num_neighbors` ({num_neighbors}) cannot exceed `memory_size` "

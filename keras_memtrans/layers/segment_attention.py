@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_memtrans.layers.relative_position_bias import RelativePositionBias
 from keras_memtrans.memory.segment_cache import SegmentCache
+from keras_memtrans.validation import check_positive_ints
 
 _MASKED_LOGIT = -1e9
 
@@ -95,15 +96,12 @@ class SegmentAttention(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        for name, value, optional in (
-            ("num_heads", num_heads, False),
-            ("head_dim", head_dim, True),
-            ("batch_size", batch_size, True),
-        ):
-            if optional and value is None:
-                continue
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        check_positive_ints(
+            num_heads=num_heads,
+            head_dim=head_dim,
+            batch_size=batch_size,
+            optional=("head_dim", "batch_size"),
+        )
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.batch_size = batch_size

@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_memtrans.memory.host import approx_top_k
+from keras_memtrans.validation import check_positive_ints
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -63,14 +64,12 @@ class ExactMemory(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        for name, value in (
-            ("batch_size", batch_size),
-            ("num_heads", num_heads),
-            ("head_dim", head_dim),
-            ("memory_size", memory_size),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        check_positive_ints(
+            batch_size=batch_size,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            memory_size=memory_size,
+        )
         self.batch_size = batch_size
         self.num_heads = num_heads
         self.head_dim = head_dim

@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_memtrans.memory.host import host_call
 from keras_memtrans.memory.host import host_call_supports_jit
+from keras_memtrans.validation import check_positive_ints
 
 
 def _import_scann():
@@ -94,17 +95,16 @@ class ScannMemory(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self._scann = _import_scann()
-        for name, value in (
-            ("batch_size", batch_size),
-            ("num_heads", num_heads),
-            ("head_dim", head_dim),
-            ("memory_size", memory_size),
-            ("num_leaves", num_leaves or 1),
-            ("num_leaves_to_search", num_leaves_to_search or 1),
-            ("training_sample_size", training_sample_size),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        check_positive_ints(
+            batch_size=batch_size,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            memory_size=memory_size,
+            num_leaves=num_leaves,
+            num_leaves_to_search=num_leaves_to_search,
+            training_sample_size=training_sample_size,
+            optional=("num_leaves", "num_leaves_to_search"),
+        )
         leaves = num_leaves or max(
             1, min(round(math.sqrt(memory_size)), memory_size // 16)
         )

@@ -1,6 +1,8 @@
 import keras
 from keras import ops
 
+from keras_memtrans.validation import check_positive_ints
+
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
 class SegmentCache(keras.layers.Layer):
@@ -38,14 +40,12 @@ class SegmentCache(keras.layers.Layer):
 
     def __init__(self, batch_size, cache_length, num_heads, head_dim, **kwargs):
         super().__init__(**kwargs)
-        for name, value in (
-            ("batch_size", batch_size),
-            ("cache_length", cache_length),
-            ("num_heads", num_heads),
-            ("head_dim", head_dim),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        check_positive_ints(
+            batch_size=batch_size,
+            cache_length=cache_length,
+            num_heads=num_heads,
+            head_dim=head_dim,
+        )
         self.batch_size = batch_size
         self.cache_length = cache_length
         self.num_heads = num_heads

@@ -1,0 +1,22 @@
+"""Argument checks shared by the layers and memories."""
+
+
+def check_positive_ints(optional=(), **values):
+    """Raises a ValueError naming the first argument that is not an int >= 1.
+
+    Args:
+        optional: names among `values` that may also be `None`.
+        **values: the arguments to check, by name.
+
+    Example:
+    >>> check_positive_ints(num_heads=4, head_dim=None, optional=("head_dim",))
+    >>> check_positive_ints(num_heads=4, memory_size=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `memory_size` must be a positive int, got 0.
+    """
+    for name, value in values.items():
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
