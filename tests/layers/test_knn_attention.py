@@ -4,6 +4,7 @@ import pytest
 from keras import ops
 
 from keras_memtrans import KNNAttention
+from tests.arrays import attention_weights
 from tests.arrays import to_numpy
 from tests.gradients import segment_gradients
 from tests.numpy_reference import NumpyKNNAttention
@@ -21,21 +22,6 @@ def randomize(layer, seed=0):
         else:
             value = rng.normal(0.0, 0.5, shape)
         variable.assign(value.astype("float32"))
-
-
-def reference_weights(layer):
-    weights = {
-        "query": to_numpy(layer.query_projection.kernel),
-        "key": to_numpy(layer.key_projection.kernel),
-        "value": to_numpy(layer.value_projection.kernel),
-        "output": to_numpy(layer.output_projection.kernel),
-        "relative_bias": to_numpy(layer.relative_position_bias.embeddings),
-        "scale": to_numpy(layer.attention_scale),
-        "gate_bias": to_numpy(layer.gate_bias),
-    }
-    if layer.smear_keys:
-        weights["key_smear_logit"] = to_numpy(layer.key_smear_logit)
-    return weights
 
 
 def make_layer(**kwargs):
@@ -79,7 +65,7 @@ def test_matches_numpy_reference_over_segments(use_xl_cache, training, smear_key
         use_xl_cache=use_xl_cache, smear_keys=smear_keys, max_distance=16, num_buckets=8
     )
     reference = NumpyKNNAttention(
-        reference_weights(layer),
+        attention_weights(layer),
         batch_size=BATCH,
         memory_size=20,
         num_neighbors=5,

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from keras_memtrans.layers.segment_attention import SegmentAttention
+from tests.arrays import attention_weights
 from tests.arrays import to_numpy
 from tests.numpy_reference import NumpyKNNAttention
 
@@ -20,20 +21,13 @@ def randomized_layer(**kwargs):
     return layer
 
 
-@pytest.mark.parametrize("use_xl_cache", [False, True])
-def test_matches_numpy_reference_over_segments(use_xl_cache):
-    layer = randomized_layer(use_xl_cache=use_xl_cache)
-    weights = {
-        "query": to_numpy(layer.query_projection.kernel),
-        "key": to_numpy(layer.key_projection.kernel),
-        "value": to_numpy(layer.value_projection.kernel),
-        "output": to_numpy(layer.output_projection.kernel),
-        "relative_bias": to_numpy(layer.relative_position_bias.embeddings),
-        "scale": to_numpy(layer.attention_scale),
-        "gate_bias": np.zeros(2),
-    }
+@pytest.mark.parametrize(
+    "use_xl_cache, smear_keys", [(False, False), (True, False), (True, True)]
+)
+def test_matches_numpy_reference_over_segments(use_xl_cache, smear_keys):
+    layer = randomized_layer(use_xl_cache=use_xl_cache, smear_keys=smear_keys)
     reference = NumpyKNNAttention(
-        weights,
+        attention_weights(layer),
         batch_size=BATCH,
         memory_size=SEGMENT,
         num_neighbors=1,
