@@ -35,6 +35,14 @@ from keras_memtrans.models import MemorizingTransformerTokenizer
 from keras_memtrans.models import get_preset
 
 
+def positive_int(text):
+    """argparse type: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -52,14 +60,38 @@ def parse_args(argv):
     group.add_argument(
         "--compare", action="store_true", help="train with and without memory"
     )
-    parser.add_argument("--steps", type=int, help="training steps (preset default)")
-    parser.add_argument("--memory-size", type=int, help="tokens per memory lane")
-    parser.add_argument("--num-neighbors", type=int, help="k of the kNN lookup")
-    parser.add_argument("--batch-size", type=int, help="number of lanes")
-    parser.add_argument("--segment-length", type=int, help="tokens per segment")
-    parser.add_argument("--vocabulary-size", type=int, help="SentencePiece vocabulary")
+    parser.add_argument(
+        "--steps", type=positive_int, help="training steps (preset default)"
+    )
+    parser.add_argument(
+        "--memory",
+        choices=("auto", "exact", "scann"),
+        help="memory kind (preset default: auto, ScaNN from 32K tokens)",
+    )
+    parser.add_argument(
+        "--jit-compile",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="XLA (TensorFlow, JAX): auto uses it on accelerators where the "
+        "memory allows",
+    )
+    parser.add_argument(
+        "--memory-size", type=positive_int, help="tokens per memory lane"
+    )
+    parser.add_argument(
+        "--num-neighbors", type=positive_int, help="k of the kNN lookup"
+    )
+    parser.add_argument("--batch-size", type=positive_int, help="number of lanes")
+    parser.add_argument(
+        "--segment-length", type=positive_int, help="tokens per segment"
+    )
+    parser.add_argument(
+        "--vocabulary-size", type=positive_int, help="SentencePiece vocabulary"
+    )
     parser.add_argument("--learning-rate", type=float, help="peak learning rate")
-    parser.add_argument("--max-documents", type=int, help="cap on corpus documents")
+    parser.add_argument(
+        "--max-documents", type=positive_int, help="cap on corpus documents"
+    )
     parser.add_argument("--min-chars", type=int, default=2000)
     parser.add_argument("--validation-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
@@ -74,6 +106,7 @@ def resolve_config(args):
     backbone = dict(preset["backbone"])
     training = dict(preset["training"])
     for flag, key in (
+        ("memory", "memory"),
         ("memory_size", "memory_size"),
         ("num_neighbors", "num_neighbors"),
         ("batch_size", "batch_size"),
@@ -84,7 +117,9 @@ def resolve_config(args):
     for flag in ("steps", "learning_rate", "max_documents"):
         if getattr(args, flag) is not None:
             training[flag] = getattr(args, flag)
-    vocabulary_size = args.vocabulary_size or preset["vocabulary_size"]
+    vocabulary_size = args.vocabulary_size
+    if vocabulary_size is None:
+        vocabulary_size = preset["vocabulary_size"]
     return backbone, training, vocabulary_size
 
 
@@ -126,7 +161,7 @@ def build_causal_lm(backbone_config, vocabulary_size, preprocessor, use_memory, 
     return MemorizingTransformerCausalLM(backbone, preprocessor)
 
 
-def compile_for_training(causal_lm, training):
+def compile_for_training(causal_lm, training, jit_compile="auto"):
     steps = training["steps"]
     warmup = min(training["warmup_steps"], max(steps // 2, 1))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -142,7 +177,21 @@ def compile_for_training(causal_lm, training):
             keras.metrics.SparseCategoricalAccuracy("accuracy"),
             keras.metrics.SparseCategoricalCrossentropy("token_nll", from_logits=True),
         ],
+        jit_compile=jit_compile,
     )
+
+
+class StopAfterSteps(keras.callbacks.Callback):
+    """Ends `fit` after exactly `steps` batches, mid-epoch if need be."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps, self.done = steps, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.done += 1
+        if self.done >= self.steps:
+            self.model.stop_training = True
 
 
 def train_and_evaluate(
@@ -155,12 +204,17 @@ def train_and_evaluate(
     steps = training["steps"]
     steps_per_epoch = min(steps, len(train_stream))
     epochs = math.ceil(steps / steps_per_epoch)
+    stop = StopAfterSteps(steps)
     callbacks = [
+        stop,
         keras.callbacks.ModelCheckpoint(run_dir / "checkpoint.keras"),
         keras.callbacks.CSVLogger(str(run_dir / "log.csv")),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
     ]
-    print(f"\n[{name}] {epochs} epoch(s) x {steps_per_epoch} steps", flush=True)
+    print(
+        f"\n[{name}] {steps} steps: {epochs} epoch(s) of at most {steps_per_epoch}",
+        flush=True,
+    )
     start = time.perf_counter()
     history = causal_lm.fit(
         train_stream,
@@ -182,7 +236,8 @@ def train_and_evaluate(
         "validation_perplexity": math.exp(scores["token_nll"]),
         "validation_accuracy": scores["accuracy"],
         "train_seconds": round(train_seconds, 1),
-        "steps": epochs * steps_per_epoch,
+        "steps": stop.done,
+        "jit_compile": bool(causal_lm.jit_compile),
         "checkpoint": str(run_dir / "checkpoint.keras"),
     }
 
@@ -238,7 +293,8 @@ def main(argv=None):
             use_memory,
             args.seed,
         )
-        compile_for_training(causal_lm, training)
+        jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
+        compile_for_training(causal_lm, training, jit_compile)
         run_dir = output_dir / name
         run_dir.mkdir()
         results.append(

@@ -58,13 +58,16 @@ class MemorizingTransformerCausalLM(keras.Model):
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
         self.backbone = backbone
         self._preprocessor = preprocessor
+        _ = self.preprocessor  # checks a trained tokenizer's vocabulary now
 
     @property
     def preprocessor(self):
         """The preprocessor, checked against the model's vocabulary.
 
-        The check runs on access once the tokenizer holds a vocabulary: on
-        `load_model` the vocabulary arrives after the model is constructed.
+        The check runs at construction and on every access once the
+        tokenizer holds a vocabulary: on `load_model` the vocabulary arrives
+        after the model is constructed, so a loaded pair is checked on first
+        use.
         """
         preprocessor = self._preprocessor
         if preprocessor is not None and preprocessor.tokenizer.proto is not None:

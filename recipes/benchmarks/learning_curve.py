@@ -67,12 +67,10 @@ class HeldOutPerplexity(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         scores = self.model.evaluate(self.stream, return_dict=True, verbose=0)
-        gates = [
-            np.round(
-                1 / (1 + np.exp(-keras.ops.convert_to_numpy(layer.gate_bias))), 2
-            ).tolist()
-            for layer in self.model.backbone.memory_layers
-        ]
+        gates = []
+        for layer in self.model.backbone.memory_layers:
+            bias = keras.ops.convert_to_numpy(layer.gate_bias).astype("float64")
+            gates.append(np.round(1 / (1 + np.exp(-bias)), 2).tolist())
         row = ((epoch + 1) * self.every, math.exp(scores["token_nll"]), gates)
         self.rows.append(row)
         print(f"step {row[0]}: perplexity {row[1]:.3f} gates {gates}", flush=True)

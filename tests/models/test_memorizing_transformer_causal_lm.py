@@ -5,6 +5,7 @@ import pytest
 from keras_memtrans import KNNAttention
 from keras_memtrans.data import LaneStreamer
 from keras_memtrans.models import MemorizingTransformerCausalLM
+from keras_memtrans.models import MemorizingTransformerTokenizer
 from tests.arrays import to_numpy
 from tests.models.conftest import tiny_backbone
 
@@ -74,11 +75,24 @@ def test_a_loaded_memory_layer_works_in_another_model(tmp_path, preprocessor):
 
 
 def test_a_tokenizer_of_another_vocabulary_is_rejected(preprocessor):
-    causal_lm = MemorizingTransformerCausalLM(
-        tiny_backbone(vocabulary_size=512), preprocessor
+    with pytest.raises(ValueError, match="vocabulary_size is 512"):
+        MemorizingTransformerCausalLM(tiny_backbone(vocabulary_size=512), preprocessor)
+
+
+def test_a_loaded_model_checks_its_tokenizer_on_use(tmp_path, preprocessor):
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone(), preprocessor)
+    path = tmp_path / "causal_lm.keras"
+    causal_lm.save(path)
+    loaded = keras.saving.load_model(path)
+    # The loaded tokenizer's vocabulary is swapped for a smaller one: the
+    # first use names the mismatch instead of indexing out of range.
+    loaded.preprocessor.tokenizer.set_proto(
+        MemorizingTransformerTokenizer.from_documents(
+            ["def f(x):\n    return x\n"] * 40, vocabulary_size=300
+        ).proto
     )
-    with pytest.raises(ValueError, match="vocabulary"):
-        _ = causal_lm.preprocessor
+    with pytest.raises(ValueError, match="not trained together"):
+        loaded.generate("def f(")
 
 
 def test_generate_reads_a_long_prompt_into_memory(preprocessor, documents):

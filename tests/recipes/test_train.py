@@ -2,6 +2,7 @@ import json
 import math
 
 import keras
+import pytest
 
 from recipes import train
 
@@ -46,6 +47,9 @@ def test_compare_trains_both_models_and_reports_perplexity(tmp_path):
         model = keras.saving.load_model(r["checkpoint"])
         assert len(model.backbone.memory_layers) == len(r["memory_layers"])
         assert int(model.optimizer.iterations) == 3  # resumable checkpoint
+        run_dir = tmp_path / "out" / r["run"]
+        assert len((run_dir / "log.csv").read_text().splitlines()) == 2  # 1 epoch
+        assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| memory |" in table and "| no_memory |" in table
 
@@ -56,3 +60,46 @@ def test_existing_results_are_never_overwritten(tmp_path):
     run(tmp_path, "--no-memory")
     assert (tmp_path / "out" / "results.json").read_text() == first
     assert (tmp_path / "out-2" / "results.json").exists()
+
+
+def test_trains_exactly_the_steps_asked_for_across_epochs(tmp_path):
+    corpus = tmp_path / "corpus"  # 4 short documents: epochs of a few steps
+    corpus.mkdir()
+    text = open(train.__file__).read()
+    for i in range(4):
+        (corpus / f"doc{i}.py").write_text(text[i * 1000 : (i + 1) * 1000])
+    # XLA on the backends that have it (torch.compile is not the CPU path).
+    jit = "false" if keras.backend.backend() == "torch" else "true"
+    run(
+        tmp_path,
+        "--min-chars",
+        "500",
+        "--segment-length",
+        "128",
+        "--steps",
+        "13",
+        "--jit-compile",
+        jit,
+    )
+    (result,) = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert result["steps"] == 13
+    assert result["jit_compile"] == (jit == "true")
+    assert int(keras.saving.load_model(result["checkpoint"]).optimizer.iterations) == 13
+    epochs = len((tmp_path / "out" / "memory" / "log.csv").read_text().splitlines())
+    assert epochs - 1 > 1  # the 13 steps span more than one epoch
+
+
+def test_flags_take_precedence_over_the_preset():
+    args = train.parse_args(["--preset", "tiny", "--memory", "scann", "--steps", "7"])
+    backbone, training, vocabulary_size = train.resolve_config(args)
+    assert backbone["memory"] == "scann" and training["steps"] == 7
+    assert vocabulary_size == 512
+
+
+@pytest.mark.parametrize(
+    "flags", [["--steps", "0"], ["--memory-size", "-4"], ["--vocabulary-size", "0"]]
+)
+def test_non_positive_sizes_are_rejected(flags, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    assert "must be at least 1" in capsys.readouterr().err
