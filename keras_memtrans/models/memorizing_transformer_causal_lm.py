@@ -130,6 +130,8 @@ class MemorizingTransformerCausalLM(keras.Model):
             prompt), or int token arrays `[prompts, max_new_tokens]` without
             a preprocessor. The inference memory is left holding the prompts.
         """
+        if not isinstance(prompts, str) and len(prompts) == 0:
+            raise ValueError("`prompts` is empty: pass a prompt or a list of them.")
         single = isinstance(prompts, str) or (
             self.preprocessor is None and np.isscalar(prompts[0])
         )

@@ -3,6 +3,7 @@ import numpy as np
 from keras import ops
 
 from keras_memtrans.memory.scann_memory import ScannMemory
+from keras_memtrans.validation import check_positive_ints
 
 
 class SegmentGenerator:
@@ -16,11 +17,12 @@ class SegmentGenerator:
        segment borders together; the complete segments before the last one
        are read normally, filling the (inference) memory and XL cache.
     2. Each new token comes from a read-only call on the current segment:
-       `stateless_call` with the current state, whose updated state is
-       dropped, so nothing is written while a segment is incomplete. The
-       memory is carried explicitly as that state, which is why this works
-       the same under JAX, where keras-hub's `generate()` drops state
-       updates, as under TensorFlow and torch.
+       `stateless_call` on the current values of the model's variables
+       (memory and cache included), whose updated values are dropped, so
+       nothing is written while a segment is incomplete. The loop runs in
+       Python and commits memory only through the ordinary calls of steps 1
+       and 3, so it works the same under JAX, where keras-hub's compiled
+       `generate()` loop drops state updates, as under TensorFlow and torch.
     3. When the current segment is full it is read normally (committed to
        memory) and a new one starts with the latest token.
 
@@ -63,6 +65,7 @@ class SegmentGenerator:
             )
         if min(len(p) for p in prompts) < 1:
             raise ValueError("Every prompt needs at least one token.")
+        check_positive_ints(max_new_tokens=max_new_tokens)
         tokens, mask = self._left_pad(prompts)
         length = self.segment_length
         complete = (tokens.shape[1] - 1) // length
