@@ -9,7 +9,7 @@ import numpy as np
 _TEST_DIRECTORIES = frozenset({"test", "tests", "idle_test"})
 _INSTALLED_PACKAGE_DIRECTORIES = frozenset({"site-packages", "dist-packages"})
 _GLOB_CHARACTERS = frozenset("*?[")
-_SKIP_REASONS = ("binary", "not_utf8", "too_short", "bad_json_lines")
+_SKIP_REASONS = ("unreadable", "binary", "not_utf8", "too_short", "bad_json_lines")
 
 
 class TextCorpus:
@@ -30,7 +30,8 @@ class TextCorpus:
     `"<file>:<line>"`). Every other file is one document, named by its path
     relative to the directory (or as matched by the glob).
 
-    Nothing unusable stops the load: files with NUL bytes (`"binary"`),
+    Nothing unusable stops the load: files the OS will not read
+    (`"unreadable"`), files with NUL bytes (`"binary"`),
     files or lines that are not UTF-8 (`"not_utf8"`), documents shorter than
     `min_chars` (`"too_short"`) and JSONL lines that are not a JSON object
     with a string under `text_field` (`"bad_json_lines"`) are skipped and
@@ -222,8 +223,12 @@ class TextCorpus:
         for name, path in named_paths:
             if self._is_full():
                 return
-            with open(path, "rb") as file:
-                data = file.read()
+            try:
+                with open(path, "rb") as file:
+                    data = file.read()
+            except OSError:
+                self.skipped["unreadable"] += 1
+                continue
             if b"\x00" in data:
                 self.skipped["binary"] += 1
             elif path.endswith(".jsonl"):

@@ -100,10 +100,19 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
     ):
         memory_layers = set()
         for index in memory_layer_indices:
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise ValueError(
+                    f"`memory_layer_indices` must hold ints, got {index!r}."
+                )
             if not -num_layers <= index < num_layers:
                 raise ValueError(
                     f"`memory_layer_indices` holds {index}, outside the "
                     f"{num_layers} layers (valid: -{num_layers}..{num_layers - 1})."
+                )
+            if index % num_layers in memory_layers:
+                raise ValueError(
+                    f"`memory_layer_indices` {tuple(memory_layer_indices)} names "
+                    f"layer {index % num_layers} twice."
                 )
             memory_layers.add(index % num_layers)
 

@@ -21,6 +21,12 @@ class MemorizingTransformerTokenizer(keras_hub.tokenizers.SentencePieceTokenizer
         proto: a SentencePiece model: serialized bytes or a file path.
         **kwargs: `keras_hub.tokenizers.SentencePieceTokenizer` arguments.
 
+    Call arguments:
+        inputs: a string or a list of strings (as `tokenize`).
+
+    Returns:
+        Token ids: an int tensor for a string, a ragged one for a list.
+
     Example:
     >>> tokenizer = MemorizingTransformerTokenizer.from_documents(
     ...     ["def add(a, b):\\n    return a + b\\n"] * 50, vocabulary_size=300)
@@ -40,7 +46,11 @@ class MemorizingTransformerTokenizer(keras_hub.tokenizers.SentencePieceTokenizer
 
     @classmethod
     def from_documents(cls, documents, vocabulary_size, max_sentences=200_000, seed=0):
-        """Learns a unigram vocabulary of `vocabulary_size` from documents.
+        """Learns a unigram vocabulary of at most `vocabulary_size` pieces.
+
+        SentencePiece stops short of `vocabulary_size` when a small corpus
+        has fewer useful pieces; `vocabulary_size()` is the real size, the
+        one a model must be built with.
 
         Args:
             documents: iterable of strings.

@@ -35,6 +35,7 @@ def test_directory_keeps_usable_files_and_counts_the_rest(tmp_path):
     )
     assert len(corpus) == 2 and corpus[1] == ("nested/deeper.txt", "x" * 2500)
     assert corpus.skipped == {
+        "unreadable": 0,
         "binary": 1,
         "not_utf8": 1,
         "too_short": 1,
@@ -58,6 +59,7 @@ def test_glob_reads_only_matching_files(tmp_path):
     top_level = TextCorpus(str(tmp_path / "*.txt"))
     assert top_level.names == [str(tmp_path / "good.txt")]
     assert top_level.skipped == {
+        "unreadable": 0,
         "binary": 0,
         "not_utf8": 1,
         "too_short": 1,
@@ -98,6 +100,7 @@ def test_jsonl_reads_one_document_per_line(tmp_path):
         (f"{path}:3", "c" * 2000),
     ]
     assert corpus.skipped == {
+        "unreadable": 0,
         "binary": 0,
         "not_utf8": 1,
         "too_short": 1,
@@ -242,3 +245,20 @@ def test_split_rejects_fractions_outside_the_open_interval(validation_fraction):
     corpus = TextCorpus(["a", "b", "c"], min_chars=0)
     with pytest.raises(ValueError, match="validation_fraction"):
         corpus.split(validation_fraction)
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path, monkeypatch):
+    write_mixed_directory(tmp_path)
+    real_open = open
+
+    def open_denying_good_txt(path, *args, **kwargs):
+        if str(path).endswith("good.txt"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    # Tests run as root, which reads any file: refuse one the way the OS would.
+    monkeypatch.setattr("builtins.open", open_denying_good_txt)
+    corpus = TextCorpus(tmp_path)
+    assert corpus.names == ["nested/deeper.txt"]
+    assert corpus.skipped["unreadable"] == 1
+    assert "1 unreadable" in corpus.summary()

@@ -82,10 +82,31 @@ def test_config_round_trip():
     assert clone.count_params() == backbone.count_params()
 
 
-@pytest.mark.parametrize("index", [2, -3])
-def test_rejects_a_memory_layer_outside_the_model(index):
-    with pytest.raises(ValueError, match="memory_layer_indices"):
-        tiny_backbone(num_layers=2, memory_layer_indices=(index,))
+@pytest.mark.parametrize(
+    "indices, message",
+    [((2,), "outside"), ((-3,), "outside"), ((0, -2), "twice"), (("1",), "ints")],
+)
+def test_rejects_bad_memory_layer_indices(indices, message):
+    with pytest.raises(ValueError, match=f"memory_layer_indices.*{message}"):
+        tiny_backbone(num_layers=2, memory_layer_indices=indices)
+
+
+def test_default_memory_layer_is_the_9th_of_12():
+    backbone = MemorizingTransformerBackbone(
+        vocabulary_size=50,
+        num_layers=12,
+        num_heads=1,
+        hidden_dim=8,
+        intermediate_dim=8,
+        batch_size=1,
+        segment_length=4,
+        memory_size=16,
+        num_neighbors=2,
+    )
+    memory_blocks = [
+        i for i, b in enumerate(backbone.transformer_layers) if b.use_memory
+    ]
+    assert memory_blocks == [8]
 
 
 def test_rejects_a_batch_other_than_its_lanes():

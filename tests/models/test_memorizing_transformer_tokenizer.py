@@ -35,9 +35,15 @@ def test_training_is_deterministic(documents):
     assert a.get_vocabulary() == b.get_vocabulary()
 
 
-def test_config_round_trip_through_the_preprocessor(preprocessor):
+def test_config_round_trip_through_the_preprocessor(preprocessor, tmp_path):
     config = preprocessor.get_config()
     assert config["tokenizer"]["class_name"] == "MemorizingTransformerTokenizer"
+    # The vocabulary travels as an asset, as in a `.keras` file.
+    clone = MemorizingTransformerPreprocessor.from_config(config)
+    preprocessor.tokenizer.save_assets(str(tmp_path))
+    clone.tokenizer.load_assets(str(tmp_path))
+    text = "for key, value in items:\n\tpass  # ünïcode\n"
+    np.testing.assert_array_equal(clone(text), preprocessor(text))
 
 
 @pytest.mark.parametrize("size", [0, 260, 280])
@@ -54,8 +60,3 @@ def test_rejects_empty_documents():
 def test_vocabulary_mismatch_names_both_sizes(preprocessor):
     with pytest.raises(ValueError, match="400 tokens.*512"):
         preprocessor.check_vocabulary(512)
-
-
-def test_preprocessor_needs_a_tokenizer():
-    with pytest.raises(TypeError):
-        MemorizingTransformerPreprocessor()
