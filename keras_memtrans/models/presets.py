@@ -72,8 +72,10 @@ PRESETS = {
             memory_size=8192,
             num_neighbors=32,
         ),
+        # The paper trained 500K steps with Adafactor; the recipe's AdamW
+        # takes a smaller peak rate (not yet run at this scale).
         "training": dict(
-            steps=500_000, learning_rate=1e-2, warmup_steps=1000, max_documents=None
+            steps=500_000, learning_rate=1e-3, warmup_steps=1000, max_documents=None
         ),
     },
 }
