@@ -242,13 +242,13 @@ class KNNAttention(SegmentAttention):
         found = positions >= 0
         scores = ops.einsum(
             "bqhd,bqhkd->bqhk", queries, ops.cast(memory_keys, queries.dtype)
-        )
+        )  # [batch, query, heads, k]
         weights = masked_softmax(scores * scale[:, None], found)
         retrieved = ops.einsum(
             "bqhk,bqhkd->bqhd",
             ops.cast(weights, values.dtype),
             ops.cast(memory_values, values.dtype),
-        )
+        )  # [batch, query, heads, head_dim]
         gate = ops.cast(ops.sigmoid(self.gate_bias), values.dtype)[:, None]
         mixed = gate * retrieved + (1.0 - gate) * local
         has_memory = ops.any(found, axis=-1, keepdims=True)  # [b, seg, heads, 1]

@@ -271,11 +271,13 @@ class SegmentAttention(keras.layers.Layer):
         key_positions = ops.arange(cache_length + segment_length)[None, :]
         relative = key_positions - cache_length - query_positions  # [q, k]
         scale = ops.cast(self.attention_scale, queries.dtype)[:, None, None]
+        # [batch, heads, query, key]
         logits = ops.einsum("bqhd,bkhd->bhqk", queries, keys) * scale
         bias = self.relative_position_bias(relative)  # [heads, query, key]
         logits = logits + ops.cast(bias, logits.dtype)[None]
         mask = ops.logical_and(relative <= 0, key_mask[:, None, None, :])
         weights = masked_softmax(logits, mask)  # [batch, heads, query, key]
+        # [batch, query, heads, head_dim]
         return ops.einsum("bhqk,bkhd->bqhd", ops.cast(weights, values.dtype), values)
 
     def call(

@@ -146,6 +146,7 @@ class ExactMemory(keras.layers.Layer):
         """
         queries = ops.convert_to_tensor(queries, self.compute_dtype)
         queries = ops.stop_gradient(queries)
+        # [batch, query, heads, slots]
         scores = ops.einsum("bqhd,mbhd->bqhm", queries, self.keys.value)
         filled = ops.transpose(self.positions.value >= 0)  # [batch, slots]
         scores = ops.where(filled[:, None, None, :], scores, float("-inf"))
@@ -159,9 +160,11 @@ class ExactMemory(keras.layers.Layer):
         slot_lane = ops.cast(slots, "int32") * self.batch_size + lanes
         rows = slot_lane * self.num_heads + heads  # [batch, query, heads, k]
         keys, values = (
+            # [slots * batch * heads, head_dim] rows, taken at `rows`
             ops.take(ops.reshape(variable.value, (-1, self.head_dim)), rows, axis=0)
             for variable in (self.keys, self.values)
         )  # [batch, query, heads, k, head_dim]
+        # [slots * batch] -> [batch, query, heads, k]
         positions = ops.take(ops.reshape(self.positions.value, (-1,)), slot_lane)
         return keys, values, positions
 

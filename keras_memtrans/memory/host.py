@@ -53,7 +53,7 @@ def host_call(function, *arrays, result_specs):
         results = function(*(np.asarray(a) for a in numpy_arrays))
         results = (*results, np.zeros((), "int32"))
         return tuple(
-            np.asarray(result, dtype=dtype).reshape(shape)
+            np.asarray(result, dtype=dtype).reshape(shape)  # the declared shape
             for result, (shape, dtype) in zip(results, specs)
         )
 

@@ -241,6 +241,7 @@ class ScannMemory(keras.layers.Layer):
             k = min(num_neighbors, len(slots))
             if k == 0:
                 return found
+            # [query, heads, filled slots]
             scores = np.einsum("qhd,hnd->qhn", queries, self._keys[lane][:, slots])
             best = np.argpartition(-scores, k - 1, axis=-1)[..., :k]
             found[..., :k] = slots[best]
