@@ -19,6 +19,7 @@ import collections
 import html
 import json
 import pathlib
+import platform
 import sys
 
 import keras
@@ -57,15 +58,23 @@ def load_run(run_dir):
             f"{run_dir} holds no results.json: not a recipes.train output."
         )
     results = json.loads(results_file.read_text())
-    checkpoints = {r["run"]: r["checkpoint"] for r in results["results"]}
-    if set(checkpoints) != {"memory", "no_memory"}:
+    runs = sorted(r["run"] for r in results["results"])
+    if runs != ["memory", "no_memory"]:
         raise SystemExit(
-            f"{run_dir} has the runs {sorted(checkpoints)}; inspecting needs both "
+            f"{run_dir} has the runs {runs}; inspecting needs both "
             "models: train with --compare."
         )
-    memory_lm = keras.saving.load_model(checkpoints["memory"])
-    baseline_lm = keras.saving.load_model(checkpoints["no_memory"])
     corpus_args = results["corpus"]
+    python = platform.python_version()
+    if corpus_args["source"] is None and corpus_args.get("python", python) != python:
+        raise SystemExit(
+            f"{run_dir} was trained on the standard library of Python "
+            f"{corpus_args['python']}; this is Python {python}, whose standard "
+            "library would give other validation documents."
+        )
+    # The recipe's layout, wherever the run directory now is.
+    memory_lm = keras.saving.load_model(run_dir / "memory" / "checkpoint.keras")
+    baseline_lm = keras.saving.load_model(run_dir / "no_memory" / "checkpoint.keras")
     corpus = TextCorpus(
         corpus_args["source"],
         min_chars=corpus_args["min_chars"],

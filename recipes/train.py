@@ -19,7 +19,9 @@ overwritten (a new `-N` suffix is chosen instead).
 import argparse
 import json
 import math
+import os
 import pathlib
+import platform
 import sys
 import time
 
@@ -238,7 +240,7 @@ def train_and_evaluate(
         "train_seconds": round(train_seconds, 1),
         "steps": stop.done,
         "jit_compile": bool(causal_lm.jit_compile),
-        "checkpoint": str(run_dir / "checkpoint.keras"),
+        "checkpoint": str((run_dir / "checkpoint.keras").resolve()),
     }
 
 
@@ -318,7 +320,8 @@ def main(argv=None):
                 "training": training,
                 "vocabulary_size": tokenizer.vocabulary_size(),
                 "corpus": {
-                    "source": args.corpus,
+                    "source": args.corpus and os.path.abspath(args.corpus),
+                    "python": platform.python_version(),
                     "min_chars": args.min_chars,
                     "max_documents": training["max_documents"],
                     "validation_fraction": args.validation_fraction,

@@ -48,10 +48,25 @@ def test_inspection_agrees_with_the_run_and_writes_its_files(compare_run):
 
 
 def test_needs_a_compare_run(tmp_path):
-    results = {"results": [{"run": "no_memory", "checkpoint": "unused.keras"}]}
+    results = {"results": [{"run": "no_memory"}]}
     (tmp_path / "results.json").write_text(json.dumps(results))
     with pytest.raises(SystemExit, match="--compare"):
         inspect_memory.main([str(tmp_path)])
+
+
+def test_needs_the_python_whose_standard_library_it_was_trained_on(tmp_path):
+    results = {
+        "results": [{"run": "memory"}, {"run": "no_memory"}],
+        "corpus": {"source": None, "python": "2.7.18"},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="Python 2.7.18"):
+        inspect_memory.main([str(tmp_path)])
+
+
+def test_runs_from_any_directory(compare_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert inspect_memory.main([str(compare_run), "--top", "1"]) == 0
 
 
 def test_needs_a_recipe_output(tmp_path):
