@@ -85,7 +85,12 @@ class MemorizingTransformerCausalLM(keras.Model):
 
         `"auto"` gives AdamW (learning rate 1e-3, weight decay 0.01), sparse
         categorical cross-entropy on logits, and token accuracy weighted by
-        the sample weights (padding counts for nothing).
+        the sample weights (padding counts for nothing). The loss keeps
+        Keras' default reduction, as keras-hub's `CausalLM` does: padded
+        positions weigh 0 but still count in the batch mean, so the
+        reported `loss` is below the per-token loss on batches with padding;
+        add a weighted `SparseCategoricalCrossentropy` metric (as
+        `recipes.train` does with `token_nll`) for the per-token value.
         """
         if optimizer == "auto":
             optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.01)

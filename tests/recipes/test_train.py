@@ -2,9 +2,12 @@ import json
 import math
 
 import keras
+import numpy as np
 import pytest
 
+from keras_memtrans.models import get_preset
 from recipes import train
+from tests.arrays import to_numpy
 
 
 def run(tmp_path, *flags):
@@ -103,3 +106,24 @@ def test_non_positive_sizes_are_rejected(flags, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(flags)
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_the_model_without_memory_starts_from_the_same_weights():
+    config = dict(get_preset("tiny")["backbone"])
+    with_memory, without = (
+        {w.path: w for w in train.build_causal_lm(config, 300, None, m, 0).weights}
+        for m in (True, False)
+    )
+    assert set(without) < set(with_memory)
+    for path, weight in without.items():
+        np.testing.assert_array_equal(to_numpy(with_memory[path]), to_numpy(weight))
+    # Beyond them, the memory model has only its gates and memory state.
+    extra = {path.split("/")[-1] for path in set(with_memory) - set(without)}
+    assert {"gate_bias", "keys", "values", "positions"} <= extra
+    trainable = {
+        w.path
+        for w in train.build_causal_lm(config, 300, None, True, 0).trainable_weights
+    }
+    assert {p for p in set(with_memory) - set(without) if p in trainable} == {
+        "transformer_layer_1/attention/gate_bias"
+    }
