@@ -25,16 +25,13 @@ def _import_scann():
 class ScannMemory(keras.layers.Layer):
     """A host-side FIFO (key, value) memory per lane, searched with ScaNN.
 
-    The drop-in large-memory counterpart of `ExactMemory`: the same
-    constructor sizes, methods and results, but keys, values and document
-    positions live in NumPy arrays on the host, and each (lane, head) has
-    its own ScaNN searcher (tree partitioning; exact dot products inside
-    the visited leaves, which on text keys beat quantised scoring in both
-    recall and speed: docs/memory_lookup.md). The methods run through
-    `host_call`, so the memory works eagerly, inside `tf.function` and
-    inside `jax.jit`; XLA cannot compile it, so on TensorFlow and torch the
-    layer reports `supports_jit = False` and `Model.compile` turns
-    `jit_compile` off.
+    The drop-in large-memory counterpart of `ExactMemory` (same sizes,
+    methods and results) with its state in host NumPy arrays and a ScaNN
+    searcher per (lane, head): tree partitioning, exact dot products in the
+    visited leaves (docs/memory_lookup.md). Methods run through
+    `host_call`: eagerly, in `tf.function` and in `jax.jit`; XLA cannot
+    compile them, so on TensorFlow and torch `supports_jit = False` turns
+    `Model.compile`'s `jit_compile` off.
 
     Like `ExactMemory`, a ring buffer of `memory_size` slots is shared by
     all lanes and each slot is a searcher document id. A lane is searched
@@ -43,14 +40,11 @@ class ScannMemory(keras.layers.Layer):
     in place (the evicted entry is replaced, never returned) and a padded
     token `delete`s it. Once the lane has been rewritten `memory_size` times
     since the build, its trees are rebuilt on the current keys. Resetting a
-    lane drops its searchers.
+    lane drops its searchers. While `read_only` is `True` (when the host
+    call runs), `reset` and `append` do nothing (`generate()` uses it).
 
-    While `read_only` is `True` (checked when the host call runs), `reset`
-    and `append` change nothing: `generate()` reads partial segments so.
-
-    Its contents are not saved with the model; `save_memory(path)` and
-    `load_memory(path)` store and restore them (NumPy arrays and serialised
-    searchers) so that a long document can be resumed.
+    Its contents are not saved with the model: `save_memory(path)` and
+    `load_memory(path)` store and restore them to resume a long document.
 
     Args:
         batch_size: int. Number of lanes (the fixed batch size).
