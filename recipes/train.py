@@ -287,6 +287,7 @@ def main(argv=None):
     elif not args.compare:
         runs = runs[:1]
     results = []
+    jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
     for name, use_memory in runs:
         causal_lm = build_causal_lm(
             backbone_config,
@@ -295,7 +296,6 @@ def main(argv=None):
             use_memory,
             args.seed,
         )
-        jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
         compile_for_training(causal_lm, training, jit_compile)
         run_dir = output_dir / name
         run_dir.mkdir()
