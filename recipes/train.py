@@ -26,6 +26,7 @@ import sys
 import time
 
 import keras
+from keras import ops
 
 from keras_memtrans.data import LaneStreamer
 from keras_memtrans.data import TextCorpus
@@ -83,6 +84,40 @@ def parse_args(argv):
     parser.add_argument(
         "--num-neighbors", type=positive_int, help="k of the kNN lookup"
     )
+    parser.add_argument(
+        "--top-k",
+        choices=("exact", "approx"),
+        help="the exact memory's top-k (approx: approx_max_k, fast on TPU)",
+    )
+    parser.add_argument(
+        "--recall-target", type=float, help="recall target of --top-k approx"
+    )
+    parser.add_argument(
+        "--num-leaves", type=positive_int, help="ScaNN tree partitions per searcher"
+    )
+    parser.add_argument(
+        "--num-leaves-to-search",
+        type=positive_int,
+        help="ScaNN partitions a search visits",
+    )
+    parser.add_argument("--head-dim", type=positive_int, help="size of each head")
+    parser.add_argument(
+        "--memory-layers",
+        type=int,
+        nargs="+",
+        help="indices of the memory layers (negative: from the top)",
+    )
+    parser.add_argument(
+        "--smear-keys",
+        choices=("true", "false"),
+        help="mix each key with the previous token's key (preset default)",
+    )
+    parser.add_argument(
+        "--tie-query-key-init",
+        choices=("true", "false"),
+        help="start each key projection as a copy of the query projection "
+        "(preset default)",
+    )
     parser.add_argument("--batch-size", type=positive_int, help="number of lanes")
     parser.add_argument(
         "--segment-length", type=positive_int, help="tokens per segment"
@@ -91,6 +126,12 @@ def parse_args(argv):
         "--vocabulary-size", type=positive_int, help="SentencePiece vocabulary"
     )
     parser.add_argument("--learning-rate", type=float, help="peak learning rate")
+    parser.add_argument(
+        "--eval-every",
+        type=positive_int,
+        help="also evaluate on the held-out documents every this many steps "
+        "(a learning curve, with the memory gates, in the results)",
+    )
     parser.add_argument(
         "--max-documents", type=positive_int, help="cap on corpus documents"
     )
@@ -107,15 +148,25 @@ def resolve_config(args):
     preset = get_preset(args.preset)
     backbone = dict(preset["backbone"])
     training = dict(preset["training"])
-    for flag, key in (
-        ("memory", "memory"),
-        ("memory_size", "memory_size"),
-        ("num_neighbors", "num_neighbors"),
-        ("batch_size", "batch_size"),
-        ("segment_length", "segment_length"),
+    for flag in (
+        "memory",
+        "memory_size",
+        "num_neighbors",
+        "top_k",
+        "recall_target",
+        "num_leaves",
+        "num_leaves_to_search",
+        "head_dim",
+        "batch_size",
+        "segment_length",
     ):
         if getattr(args, flag) is not None:
-            backbone[key] = getattr(args, flag)
+            backbone[flag] = getattr(args, flag)
+    if args.memory_layers is not None:
+        backbone["memory_layer_indices"] = tuple(args.memory_layers)
+    for flag in ("smear_keys", "tie_query_key_init"):
+        if getattr(args, flag) is not None:
+            backbone[flag] = getattr(args, flag) == "true"
     for flag in ("steps", "learning_rate", "max_documents"):
         if getattr(args, flag) is not None:
             training[flag] = getattr(args, flag)
@@ -183,6 +234,45 @@ def compile_for_training(causal_lm, training, jit_compile="auto"):
     )
 
 
+def held_out_scores(causal_lm, stream):
+    """Perplexity and accuracy on `stream`, and each memory layer's gates."""
+    scores = causal_lm.evaluate(stream, return_dict=True, verbose=0)
+    gates = [
+        [round(float(g), 3) for g in ops.convert_to_numpy(ops.sigmoid(layer.gate_bias))]
+        for layer in causal_lm.backbone.memory_layers
+    ]
+    return {
+        "validation_nll": scores["token_nll"],
+        "validation_perplexity": math.exp(scores["token_nll"]),
+        "validation_accuracy": scores["accuracy"],
+        "gates": gates,
+    }
+
+
+class HeldOutCurve(keras.callbacks.Callback):
+    """Held-out perplexity and memory gates at the end of every epoch.
+
+    With one epoch every `steps_per_epoch` steps this is a learning curve;
+    the gates are `sigmoid(b)` of each memory layer's heads, the share of
+    memory in each head's output.
+    """
+
+    def __init__(self, stream, steps_per_epoch, steps):
+        super().__init__()
+        self.stream, self.steps_per_epoch, self.steps = stream, steps_per_epoch, steps
+        self.rows = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = min((epoch + 1) * self.steps_per_epoch, self.steps)
+        row = {"step": step, **held_out_scores(self.model, self.stream)}
+        self.rows.append(row)
+        print(
+            f"step {step}: held-out perplexity {row['validation_perplexity']:.3f}, "
+            f"gates {row['gates']}",
+            flush=True,
+        )
+
+
 class StopAfterSteps(keras.callbacks.Callback):
     """Ends `fit` after exactly `steps` batches, mid-epoch if need be."""
 
@@ -201,20 +291,27 @@ def train_and_evaluate(
 ):
     lanes = causal_lm.backbone.batch_size
     length = causal_lm.backbone.segment_length
-    train_stream = LaneStreamer(train_docs, lanes, length, shuffle=True, seed=args.seed)
+    # Training reads passes endlessly (no lane idles at a pass's end) and
+    # `fit` continues the stream across its epochs; evaluation, one pass.
+    train_stream = LaneStreamer(
+        train_docs, lanes, length, shuffle=True, repeat=True, seed=args.seed
+    )
     validation_stream = LaneStreamer(validation_docs, lanes, length, shuffle=False)
     steps = training["steps"]
-    steps_per_epoch = min(steps, len(train_stream))
+    steps_per_epoch = min(steps, args.eval_every or train_stream.steps_per_pass)
     epochs = math.ceil(steps / steps_per_epoch)
     stop = StopAfterSteps(steps)
+    curve = HeldOutCurve(validation_stream, steps_per_epoch, steps)
     callbacks = [
         stop,
+        *([curve] if args.eval_every else []),
         keras.callbacks.ModelCheckpoint(run_dir / "checkpoint.keras"),
         keras.callbacks.CSVLogger(str(run_dir / "log.csv")),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
     ]
     print(
-        f"\n[{name}] {steps} steps: {epochs} epoch(s) of at most {steps_per_epoch}",
+        f"\n[{name}] {steps} steps: {epochs} epoch(s) of at most {steps_per_epoch}; "
+        f"padding: {train_stream.padding_fraction(steps):.1%} of training token slots",
         flush=True,
     )
     start = time.perf_counter()
@@ -227,16 +324,20 @@ def train_and_evaluate(
         verbose=args.verbose,
     )
     train_seconds = time.perf_counter() - start
-    causal_lm.reset_state()
-    scores = causal_lm.evaluate(validation_stream, return_dict=True, verbose=0)
+    if args.eval_every:  # the curve's last point is the trained model's
+        final = curve.rows[-1]
+    else:
+        final = held_out_scores(causal_lm, validation_stream)
     return {
         "run": name,
         "memory_layers": list(causal_lm.backbone.memory_layer_indices),
         "memory_size": causal_lm.backbone.memory_size,
         "train_loss": history.history["token_nll"][-1],
-        "validation_nll": scores["token_nll"],
-        "validation_perplexity": math.exp(scores["token_nll"]),
-        "validation_accuracy": scores["accuracy"],
+        "validation_nll": final["validation_nll"],
+        "validation_perplexity": final["validation_perplexity"],
+        "validation_accuracy": final["validation_accuracy"],
+        "gates": final["gates"],
+        "curve": curve.rows,
         "train_seconds": round(train_seconds, 1),
         "steps": stop.done,
         "jit_compile": bool(causal_lm.jit_compile),
@@ -258,6 +359,23 @@ def markdown_table(results, header):
             f"| {r['run']} | {memory} | {r['validation_perplexity']:.3f} | "
             f"{r['validation_accuracy']:.3f} | {r['train_seconds']} |"
         )
+    curves = [r for r in results if r["curve"]]
+    if curves:
+        names = " | ".join(f"perplexity, {r['run']}" for r in curves)
+        ratio = " ratio |" if len(curves) == 2 else ""
+        lines += ["", f"| step | {names} |{ratio} gates |"]
+        lines.append("|---" * (len(curves) + 2 + bool(ratio)) + "|")
+        for rows in zip(*(r["curve"] for r in curves)):
+            values = [row["validation_perplexity"] for row in rows]
+            cells = " | ".join(f"{v:.3f}" for v in values)
+            if ratio:
+                cells += f" | {values[0] / values[1]:.3f}"
+            gates = "; ".join(
+                " ".join(f"{g:.2f}" for g in layer)
+                for row in rows
+                for layer in row["gates"]
+            )
+            lines.append(f"| {rows[0]['step']} | {cells} | {gates} |")
     return "\n".join(lines) + "\n"
 
 

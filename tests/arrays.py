@@ -29,3 +29,28 @@ def attention_weights(layer):
     if layer.smear_keys:
         weights["key_smear_logit"] = to_numpy(layer.key_smear_logit)
     return weights
+
+
+def stored_tokens(layer, training=False):
+    """What a layer's XL cache and memory of one mode hold, as NumPy arrays.
+
+    Only the slots that hold a token (the contents of empty slots are
+    arbitrary): a dict of the cache's mask and its keys and values where
+    the mask is set, and the memory's positions and keys and values where
+    a position is set (slot order).
+    """
+    stored = {}
+    cache = layer._cache(training)
+    if cache is not None:
+        keys, values, mask = (to_numpy(x) for x in cache.read())
+        stored.update(cache_mask=mask, cache_keys=keys[mask], cache_values=values[mask])
+    memory = getattr(layer, "train_memory" if training else "inference_memory", None)
+    if memory is not None:
+        positions = to_numpy(memory.positions)  # [slots, batch]
+        filled = positions >= 0
+        stored.update(
+            memory_positions=positions,
+            memory_keys=to_numpy(memory.keys)[filled],
+            memory_values=to_numpy(memory.values)[filled],
+        )
+    return stored

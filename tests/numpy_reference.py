@@ -5,23 +5,34 @@ deques for the FIFO memory, explicit loops over lanes and heads, float64.
 """
 
 import collections
-import math
+from fractions import Fraction
 
 import numpy as np
 
 
-def t5_bucket(relative_position, num_buckets=32, max_distance=128):
-    """Causal T5 bucket of one `key - query` distance (an int)."""
+def t5_bucket(relative_position, num_buckets=32, max_distance=128, bidirectional=False):
+    """T5 bucket of one `key - query` distance (an int), evaluated exactly.
+
+    T5 puts a distance `d >= m = num_buckets // 2` in bucket
+    `m + floor(L * log(d / m) / log(max_distance / m))`, `L = num_buckets - m`,
+    capped at the last bucket. The floor is the largest `k` with
+    `(d / m) ** L >= (max_distance / m) ** k`: compared here as fractions.
+    Bidirectional: keys after the query take the upper half of the buckets.
+    """
+    if bidirectional:
+        num_buckets //= 2
+        offset = num_buckets if relative_position > 0 else 0
+        return offset + t5_bucket(-abs(relative_position), num_buckets, max_distance)
     distance = max(-int(relative_position), 0)
     max_exact = num_buckets // 2
     if distance < max_exact:
         return distance
-    # T5 computes the logarithmic bucket in float32.
-    ratio = np.float32(np.log(np.float32(distance / max_exact))) / np.float32(
-        math.log(max_distance / max_exact)
-    )
-    bucket = max_exact + int(np.float32(ratio * (num_buckets - max_exact)))
-    return min(bucket, num_buckets - 1)
+    num_log = num_buckets - max_exact
+    scaled = Fraction(distance, max_exact) ** num_log
+    k = 0
+    while k < num_log - 1 and scaled >= Fraction(max_distance, max_exact) ** (k + 1):
+        k += 1
+    return max_exact + k
 
 
 def _normalize(x):
@@ -42,7 +53,9 @@ class NumpyKNNAttention:
             `output` kernel `[H, Dh, D]`, `relative_bias` `[buckets, H]`,
             `scale` `[H]`, `gate_bias` `[H]` (unused without memory), and
             optionally `key_smear_logit` `[H]`: each key is then mixed with
-            the previous key of its segment (smeared keys).
+            the raw key of the previous real token of its document (smeared
+            keys), carried across segments per lane when the layer keeps
+            lane state (`use_xl_cache` or `use_memory`), else of its segment.
         use_memory: `False` states `SegmentAttention`: local attention only.
     """
 
@@ -72,41 +85,38 @@ class NumpyKNNAttention:
         self.memory = [collections.deque(maxlen=memory_size) for _ in range(batch_size)]
         self.document_length = [0] * batch_size
         self.cache = [[] for _ in range(batch_size)]  # [(key, value) or None]
+        # Raw key [H, Dh] of each lane's last real token, or None.
+        self.last_key = [None] * batch_size
 
     def __call__(self, x, document_start=None, padding_mask=None):
         x = np.asarray(x, np.float64)
         batch, length, _ = x.shape
         if padding_mask is None:
             padding_mask = np.ones((batch, length), bool)
+        for b in range(batch):
+            if document_start is not None and document_start[b]:
+                self.memory[b].clear()
+                self.document_length[b] = 0
+                self.cache[b] = []
+                self.last_key[b] = None
         q = _normalize(np.einsum("btd,dnh->btnh", x, self.w["query"]))
         k = np.einsum("btd,dnh->btnh", x, self.w["key"])
         if "key_smear_logit" in self.w:
-            own = 1.0 / (1.0 + np.exp(-self.w["key_smear_logit"]))
-            smeared = k.copy()
-            for t in range(1, length):
-                for h in range(k.shape[2]):
-                    smeared[:, t, h] = (
-                        own[h] * k[:, t, h] + (1 - own[h]) * k[:, t - 1, h]
-                    )
-            for h in range(k.shape[2]):
-                smeared[:, 0, h] = own[h] * k[:, 0, h]
-            k = smeared
+            k = self._smear(k, padding_mask)
         k = _normalize(k)
         v = np.einsum("btd,dnh->btnh", x, self.w["value"])
         heads = q.shape[2]
         out = np.zeros_like(q)
         positions = np.full((batch, length, heads, self.num_neighbors), -1)
         for b in range(batch):
-            if document_start is not None and document_start[b]:
-                self.memory[b].clear()
-                self.document_length[b] = 0
-                self.cache[b] = []
             entries = [e for e in self.memory[b] if e is not None]
             cached = self.cache[b]
             for h in range(heads):
                 scale = self.w["scale"][h]
                 gate = 1.0 / (1.0 + np.exp(-self.w["gate_bias"][h]))
                 for i in range(length):
+                    if not padding_mask[b, i]:
+                        continue  # a padded query's output is undefined
                     # Local: cache (positions -C..-1) then the segment up to i.
                     keys, values, bias = [], [], []
                     for c, entry in enumerate(cached):
@@ -132,6 +142,25 @@ class NumpyKNNAttention:
                     positions[b, i, h, : len(top)] = [entries[t][2] for t in top]
             self._write(b, k[b], v[b], padding_mask[b])
         return np.einsum("btnh,nhd->btd", out, self.w["output"]), positions
+
+    def _smear(self, k, padding_mask):
+        """`own * k[t] + (1 - own) * k[previous real token]`, per head."""
+        own = 1.0 / (1.0 + np.exp(-self.w["key_smear_logit"]))
+        carry = self.use_xl_cache or self.use_memory
+        smeared = k.copy()
+        for b in range(k.shape[0]):
+            previous = self.last_key[b] if carry else None
+            for t in range(k.shape[1]):
+                for h in range(k.shape[2]):
+                    if previous is not None:  # else not mixed
+                        smeared[b, t, h] = (
+                            own[h] * k[b, t, h] + (1 - own[h]) * previous[h]
+                        )
+                if padding_mask[b, t]:
+                    previous = k[b, t]
+            if carry:
+                self.last_key[b] = previous
+        return smeared
 
     def _bias(self, relative_position, head):
         bucket = t5_bucket(relative_position, self.num_buckets, self.max_distance)

@@ -1,5 +1,6 @@
 import keras
 
+from keras_memtrans.layers.initializers import clone_initializer
 from keras_memtrans.layers.knn_attention import KNNAttention
 from keras_memtrans.layers.segment_attention import SegmentAttention
 
@@ -14,12 +15,17 @@ class DecoderBlock(keras.layers.Layer):
 
     Args:
         num_heads: int. Number of attention heads.
+        head_dim: int. Size of each attention head. Defaults to
+            `hidden_dim // num_heads`.
         intermediate_dim: int. Hidden size of the feedforward network.
         use_memory: bool. Whether attention also reads a kNN memory.
         memory_size: int. Tokens kept in memory per lane (with memory).
         num_neighbors: int. Memory entries each query retrieves.
         memory: `"auto"`, `"exact"` or `"scann"`: the kind of memory (see
             `KNNAttention`).
+        top_k: `"exact"` or `"approx"`: the exact memory's top-k (see
+            `KNNAttention`).
+        recall_target: float. Recall target of `top_k="approx"`.
         num_leaves: optional int. Tree partitions of each ScaNN searcher
             (ScaNN memory only; see `KNNAttention`).
         num_leaves_to_search: optional int. Partitions a ScaNN search
@@ -32,9 +38,13 @@ class DecoderBlock(keras.layers.Layer):
         layer_norm_epsilon: float. Epsilon of both layer norms.
         num_buckets: int. Relative position buckets (T5).
         max_distance: int. Relative distance of the last bucket (T5).
-        kernel_initializer: initializer of every kernel.
+        kernel_initializer: initializer of every kernel; each kernel gets
+            its own copy (`clone_initializer`).
         smear_keys: bool. Whether attention keys are mixed with the previous
             token's key (see `SegmentAttention`).
+        tie_query_key_init: bool. Whether each attention's key projection
+            starts as a copy of its query projection (see
+            `SegmentAttention`).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -66,10 +76,13 @@ class DecoderBlock(keras.layers.Layer):
         self,
         num_heads,
         intermediate_dim,
+        head_dim=None,
         use_memory=False,
         memory_size=8192,
         num_neighbors=32,
         memory="auto",
+        top_k="exact",
+        recall_target=0.95,
         num_leaves=None,
         num_leaves_to_search=None,
         batch_size=None,
@@ -81,15 +94,19 @@ class DecoderBlock(keras.layers.Layer):
         max_distance=128,
         kernel_initializer="glorot_uniform",
         smear_keys=False,
+        tie_query_key_init=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
+        self.head_dim = head_dim
         self.use_memory = use_memory
         self.memory_size = memory_size
         self.num_neighbors = num_neighbors
         self.memory = memory
+        self.top_k = top_k
+        self.recall_target = recall_target
         self.num_leaves = num_leaves
         self.num_leaves_to_search = num_leaves_to_search
         self.batch_size = batch_size
@@ -101,14 +118,17 @@ class DecoderBlock(keras.layers.Layer):
         self.max_distance = max_distance
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.smear_keys = smear_keys
+        self.tie_query_key_init = tie_query_key_init
         attention = dict(
             num_heads=num_heads,
+            head_dim=head_dim,
             batch_size=batch_size,
             use_xl_cache=use_xl_cache,
             num_buckets=num_buckets,
             max_distance=max_distance,
             kernel_initializer=self.kernel_initializer,
             smear_keys=smear_keys,
+            tie_query_key_init=tie_query_key_init,
             dtype=self.dtype_policy,
             name="attention",
         )
@@ -117,6 +137,8 @@ class DecoderBlock(keras.layers.Layer):
                 memory_size=memory_size,
                 num_neighbors=num_neighbors,
                 memory=memory,
+                top_k=top_k,
+                recall_target=recall_target,
                 num_leaves=num_leaves,
                 num_leaves_to_search=num_leaves_to_search,
                 **attention,
@@ -137,15 +159,22 @@ class DecoderBlock(keras.layers.Layer):
         self.attention_norm.build(input_shape)
         self.attention.build(input_shape)
         self.feedforward_norm.build(input_shape)
-        dense = dict(
-            kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy
-        )
         self.feedforward_intermediate = keras.layers.Dense(
-            self.intermediate_dim, name="feedforward_intermediate", **dense
+            self.intermediate_dim,
+            kernel_initializer=clone_initializer(
+                self.kernel_initializer, "feedforward_intermediate"
+            ),
+            dtype=self.dtype_policy,
+            name="feedforward_intermediate",
         )
         self.feedforward_intermediate.build(input_shape)
         self.feedforward_output = keras.layers.Dense(
-            hidden_dim, name="feedforward_output", **dense
+            hidden_dim,
+            kernel_initializer=clone_initializer(
+                self.kernel_initializer, "feedforward_output"
+            ),
+            dtype=self.dtype_policy,
+            name="feedforward_output",
         )
         self.feedforward_output.build((*input_shape[:-1], self.intermediate_dim))
         self.built = True
@@ -182,9 +211,9 @@ class DecoderBlock(keras.layers.Layer):
                 "was built with `use_memory=False`."
             )
 
-    def reset_state(self):
-        """Empties the attention's memories and caches."""
-        self.attention.reset_state()
+    def reset_state(self, training=None):
+        """Empties the attention's memories and caches (see `KNNAttention`)."""
+        self.attention.reset_state(training)
 
     def compute_output_spec(
         self,
@@ -207,10 +236,13 @@ class DecoderBlock(keras.layers.Layer):
             {
                 "num_heads": self.num_heads,
                 "intermediate_dim": self.intermediate_dim,
+                "head_dim": self.head_dim,
                 "use_memory": self.use_memory,
                 "memory_size": self.memory_size,
                 "num_neighbors": self.num_neighbors,
                 "memory": self.memory,
+                "top_k": self.top_k,
+                "recall_target": self.recall_target,
                 "num_leaves": self.num_leaves,
                 "num_leaves_to_search": self.num_leaves_to_search,
                 "batch_size": self.batch_size,
@@ -224,6 +256,7 @@ class DecoderBlock(keras.layers.Layer):
                     self.kernel_initializer
                 ),
                 "smear_keys": self.smear_keys,
+                "tie_query_key_init": self.tie_query_key_init,
             }
         )
         return config

@@ -56,8 +56,11 @@ class KNNAttention(SegmentAttention):
         num_buckets: int. Relative position buckets (T5).
         max_distance: int. Relative distance of the last bucket (T5).
         kernel_initializer: initializer of the projection kernels.
-        smear_keys: bool. Whether keys are mixed with the previous token's
-            key (see `SegmentAttention`); memory then holds the mixed keys.
+        smear_keys: bool. Whether keys are mixed with the previous real
+            token's key, across segments of a document (see
+            `SegmentAttention`); memory then holds the mixed keys.
+        tie_query_key_init: bool. Whether the key projection starts as a
+            copy of the query projection (see `SegmentAttention`).
         memory: `"exact"` (`ExactMemory`: in-graph ring buffer, exact
             top-k, compiles with XLA), `"scann"` (`ScannMemory`: host
             memory searched with ScaNN; turns `jit_compile` off on
@@ -119,6 +122,7 @@ class KNNAttention(SegmentAttention):
         max_distance=128,
         kernel_initializer="glorot_uniform",
         smear_keys=False,
+        tie_query_key_init=False,
         memory="auto",
         top_k="exact",
         recall_target=0.95,
@@ -135,6 +139,7 @@ class KNNAttention(SegmentAttention):
             max_distance=max_distance,
             kernel_initializer=kernel_initializer,
             smear_keys=smear_keys,
+            tie_query_key_init=tie_query_key_init,
             **kwargs,
         )
         check_positive_ints(memory_size=memory_size, num_neighbors=num_neighbors)
@@ -228,12 +233,13 @@ class KNNAttention(SegmentAttention):
         self._check_inputs(hidden_states, document_start, padding_mask)
         memory = self.train_memory if training else self.inference_memory
         cache = self._cache(training)
+        last_key = self._last_key(training)
         if document_start is not None:
-            memory.reset(document_start)
-            if cache is not None:
-                cache.reset(document_start)
+            for state in (memory, cache, last_key):
+                if state is not None:
+                    state.reset(document_start)
 
-        queries, keys, values = self._project(hidden_states)
+        queries, keys, values = self._project(hidden_states, padding_mask, last_key)
         scale = ops.cast(self.attention_scale, queries.dtype)
         local = self._local_attention(queries, keys, values, padding_mask, cache)
         memory_keys, memory_values, positions = memory.search(
@@ -262,11 +268,9 @@ class KNNAttention(SegmentAttention):
             return outputs, positions
         return outputs
 
-    def reset_state(self):
-        """Empties the training and inference memories (and caches)."""
-        super().reset_state()
-        self.train_memory.reset_state()
-        self.inference_memory.reset_state()
+    def _states(self, training):
+        memory = self.train_memory if training else self.inference_memory
+        return [*super()._states(training), memory]
 
     def compute_output_spec(
         self,

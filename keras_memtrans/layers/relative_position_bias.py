@@ -1,7 +1,34 @@
-import math
+import numbers
 
 import keras
+import numpy as np
 from keras import ops
+
+
+def bucket_boundaries(num_buckets, max_distance):
+    """The smallest causal distance of each of T5's buckets, exactly.
+
+    Distances `d < m = num_buckets // 2` get bucket `d`; bucket `m + k`
+    (`0 <= k < L = num_buckets - m`) starts at the smallest integer `d` with
+    `L * log(d / m) / log(max_distance / m) >= k`, that is
+    `d ** L >= max_distance ** k * m ** (L - k)`: compared in Python integers,
+    so a distance on a boundary (`18` for 12 buckets to 162) is never put a
+    bucket low as a float32 logarithm can. Requires `max_distance > m`.
+
+    Returns:
+        A list of `num_buckets` non-decreasing ints; a bucket that no integer
+        distance reaches starts where the next one does.
+    """
+    max_exact = num_buckets // 2
+    num_log = num_buckets - max_exact
+    starts = list(range(max_exact))
+    distance = max_exact
+    for k in range(num_log):
+        target = max_distance**k * max_exact ** (num_log - k)
+        while distance**num_log < target:
+            distance += 1
+        starts.append(distance)
+    return starts
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -13,6 +40,19 @@ class RelativePositionBias(keras.layers.Layer):
     share logarithmically wider buckets up to `max_distance`, beyond which
     all distances share the last bucket. Each bucket holds one learned bias
     per head that is added to the attention logits.
+
+    Buckets are T5's formula evaluated exactly. With `n = num_buckets`,
+    `d = max(query_position - key_position, 0)` (bidirectional: `n =
+    num_buckets // 2`, `d = |key_position - query_position|`, plus `n` for
+    keys after the query) and `m = n // 2`, the bucket is `d` if `d < m`, else
+    `min(n - 1, m + floor((n - m) * log(d / m) / log(max_distance / m)))`.
+    The bucket of each distance `0..max_distance` is decided once in Python
+    integers (see `bucket_boundaries`) and looked up in the graph, so every
+    backend and device gives the same buckets. T5 takes the logarithm in
+    float32, which may put a distance that lies exactly on a boundary one
+    bucket low, differently per backend (12 buckets to 162: distances 18 and
+    54 on JAX); for the defaults 32/128, causal or bidirectional, T5's
+    buckets and these are the same.
 
     Args:
         num_heads: int. Number of attention heads.
@@ -56,6 +96,12 @@ class RelativePositionBias(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        for value in (num_buckets, max_distance):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(
+                    "`num_buckets` and `max_distance` must be integers, got "
+                    f"num_buckets={num_buckets!r}, max_distance={max_distance!r}."
+                )
         exact_buckets = num_buckets // 2 if bidirectional else num_buckets
         if num_heads < 1:
             raise ValueError(f"`num_heads` must be >= 1, got {num_heads}.")
@@ -66,9 +112,13 @@ class RelativePositionBias(keras.layers.Layer):
                 "Use max_distance > num_buckets // 2 (// 4 if bidirectional)."
             )
         self.num_heads = num_heads
-        self.num_buckets = num_buckets
-        self.max_distance = max_distance
+        self.num_buckets = int(num_buckets)
+        self.max_distance = int(max_distance)
         self.bidirectional = bidirectional
+        # Causal bucket of each distance 0..max_distance (per side).
+        starts = bucket_boundaries(exact_buckets, self.max_distance)
+        distances = np.arange(self.max_distance + 1)
+        self._bucket_table = np.searchsorted(starts, distances, "right") - 1
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
 
     def build(self, input_shape=None):
@@ -82,23 +132,13 @@ class RelativePositionBias(keras.layers.Layer):
     def bucket(self, relative_positions):
         """Maps `key - query` distances to bucket ids in `[0, num_buckets)`."""
         distance = -ops.cast(relative_positions, "int32")
-        num_buckets = self.num_buckets
         offset = 0
         if self.bidirectional:
-            num_buckets //= 2
-            offset = ops.where(distance < 0, num_buckets, 0)
+            offset = ops.where(distance < 0, self.num_buckets // 2, 0)
             distance = ops.abs(distance)
-        else:
-            distance = ops.maximum(distance, 0)
-        max_exact = num_buckets // 2
-        # Logarithmic bucket for distances >= max_exact; the maximum() keeps
-        # log() finite where the exact branch is taken anyway.
-        log_ratio = ops.log(
-            ops.cast(ops.maximum(distance, max_exact), "float32") / max_exact
-        ) / math.log(self.max_distance / max_exact)
-        large = max_exact + ops.cast(log_ratio * (num_buckets - max_exact), "int32")
-        large = ops.minimum(large, num_buckets - 1)
-        return offset + ops.where(distance < max_exact, distance, large)
+        distance = ops.clip(distance, 0, self.max_distance)
+        table = ops.convert_to_tensor(self._bucket_table, "int32")
+        return offset + ops.take(table, distance, axis=0)
 
     def call(self, relative_positions):
         buckets = self.bucket(relative_positions)

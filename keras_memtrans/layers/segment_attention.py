@@ -3,7 +3,10 @@ import math
 import keras
 from keras import ops
 
+from keras_memtrans.layers.initializers import clone_initializer
 from keras_memtrans.layers.relative_position_bias import RelativePositionBias
+from keras_memtrans.memory.last_key import LastKey
+from keras_memtrans.memory.last_key import previous_real_keys
 from keras_memtrans.memory.segment_cache import SegmentCache
 from keras_memtrans.validation import check_positive_ints
 
@@ -47,14 +50,27 @@ class SegmentAttention(keras.layers.Layer):
             previous one of its lane.
         num_buckets: int. Relative position buckets (T5).
         max_distance: int. Relative distance of the last bucket (T5).
-        kernel_initializer: initializer of the projection kernels.
+        kernel_initializer: initializer of the projection kernels; each
+            projection gets its own copy (`clone_initializer`).
         smear_keys: bool. Whether each key is mixed with the key of the
             previous token, `sigmoid(a) * k[t] + (1 - sigmoid(a)) * k[t-1]`
             with a learned per-head `a` (Olsson et al.'s "smeared keys"),
             before normalisation. A query can then find the tokens that
             *follow* its own token, which lets a single layer copy what came
-            next (an induction head) and speeds up learning it. The first
-            key of each segment has no predecessor and is not mixed.
+            next (an induction head) and speeds up learning it. The previous
+            token is the previous real (unpadded) token of the document:
+            padding never enters a key. For the first real token of a
+            segment it is the last real token of the lane's previous
+            segment when the layer keeps per-lane state (XL cache or
+            memory) and the document continues; otherwise the key is not
+            mixed.
+        tie_query_key_init: bool. Whether the key projection starts as a
+            copy of the query projection (the two then train apart; values
+            and outputs are drawn on their own). Every query then matches
+            its own and similar tokens from the first step, which speeds up
+            learning to copy in small models (docs/results.md measures it
+            against independent initialisation). Off by default, as in the
+            paper.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -93,6 +109,7 @@ class SegmentAttention(keras.layers.Layer):
         max_distance=128,
         kernel_initializer="glorot_uniform",
         smear_keys=False,
+        tie_query_key_init=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -110,6 +127,7 @@ class SegmentAttention(keras.layers.Layer):
         self.max_distance = max_distance
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.smear_keys = smear_keys
+        self.tie_query_key_init = tie_query_key_init
 
     @property
     def needs_fixed_batch(self):
@@ -150,16 +168,22 @@ class SegmentAttention(keras.layers.Layer):
             projection = keras.layers.EinsumDense(
                 "btd,dnh->btnh",
                 output_shape=(None, *heads),
-                kernel_initializer=self.kernel_initializer,
+                kernel_initializer=clone_initializer(
+                    self.kernel_initializer, f"{name}_projection"
+                ),
                 dtype=self.dtype_policy,
                 name=f"{name}_projection",
             )
             projection.build(input_shape)
             setattr(self, f"{name}_projection", projection)
+        if self.tie_query_key_init:
+            self.key_projection.kernel.assign(self.query_projection.kernel)
         self.output_projection = keras.layers.EinsumDense(
             "btnh,nhd->btd",
             output_shape=(None, hidden_dim),
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=clone_initializer(
+                self.kernel_initializer, "output_projection"
+            ),
             dtype=self.dtype_policy,
             name="output_projection",
         )
@@ -194,6 +218,17 @@ class SegmentAttention(keras.layers.Layer):
                 )
                 cache.build()
                 setattr(self, f"{mode}_cache", cache)
+        if self.smear_keys and self.needs_fixed_batch:
+            for mode in ("train", "inference"):
+                last_key = LastKey(
+                    batch_size=self.batch_size,
+                    num_heads=self.num_heads,
+                    head_dim=self.head_dim,
+                    dtype=self.dtype_policy,
+                    name=f"{mode}_last_key",
+                )
+                last_key.build()
+                setattr(self, f"{mode}_last_key", last_key)
         self.built = True
 
     def _check_batch(self, batch_size):
@@ -242,15 +277,31 @@ class SegmentAttention(keras.layers.Layer):
             return None
         return self.train_cache if training else self.inference_cache
 
-    def _project(self, hidden_states):
-        """Normalised queries and keys, and values: `[batch, seg, heads, dim]`."""
+    def _last_key(self, training):
+        """The smeared-keys state of one mode, if the layer keeps one."""
+        if not (self.smear_keys and self.needs_fixed_batch):
+            return None
+        return self.train_last_key if training else self.inference_last_key
+
+    def _project(self, hidden_states, padding_mask=None, last_key=None):
+        """Normalised queries and keys, and values: `[batch, seg, heads, dim]`.
+
+        With `smear_keys`, reads and then advances the `last_key` state.
+        """
         queries = l2_normalize(self.query_projection(hidden_states))
         keys = self.key_projection(hidden_states)  # [batch, seg, heads, dim]
         if self.smear_keys:
-            previous = ops.pad(keys[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0)))
-            own = ops.cast(ops.sigmoid(self.key_smear_logit), keys.dtype)[:, None]
-            keys = own * keys + (1.0 - own) * previous  # [batch, seg, heads, dim]
+            keys = self._smear(keys, padding_mask, last_key)
         return queries, l2_normalize(keys), self.value_projection(hidden_states)
+
+    def _smear(self, keys, padding_mask, last_key):
+        """Mixes each key with the raw key of the previous real token."""
+        carried = None if last_key is None else last_key.read()[0]
+        previous, last, found = previous_real_keys(keys, padding_mask, carried)
+        if last_key is not None:
+            last_key.write(last, found)
+        own = ops.cast(ops.sigmoid(self.key_smear_logit), keys.dtype)[:, None]
+        return own * keys + (1.0 - own) * previous  # [batch, seg, heads, dim]
 
     def _local_attention(self, queries, keys, values, padding_mask, cache):
         """Causal attention over the segment (and cache) with relative bias."""
@@ -285,20 +336,34 @@ class SegmentAttention(keras.layers.Layer):
     ):
         self._check_inputs(hidden_states, document_start, padding_mask)
         cache = self._cache(training)
-        if cache is not None and document_start is not None:
-            cache.reset(document_start)
-        queries, keys, values = self._project(hidden_states)
+        last_key = self._last_key(training)
+        if document_start is not None:
+            for state in (cache, last_key):
+                if state is not None:
+                    state.reset(document_start)
+        queries, keys, values = self._project(hidden_states, padding_mask, last_key)
         attended = self._local_attention(queries, keys, values, padding_mask, cache)
         if cache is not None:
             cache.write(keys, values, padding_mask)
         return self.output_projection(attended)
 
-    def reset_state(self):
-        """Empties the training and inference caches."""
-        for training in (True, False):
-            cache = self._cache(training)
-            if cache is not None:
-                cache.reset_state()
+    def _states(self, training):
+        """The per-lane state layers of one mode (training or inference)."""
+        states = (self._cache(training), self._last_key(training))
+        return [state for state in states if state is not None]
+
+    def reset_state(self, training=None):
+        """Empties per-lane state: both modes by default, else one.
+
+        Args:
+            training: `None` empties the training and the inference state;
+                `True` only the training state (what `fit` reads), `False`
+                only the inference state (`evaluate`, `predict`, generation).
+        """
+        modes = (True, False) if training is None else (bool(training),)
+        for mode in modes:
+            for state in self._states(mode):
+                state.reset_state()
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -317,6 +382,7 @@ class SegmentAttention(keras.layers.Layer):
                     self.kernel_initializer
                 ),
                 "smear_keys": self.smear_keys,
+                "tie_query_key_init": self.tie_query_key_init,
             }
         )
         return config

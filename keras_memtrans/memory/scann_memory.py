@@ -7,6 +7,9 @@ from keras import ops
 
 from keras_memtrans.memory.host import host_call
 from keras_memtrans.memory.host import host_call_supports_jit
+from keras_memtrans.memory.scann_index import delete_slots
+from keras_memtrans.memory.scann_index import exact_top_slots
+from keras_memtrans.memory.scann_index import min_index_entries
 from keras_memtrans.validation import check_positive_ints
 
 
@@ -39,9 +42,13 @@ class ScannMemory(keras.layers.Layer):
     are built from its entries; from then on every write `upsert`s its slot
     in place (the evicted entry is replaced, never returned) and a padded
     token `delete`s it. Once the lane has been rewritten `memory_size` times
-    since the build, its trees are rebuilt on the current keys. Resetting a
-    lane drops its searchers. While `read_only` is `True` (when the host
-    call runs), `reset` and `append` do nothing (`generate()` uses it).
+    since the build, its trees are rebuilt on the current keys. A lane left
+    with fewer than `max(16, 8 * num_leaves)` entries (a finished document
+    fed padding) drops its searchers and is searched exactly until it again
+    holds `memory_size // 2`: k-means cannot train the trees on so few keys.
+    Resetting a lane drops its searchers. While `read_only` is `True` (when
+    the host call runs), `reset` and `append` do nothing (`generate()` uses
+    it).
 
     Its contents are not saved with the model: `save_memory(path)` and
     `load_memory(path)` store and restore them to resume a long document.
@@ -102,11 +109,12 @@ class ScannMemory(keras.layers.Layer):
         leaves = num_leaves or max(
             1, min(round(math.sqrt(memory_size)), memory_size // 16)
         )
-        if memory_size // 2 < max(16, 8 * leaves):
+        self._min_entries = min_index_entries(leaves)
+        if memory_size // 2 < self._min_entries:
             raise ValueError(
                 f"`memory_size` ({memory_size}) is too small for {leaves} tree "
                 f"leaves: the index is built at memory_size // 2 entries, which "
-                f"must be at least max(16, 8 * num_leaves) = {max(16, 8 * leaves)}."
+                f"must be at least max(16, 8 * num_leaves) = {self._min_entries}."
             )
         self.batch_size = batch_size
         self.num_heads = num_heads
@@ -176,22 +184,10 @@ class ScannMemory(keras.layers.Layer):
 
     def _update_index(self, lane, slots):
         """Upserts the written `slots` of an indexed lane, deletes padded ones."""
-        index_slots = self._index_slots[lane]
-        slot_index = np.full((self.memory_size,), -1, "int64")
-        slot_index[index_slots] = np.arange(len(index_slots))
         filled = self._positions[lane, slots] >= 0
-        # ScaNN's delete moves the last index into the deleted one; mirror it.
-        deleted = []
-        for slot in slots[~filled]:
-            index = int(slot_index[slot])
-            if index < 0:
-                continue
-            last = len(index_slots) - 1
-            slot_index[index_slots[last]] = index
-            index_slots[index] = index_slots[last]
-            index_slots = index_slots[:last]
-            slot_index[slot] = -1
-            deleted.append(index)
+        index_slots, slot_index, deleted = delete_slots(
+            self._index_slots[lane], slots[~filled], self.memory_size
+        )
         written = slots[filled]
         indices = [int(i) if i >= 0 else None for i in slot_index[written]]
         new_slots = written[slot_index[written] < 0]
@@ -215,31 +211,28 @@ class ScannMemory(keras.layers.Layer):
         self._positions[:, slots] = np.where(mask, positions, -1)
         self._next_slot = int((self._next_slot + segment_length) % self.memory_size)
         self._document_length += mask.sum(axis=1).astype("int32")
+        entries = np.count_nonzero(self._positions >= 0, axis=1)  # [batch]
         for lane in range(self.batch_size):
-            if self._searchers[lane] is not None:
+            if self._searchers[lane] is None:
+                if entries[lane] >= self.memory_size // 2:
+                    self._build(lane)
+            elif entries[lane] < self._min_entries:  # searched exactly
+                self._searchers[lane] = self._index_slots[lane] = None
+            else:
                 self._writes_since_build[lane] += segment_length
                 if self._writes_since_build[lane] >= self.memory_size:
                     self._build(lane)
                 else:
                     self._update_index(lane, slots)
-            elif np.sum(self._positions[lane] >= 0) >= self.memory_size // 2:
-                self._build(lane)
         return ()
 
     def _lane_slots(self, lane, queries, num_neighbors):
         """Slots `[query, heads, k]` (-1: none) of one lane's top-k."""
-        num_queries = queries.shape[0]
-        found = np.full((num_queries, self.num_heads, num_neighbors), -1, "int64")
         if self._searchers[lane] is None:
             slots = np.flatnonzero(self._positions[lane] >= 0)
-            k = min(num_neighbors, len(slots))
-            if k == 0:
-                return found
-            # [query, heads, filled slots]
-            scores = np.einsum("qhd,hnd->qhn", queries, self._keys[lane][:, slots])
-            best = np.argpartition(-scores, k - 1, axis=-1)[..., :k]
-            found[..., :k] = slots[best]
-            return found
+            return exact_top_slots(queries, self._keys[lane], slots, num_neighbors)
+        num_queries = queries.shape[0]
+        found = np.full((num_queries, self.num_heads, num_neighbors), -1, "int64")
         index_slots = self._index_slots[lane]
         k = min(num_neighbors, len(index_slots))
         for head, searcher in enumerate(self._searchers[lane]):

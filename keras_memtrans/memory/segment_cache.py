@@ -95,7 +95,9 @@ class SegmentCache(keras.layers.Layer):
             variable.assign(ops.stop_gradient(update))
         if padding_mask is None:
             padding_mask = ops.ones(self.mask.shape, dtype="bool")
-        self.mask.assign(ops.cast(padding_mask, "bool"))
+        # A copy: every layer's cache gets the same mask, and a variable
+        # must own its buffer (JAX's `fit` donates each one to the step).
+        self.mask.assign(ops.copy(ops.cast(padding_mask, "bool")))
 
     def reset_state(self):
         """Empties every lane."""

@@ -23,6 +23,8 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         vocabulary_size: int. Size of the token vocabulary.
         num_layers: int. Number of decoder blocks.
         num_heads: int. Attention heads per block.
+        head_dim: int. Size of each attention head. Defaults to
+            `hidden_dim // num_heads`.
         hidden_dim: int. Model width.
         intermediate_dim: int. Feedforward hidden size.
         batch_size: int. Number of lanes.
@@ -34,6 +36,9 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         num_neighbors: int. Memory entries each query retrieves.
         memory: `"auto"`, `"exact"` or `"scann"`: the kind of memory (see
             `KNNAttention`; `"auto"` picks ScaNN from 32K tokens).
+        top_k: `"exact"` or `"approx"`: the exact memory's top-k (see
+            `KNNAttention`).
+        recall_target: float. Recall target of `top_k="approx"`.
         num_leaves: optional int. Tree partitions of each ScaNN searcher
             (ScaNN memory only; see `KNNAttention`).
         num_leaves_to_search: optional int. Partitions a ScaNN search
@@ -42,6 +47,10 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         smear_keys: bool. Whether every block mixes each attention key with
             the previous token's key (see `SegmentAttention`): not in the
             paper; it makes copying from memory quick to learn.
+        tie_query_key_init: bool. Whether every attention's key projection
+            starts as a copy of its query projection (see
+            `SegmentAttention`): not in the paper; it speeds up learning to
+            copy in small models.
         dropout: float. Dropout rate in every block.
         layer_norm_epsilon: float.
         tie_word_embeddings: bool. Whether the output projection reuses the
@@ -84,14 +93,18 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         intermediate_dim,
         batch_size,
         segment_length,
+        head_dim=None,
         memory_layer_indices=(-4,),
         memory_size=8192,
         num_neighbors=32,
         memory="auto",
+        top_k="exact",
+        recall_target=0.95,
         num_leaves=None,
         num_leaves_to_search=None,
         use_xl_cache=True,
         smear_keys=False,
+        tie_query_key_init=False,
         dropout=0.0,
         layer_norm_epsilon=1e-6,
         tie_word_embeddings=True,
@@ -129,15 +142,19 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
             DecoderBlock(
                 num_heads=num_heads,
                 intermediate_dim=intermediate_dim,
+                head_dim=head_dim,
                 use_memory=i in memory_layers,
                 memory_size=memory_size,
                 num_neighbors=num_neighbors,
                 memory=memory,
+                top_k=top_k,
+                recall_target=recall_target,
                 num_leaves=num_leaves,
                 num_leaves_to_search=num_leaves_to_search,
                 batch_size=batch_size,
                 use_xl_cache=use_xl_cache,
                 smear_keys=smear_keys,
+                tie_query_key_init=tie_query_key_init,
                 dropout=dropout,
                 layer_norm_epsilon=layer_norm_epsilon,
                 dtype=dtype,
@@ -182,14 +199,18 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         self.intermediate_dim = intermediate_dim
         self.batch_size = batch_size
         self.segment_length = segment_length
+        self.head_dim = head_dim
         self.memory_layer_indices = tuple(memory_layer_indices)
         self.memory_size = memory_size
         self.num_neighbors = num_neighbors
         self.memory = memory
+        self.top_k = top_k
+        self.recall_target = recall_target
         self.num_leaves = num_leaves
         self.num_leaves_to_search = num_leaves_to_search
         self.use_xl_cache = use_xl_cache
         self.smear_keys = smear_keys
+        self.tie_query_key_init = tie_query_key_init
         self.dropout = dropout
         self.layer_norm_epsilon = layer_norm_epsilon
         self.tie_word_embeddings = tie_word_embeddings
@@ -201,10 +222,16 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
             block.attention for block in self.transformer_layers if block.use_memory
         ]
 
-    def reset_state(self):
-        """Empties every memory and cache (training and inference)."""
+    def reset_state(self, training=None):
+        """Empties every memory and cache.
+
+        Args:
+            training: `None` empties the training and the inference state;
+                `True` only the training state, `False` only the inference
+                state.
+        """
         for block in self.transformer_layers:
-            block.reset_state()
+            block.reset_state(training)
 
     def get_config(self):
         config = super().get_config()
@@ -217,14 +244,18 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
                 "intermediate_dim": self.intermediate_dim,
                 "batch_size": self.batch_size,
                 "segment_length": self.segment_length,
+                "head_dim": self.head_dim,
                 "memory_layer_indices": list(self.memory_layer_indices),
                 "memory_size": self.memory_size,
                 "num_neighbors": self.num_neighbors,
                 "memory": self.memory,
+                "top_k": self.top_k,
+                "recall_target": self.recall_target,
                 "num_leaves": self.num_leaves,
                 "num_leaves_to_search": self.num_leaves_to_search,
                 "use_xl_cache": self.use_xl_cache,
                 "smear_keys": self.smear_keys,
+                "tie_query_key_init": self.tie_query_key_init,
                 "dropout": self.dropout,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "tie_word_embeddings": self.tie_word_embeddings,

@@ -84,18 +84,25 @@ class MemorizingTransformerCausalLM(keras.Model):
         """Configures training, with keras-hub `CausalLM` defaults.
 
         `"auto"` gives AdamW (learning rate 1e-3, weight decay 0.01), sparse
-        categorical cross-entropy on logits, and token accuracy weighted by
-        the sample weights (padding counts for nothing). The loss keeps
-        Keras' default reduction, as keras-hub's `CausalLM` does: padded
-        positions weigh 0 but still count in the batch mean, so the
-        reported `loss` is below the per-token loss on batches with padding;
-        add a weighted `SparseCategoricalCrossentropy` metric (as
-        `recipes.train` does with `token_nll`) for the per-token value.
+        categorical cross-entropy on logits averaged over the real target
+        tokens (`reduction="mean_with_sample_weight"`: padding, weighted 0
+        by the streamer, neither counts nor scales the gradient), and token
+        accuracy weighted the same way.
+
+        Weight decay, when the optimizer has one, applies to the matmul
+        kernels and the token embedding only: biases, layer norms, the
+        attention scales, memory gates, key-smear logits and relative
+        position biases are excluded, as in the reference trainers.
         """
         if optimizer == "auto":
             optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.01)
+        optimizer = keras.optimizers.get(optimizer)
+        if getattr(optimizer, "weight_decay", None) and not optimizer.built:
+            optimizer.exclude_from_weight_decay(var_list=self._not_decayed())
         if loss == "auto":
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            loss = keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction="mean_with_sample_weight"
+            )
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy("accuracy")]
         super().compile(
@@ -105,15 +112,27 @@ class MemorizingTransformerCausalLM(keras.Model):
             **kwargs,
         )
 
+    def _not_decayed(self):
+        """Trainable variables other than matmul kernels and embeddings."""
+        decayed = set()
+        for layer in self._flatten_layers():
+            if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+                decayed.add(id(layer.kernel))
+            elif isinstance(layer, keras.layers.Embedding):
+                decayed.add(id(layer.embeddings))
+                if getattr(layer, "reverse_embeddings", None) is not None:
+                    decayed.add(id(layer.reverse_embeddings))
+        return [v for v in self.trainable_variables if id(v) not in decayed]
+
     def compile_from_config(self, config):
         """Re-compiles on `load_model`, so a checkpoint resumes its optimizer."""
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
-    def reset_state(self):
-        """Empties every memory and cache of the backbone."""
-        self.backbone.reset_state()
+    def reset_state(self, training=None):
+        """Empties the backbone's memories and caches (see the backbone's)."""
+        self.backbone.reset_state(training)
 
     def generate(self, prompts, max_new_tokens=32, temperature=0.0, seed=None):
         """Continues prompts after reading them, segment by segment, into memory.

@@ -13,9 +13,11 @@ class SegmentGenerator:
     segment and then appends all of it to memory. Generation therefore
     keeps a *current* segment of up to `segment_length` tokens:
 
-    1. Every prompt is left-padded to the longest one, so all lanes reach
-       segment borders together; the complete segments before the last one
-       are read normally, filling the (inference) memory and XL cache.
+    1. Every prompt is left-padded to the same whole number of segments,
+       so all lanes reach segment borders together and each prompt's
+       borders depend on its own length only (padding is neither attended
+       to nor stored); the complete segments before the last one are read
+       normally, filling the (inference) memory and XL cache.
     2. Each new token comes from a read-only call on the current segment:
        `stateless_call` on the current values of the model's variables
        (memory and cache included), whose updated values are dropped, so
@@ -28,6 +30,10 @@ class SegmentGenerator:
 
     A host memory (`ScannMemory`) keeps its state outside the model's
     variables, so it is set `read_only` for the read-only steps instead.
+
+    Generation reads and writes the inference memories and caches only:
+    the training state that `fit` streams into is never touched, so a
+    callback may generate in the middle of training.
 
     Args:
         causal_lm: a `MemorizingTransformerCausalLM`.
@@ -69,7 +75,7 @@ class SegmentGenerator:
         tokens, mask = self._left_pad(prompts)
         length = self.segment_length
         complete = (tokens.shape[1] - 1) // length
-        self.causal_lm.reset_state()
+        self.causal_lm.reset_state(training=False)
         for step in range(complete):
             window = slice(step * length, (step + 1) * length)
             self._read(tokens[:, window], mask[:, window], document_start=step == 0)
@@ -93,7 +99,11 @@ class SegmentGenerator:
         return np.stack(generated, axis=1)[: len(prompts)]
 
     def _left_pad(self, prompts):
+        # A whole number of segments: each prompt then sits on the segment
+        # grid by its own length alone, so the other prompts' lengths change
+        # neither its segment borders nor its continuation.
         longest = max(len(p) for p in prompts)
+        longest = -(-longest // self.segment_length) * self.segment_length
         tokens = np.zeros((self.batch_size, longest), "int32")
         mask = np.zeros((self.batch_size, longest), bool)
         for lane, prompt in enumerate(prompts):

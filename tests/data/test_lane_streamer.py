@@ -1,87 +1,109 @@
+import itertools
 import math
+import pickle
+import threading
 
 import keras
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from keras import ops
 
 from keras_memtrans.data import LaneStreamer
 
 VOCABULARY = 16
 
 
-def read_epoch(streamer):
-    """All batches of the current epoch; checks shapes, dtypes and padding."""
-    shape = (streamer.batch_size, streamer.segment_length)
-    batches = []
-    for index in range(len(streamer)):
-        inputs, targets, sample_weight = streamer[index]
-        assert set(inputs) == {"token_ids", "document_start", "padding_mask"}
-        token_ids = inputs["token_ids"]
-        mask = inputs["padding_mask"]
-        assert token_ids.shape == targets.shape == mask.shape == shape
-        assert sample_weight.shape == shape
-        assert inputs["document_start"].shape == (streamer.batch_size,)
-        assert token_ids.dtype == targets.dtype == np.int32
-        assert mask.dtype == inputs["document_start"].dtype == bool
-        assert sample_weight.dtype == np.float32
-        np.testing.assert_array_equal(sample_weight, mask.astype("float32"))
-        widths = mask.sum(axis=1)
-        positions = np.arange(streamer.segment_length)
-        np.testing.assert_array_equal(mask, positions < widths[:, None])
-        assert (token_ids[~mask] == streamer.pad_id).all()
-        assert (targets[~mask] == streamer.pad_id).all()
-        batches.append((inputs, targets))
-    return batches
-
-
-def reconstruct(streamer):
-    """Rebuilds documents per lane, split at `document_start` flags.
-
-    Checks that a lane is busy from the first batch until it runs out of
-    documents, that only a document's last segment is partial, that targets
-    are the inputs shifted by one, and that no lane idles while a document
-    is still to start. Returns the documents in the order they start.
-    """
-    starts, records = [], []
-    current = {}
-    idle_from = {}
-    for step, (inputs, targets) in enumerate(read_epoch(streamer)):
-        for lane in range(streamer.batch_size):
-            width = int(inputs["padding_mask"][lane].sum())
-            if width == 0:
-                assert not inputs["document_start"][lane]
-                idle_from.setdefault(lane, step)
-                continue
-            assert lane not in idle_from, "a lane resumed after idling"
-            if inputs["document_start"][lane]:
-                current[lane] = {"inputs": [], "targets": [], "widths": []}
-                records.append(current[lane])
-                starts.append((step, lane))
-            assert lane in current, "a segment continues no document"
-            current[lane]["inputs"] += inputs["token_ids"][lane, :width].tolist()
-            current[lane]["targets"] += targets[lane, :width].tolist()
-            current[lane]["widths"].append(width)
-    for lane, idle_step in idle_from.items():
-        assert all(start < (idle_step, lane) for start in starts)
-    documents = []
-    for record in records:
-        widths = record["widths"]
-        assert all(width == streamer.segment_length for width in widths[:-1])
-        assert record["targets"][:-1] == record["inputs"][1:]
-        documents.append(record["inputs"] + record["targets"][-1:])
-    return documents
-
-
-def expected_documents(documents, streamer):
-    return [list(documents[index]) for index in streamer.document_order]
-
-
 def make_documents(lengths, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.integers(1, VOCABULARY, size=length) for length in lengths]
+
+
+def expected_orders(documents, shuffle, seed, passes):
+    """Pass orders by the documented rule, as indices into `documents`."""
+    usable = np.array([i for i, doc in enumerate(documents) if len(doc) > 1])
+    return [
+        usable[np.random.default_rng((seed, p)).permutation(len(usable))].tolist()
+        if shuffle
+        else usable.tolist()
+        for p in range(passes)
+    ]
+
+
+def reference_deal(documents, batch_size, segment_length, orders, num_steps):
+    """`(document, segment)` per step and lane (`(-1, 0)`: idle), dealt step
+    by step: each free lane, in lane order, takes the next document."""
+    queue = itertools.chain.from_iterable(orders)
+    lanes = [None] * batch_size
+    table = []
+    for _ in range(num_steps):
+        for lane, current in enumerate(lanes):
+            if current is not None:
+                document, segment = current
+                if (segment + 1) * segment_length < len(documents[document]) - 1:
+                    lanes[lane] = (document, segment + 1)
+                    continue
+            document = next(queue, None)
+            lanes[lane] = None if document is None else (document, 0)
+        table.append([lane or (-1, 0) for lane in lanes])
+    return np.array(table).reshape(num_steps, batch_size, 2)
+
+
+def check_item(streamer, item):
+    """Checks an item's structure, dtypes and padding; returns it."""
+    inputs, targets, sample_weight = item
+    shape = (streamer.batch_size, streamer.segment_length)
+    assert set(inputs) == {"token_ids", "document_start", "padding_mask"}
+    token_ids, mask = inputs["token_ids"], inputs["padding_mask"]
+    assert token_ids.shape == targets.shape == mask.shape == sample_weight.shape
+    assert token_ids.shape == shape
+    assert inputs["document_start"].shape == (streamer.batch_size,)
+    assert token_ids.dtype == targets.dtype == np.int32
+    assert mask.dtype == inputs["document_start"].dtype == bool
+    assert sample_weight.dtype == np.float32
+    np.testing.assert_array_equal(sample_weight, mask.astype("float32"))
+    positions = np.arange(streamer.segment_length)
+    np.testing.assert_array_equal(mask, positions < mask.sum(axis=1)[:, None])
+    assert (token_ids[~mask] == streamer.pad_id).all()
+    assert (targets[~mask] == streamer.pad_id).all()
+    return item
+
+
+def reconstruct(inputs_list, segment_length):
+    """Rebuilds each lane's documents from its segments' inputs, split at
+    `document_start`; an idle (fully padded) segment ends a document.
+
+    Checks that a lane's segment continues the document it carries and that
+    only a document's last segment is partial. Returns `(inputs, finished)`
+    per document in the order they start; `finished` is False when the
+    batches end first.
+    """
+    records, current = [], {}
+    for inputs in inputs_list:
+        for lane, width in enumerate(inputs["padding_mask"].sum(axis=1)):
+            start = inputs["document_start"][lane]
+            if (start or width == 0) and lane in current:
+                current.pop(lane)[1] = True
+            if start:
+                current[lane] = [[], False]
+                records.append(current[lane])
+            if width == 0:
+                assert not start
+                continue
+            assert lane in current, "a segment continues no document"
+            tokens = current[lane][0]
+            assert len(tokens) % segment_length == 0, "a partial segment continues"
+            tokens += inputs["token_ids"][lane, :width].tolist()
+    return [tuple(record) for record in records]
+
+
+def assert_documents_in_order(rebuilt, documents, orders):
+    """Documents rebuilt from lanes are `orders`' documents in turn, whole
+    (the ones the batches cut short: a prefix)."""
+    expected = [list(documents[i][:-1]) for i in itertools.chain.from_iterable(orders)]
+    assert len(rebuilt) <= len(expected)
+    for (tokens, finished), want in zip(rebuilt, expected):
+        assert tokens == (want if finished else want[: len(tokens)])
 
 
 document_lists = st.lists(
@@ -97,125 +119,107 @@ lane_settings = dict(
 )
 
 
-@given(documents=document_lists, pad_id=st.integers(0, 3), **lane_settings)
-def test_every_document_streams_whole_in_one_lane(
-    documents, batch_size, segment_length, shuffle, seed, pad_id
+@given(
+    documents=document_lists,
+    repeat=st.booleans(),
+    pad_id=st.integers(0, 3),
+    **lane_settings,
+)
+def test_stream_matches_a_step_by_step_deal(
+    documents, batch_size, segment_length, shuffle, seed, repeat, pad_id
 ):
     documents = [np.array(document, dtype="int64") for document in documents]
     streamer = LaneStreamer(
-        documents,
-        batch_size=batch_size,
-        segment_length=segment_length,
-        shuffle=shuffle,
-        seed=seed,
-        pad_id=pad_id,
+        documents, batch_size, segment_length, shuffle, repeat, seed, pad_id
     )
-    usable = [index for index, document in enumerate(documents) if len(document) > 1]
+    usable = [i for i, document in enumerate(documents) if len(document) > 1]
     assert streamer.skipped_documents == len(documents) - len(usable)
     assert streamer.num_documents == len(usable)
-    segments = [
-        math.ceil((len(documents[index]) - 1) / segment_length) for index in usable
-    ]
-    num_batches = len(streamer)
-    for epoch in range(3):
-        assert streamer.epoch == epoch
-        assert len(streamer) == num_batches
-        assert sorted(streamer.document_order) == usable
-        if not shuffle:
-            assert streamer.document_order == usable
-        assert reconstruct(streamer) == expected_documents(documents, streamer)
-        streamer.on_epoch_end()
-    if shuffle:
-        longest, total = max(segments), sum(segments)
-        assert num_batches == (total - longest) // batch_size + longest
-    else:
-        last_inputs, _, _ = streamer[num_batches - 1]
-        assert last_inputs["padding_mask"].any(), "no fully padded tail"
-
-
-@given(documents=document_lists, **lane_settings)
-def test_batch_contents_locate_every_lane_in_its_document(
-    documents, batch_size, segment_length, shuffle, seed
-):
-    documents = [np.array(document, dtype="int64") for document in documents]
-    streamer = LaneStreamer(
-        documents, batch_size, segment_length, shuffle=shuffle, seed=seed
-    )
-    for index in range(len(streamer)):
-        inputs, targets, _ = streamer[index]
+    segments = sum(math.ceil((len(documents[i]) - 1) / segment_length) for i in usable)
+    assert streamer.steps_per_pass == math.ceil(segments / batch_size)
+    num_steps = 3 * streamer.steps_per_pass + 1 if repeat else len(streamer)
+    # Enough passes for every lane of every step to start a document.
+    passes = (num_steps + 1) * batch_size // len(usable) + 1 if repeat else 1
+    orders = expected_orders(documents, shuffle, seed, passes)
+    assert [streamer.pass_order(p) for p in range(passes)] == orders
+    table = reference_deal(documents, batch_size, segment_length, orders, num_steps + 1)
+    if repeat:
+        assert streamer.num_batches is None
+    else:  # One pass, until its last document ends.
+        assert streamer.num_batches == len(streamer)
+        assert (table[-2, :, 0] >= 0).any() and (table[-1, :, 0] < 0).all()
+    batches = [check_item(streamer, streamer[i]) for i in range(num_steps)]
+    masks = np.array([inputs["padding_mask"] for inputs, _, _ in batches])
+    for index, (inputs, targets, _) in enumerate(batches):
+        token_ids = inputs["token_ids"]
         lane_documents, lane_segments = streamer.batch_contents(index)
-        assert lane_documents.shape == lane_segments.shape == (batch_size,)
-        for lane in range(batch_size):
-            width = int(inputs["padding_mask"][lane].sum())
-            if lane_documents[lane] < 0:
-                assert width == 0
-                continue
-            document = documents[lane_documents[lane]]
-            begin = lane_segments[lane] * segment_length
-            np.testing.assert_array_equal(
-                inputs["token_ids"][lane, :width], document[begin : begin + width]
-            )
-            np.testing.assert_array_equal(
-                targets[lane, :width], document[begin + 1 : begin + width + 1]
-            )
-            assert inputs["document_start"][lane] == (lane_segments[lane] == 0)
-    with pytest.raises(IndexError, match="out of range"):
-        streamer.batch_contents(len(streamer))
+        np.testing.assert_array_equal(lane_documents, table[index, :, 0])
+        np.testing.assert_array_equal(lane_segments, table[index, :, 1])
+        for lane, (document, segment) in enumerate(table[index]):
+            width = int(masks[index, lane].sum())
+            assert width == 0 if document < 0 else width > 0  # repeat: no idling
+            begin = segment * segment_length
+            tokens = documents[document][begin : begin + width + 1]
+            np.testing.assert_array_equal(token_ids[lane, :width], tokens[:-1])
+            np.testing.assert_array_equal(targets[lane, :width], tokens[1:])
+            assert inputs["document_start"][lane] == (document >= 0 and segment == 0)
+    if repeat:
+        assert masks.any(axis=2).all(), "a lane idles"
+    rebuilt = reconstruct([inputs for inputs, _, _ in batches], segment_length)
+    assert_documents_in_order(rebuilt, documents, orders)
+    padded = 1 - np.cumsum(masks.mean(axis=(1, 2))) / np.arange(1, num_steps + 1)
+    for steps in range(1, num_steps + 1):
+        assert streamer.padding_fraction(steps) == pytest.approx(padded[steps - 1])
 
 
 @given(
     lengths=st.lists(st.integers(0, 30), min_size=1, max_size=8),
     seed=st.integers(0, 2**16),
-    epoch=st.integers(0, 3),
+    repeat=st.booleans(),
 )
-def test_same_seed_and_epoch_give_identical_batches(lengths, seed, epoch):
+def test_batches_depend_only_on_the_index_and_arguments(lengths, seed, repeat):
     documents = make_documents([length + 2 for length in lengths])
-    first = LaneStreamer(documents, batch_size=3, segment_length=4, seed=seed)
-    second = LaneStreamer(documents, batch_size=3, segment_length=4, seed=seed)
-    for _ in range(epoch):
-        first.on_epoch_end()
-        second.on_epoch_end()
-    assert first.document_order == second.document_order
-    for index in range(len(first)):
-        for got, expected in zip(
-            keras.tree.flatten(first[index]), keras.tree.flatten(second[index])
+    first = LaneStreamer(documents, 3, 4, repeat=repeat, seed=seed)
+    second = LaneStreamer(documents, 3, 4, repeat=repeat, seed=seed)
+    num_steps = 2 * first.steps_per_pass if repeat else len(first)
+    first.on_epoch_end()  # Changes nothing.
+    # Random access: the second streamer deals backwards from the last batch.
+    for index in reversed(range(num_steps)):
+        for got, want in zip(
+            keras.tree.flatten(second[np.int64(index)]),
+            keras.tree.flatten(first[index]),
         ):
-            np.testing.assert_array_equal(got, expected)
-
-
-def test_shuffle_changes_the_document_order_every_epoch():
-    documents = make_documents(range(2, 14))
-    streamer = LaneStreamer(documents, batch_size=3, segment_length=2, seed=5)
-    orders = []
-    for _ in range(4):
-        orders.append(streamer.document_order)
-        assert sorted(reconstruct(streamer)) == sorted(map(list, documents))
-        streamer.on_epoch_end()
-    assert len({tuple(order) for order in orders}) == 4
-    other_seed = LaneStreamer(documents, batch_size=3, segment_length=2, seed=6)
-    assert other_seed.document_order != orders[0]
-
-
-def test_without_shuffle_every_epoch_is_the_same_stream():
-    documents = make_documents([9, 3, 17, 2, 5])
-    streamer = LaneStreamer(documents, batch_size=2, segment_length=3, shuffle=False)
-    first_epoch = [keras.tree.flatten(streamer[i]) for i in range(len(streamer))]
-    streamer.on_epoch_end()
-    assert streamer.document_order == list(range(len(documents)))
-    for index, expected in enumerate(first_epoch):
-        for got, want in zip(keras.tree.flatten(streamer[index]), expected):
             np.testing.assert_array_equal(got, want)
 
 
-def test_batches_are_random_access():
-    documents = make_documents([11, 4, 23, 8, 2, 15])
-    streamer = LaneStreamer(documents, batch_size=2, segment_length=4, seed=1)
-    in_order = [keras.tree.flatten(streamer[i]) for i in range(len(streamer))]
-    for index in reversed(range(len(streamer))):
-        for got, expected in zip(keras.tree.flatten(streamer[index]), in_order[index]):
-            np.testing.assert_array_equal(got, expected)
-    np_index = np.int64(len(streamer) - 1)
-    np.testing.assert_array_equal(streamer[np_index][1], streamer[len(streamer) - 1][1])
+def test_shuffle_draws_a_new_order_every_pass():
+    documents = make_documents(range(2, 14))
+    streamer = LaneStreamer(documents, 3, 2, seed=5)
+    orders = [tuple(streamer.pass_order(p)) for p in range(4)]
+    assert len(set(orders)) == 4
+    assert all(sorted(order) == list(range(len(documents))) for order in orders)
+    assert LaneStreamer(documents, 3, 2, seed=6).pass_order(0) != list(orders[0])
+    in_order = LaneStreamer(documents, 3, 2, shuffle=False)
+    assert in_order.pass_order(3) == list(range(len(documents)))
+
+
+def test_padding_stays_under_two_percent_on_long_documents():
+    # Token counts like the default corpus (source files of the standard
+    # library: median ~4K tokens, heavy tail) with the `small` preset's lanes.
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.lognormal(8.3, 1.0, size=300).astype(int), 100_000) + 2
+    streamer = LaneStreamer(make_documents(lengths), 8, 128, repeat=True)
+    inputs = lengths - 1
+    segments = -(-inputs // 128)
+    per_pass = (segments * 128 - inputs).sum() / (segments.sum() * 128)
+    for passes in (1, 3):
+        steps = passes * streamer.steps_per_pass
+        fraction = streamer.padding_fraction(steps)
+        # Batches hold whole passes but for the <= 8 documents cut at the end.
+        assert fraction == pytest.approx(per_pass, abs=8 / steps)
+        assert fraction < 0.02
+    single_pass = LaneStreamer(make_documents(lengths), 8, 128)
+    assert single_pass.padding_fraction(len(single_pass)) > 2 * per_pass
 
 
 def test_short_document_is_one_padded_segment():
@@ -228,12 +232,19 @@ def test_short_document_is_one_padded_segment():
     np.testing.assert_array_equal(sample_weight, [[1, 1, 0, 0, 0], [0] * 5])
 
 
-@pytest.mark.parametrize("index", [-1, 3, 100])
-def test_index_out_of_range_raises(index):
-    streamer = LaneStreamer([np.arange(1, 8)], batch_size=1, segment_length=2)
-    assert len(streamer) == 3
+@pytest.mark.parametrize("repeat, index", [(False, -1), (False, 3), (True, -1)])
+def test_index_out_of_range_raises(repeat, index):
+    streamer = LaneStreamer([np.arange(1, 8)], 1, 2, repeat=repeat)
     with pytest.raises(IndexError, match="out of range"):
         streamer[index]
+    with pytest.raises(IndexError, match="out of range"):
+        streamer.batch_contents(index)
+
+
+def test_an_endless_stream_has_no_length():
+    streamer = LaneStreamer([np.arange(1, 8)], 1, 2, repeat=True)
+    with pytest.raises(TypeError, match="endless"):
+        len(streamer)
 
 
 @pytest.mark.parametrize(
@@ -246,6 +257,7 @@ def test_index_out_of_range_raises(index):
         ({"seed": -1}, "seed"),
         ({"pad_id": -1}, "pad_id"),
         ({"shuffle": "yes"}, "shuffle"),
+        ({"repeat": 1}, "repeat"),
         ({"documents": [np.ones((2, 3), "int32")]}, "1-D"),
         ({"documents": [np.array([1.0, 2.0])]}, "integer"),
         ({"documents": [np.array([3, -1, 2])]}, "outside"),
@@ -264,57 +276,52 @@ def test_rejects_bad_arguments(arguments, name):
         LaneStreamer(**arguments)
 
 
-class NextTokenModel(keras.Model):
-    """Embedding and softmax over the vocabulary; optionally records inputs."""
-
-    def __init__(self, record_training_inputs=False, **kwargs):
-        super().__init__(**kwargs)
-        self.embedding = keras.layers.Embedding(VOCABULARY, 8)
-        self.next_token = keras.layers.Dense(VOCABULARY, activation="softmax")
-        self.record_training_inputs = record_training_inputs
-        self.training_token_ids = []
-
-    def call(self, inputs, training=False):
-        if training and self.record_training_inputs:
-            self.training_token_ids.append(ops.convert_to_numpy(inputs["token_ids"]))
-        return self.next_token(self.embedding(inputs["token_ids"]))
-
-
-def fit_streamer():
-    documents = make_documents([40, 7, 25, 1, 13, 30])
-    return LaneStreamer(documents, batch_size=2, segment_length=8, seed=3)
+@pytest.mark.parametrize(
+    "method, value, name",
+    [
+        ("padding_fraction", 0, "num_steps"),
+        ("padding_fraction", 3, "num_steps"),  # Beyond a single pass.
+        ("padding_fraction", 1.0, "num_steps"),
+        ("pass_order", -1, "pass_index"),
+    ],
+)
+def test_methods_reject_bad_arguments(method, value, name):
+    streamer = LaneStreamer([np.arange(1, 6)], 2, 2)
+    assert len(streamer) == 2
+    with pytest.raises(ValueError, match=name):
+        getattr(streamer, method)(value)
 
 
-def test_fit_trains_on_the_streamer():
-    streamer = fit_streamer()
-    model = NextTokenModel()
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    history = model.fit(streamer, epochs=2, shuffle=False, verbose=0)
-    losses = history.history["loss"]
-    assert len(losses) == 2 and np.isfinite(losses).all()
+def test_threads_read_the_same_batches():
+    documents = make_documents(np.arange(2, 60, 3))
+    indices = np.random.default_rng(0).permutation(200)
+    reference = LaneStreamer(documents, 4, 3, repeat=True, seed=2)
+    expected = {i: reference.batch_contents(i) for i in range(200)}
+    streamer = LaneStreamer(documents, 4, 3, repeat=True, seed=2)
+    got = {}
+
+    def read(part):
+        for index in part:
+            got[index] = streamer.batch_contents(index)
+
+    threads = [threading.Thread(target=read, args=(p,)) for p in indices.reshape(8, -1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == len(expected)  # No thread failed.
+    for index, (documents_, segments) in expected.items():
+        np.testing.assert_array_equal(got[index][0], documents_)
+        np.testing.assert_array_equal(got[index][1], segments)
 
 
-def test_fit_reads_each_epoch_in_order():
-    streamer = fit_streamer()
-    model = NextTokenModel(record_training_inputs=True)
-    # Built before `fit`, which would otherwise build it with a training call.
-    model(streamer[0][0])
-    model.compile(
-        optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=True
-    )
-    model.fit(streamer, epochs=2, shuffle=False, verbose=0)
-    # `fit` calls `on_epoch_end` after each epoch (and may call it before the
-    # first), so the two trained epochs are the two before the last call.
-    reference = fit_streamer()
-    for _ in range(streamer.epoch - 2):
-        reference.on_epoch_end()
-    expected, orders = [], []
-    for _ in range(2):
-        orders.append(reference.document_order)
-        expected += [reference[i][0]["token_ids"] for i in range(len(reference))]
-        reference.on_epoch_end()
-    assert orders[0] != orders[1]
-    assert reference.epoch == streamer.epoch
-    assert len(model.training_token_ids) == len(expected)
-    for got, want in zip(model.training_token_ids, expected):
-        np.testing.assert_array_equal(got, want)
+def test_a_pickled_copy_streams_the_same_batches():
+    # As worker processes may get it (`use_multiprocessing=True`).
+    streamer = LaneStreamer(make_documents([9, 30, 4, 17]), 2, 3, repeat=True)
+    streamer[20]
+    copy = pickle.loads(pickle.dumps(streamer))
+    for index in (50, 0, 20, 80):
+        for got, want in zip(
+            keras.tree.flatten(copy[index]), keras.tree.flatten(streamer[index])
+        ):
+            np.testing.assert_array_equal(got, want)

@@ -1,10 +1,14 @@
 import keras
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from keras import ops
 
 from keras_memtrans import KNNAttention
 from tests.arrays import attention_weights
+from tests.arrays import stored_tokens
 from tests.arrays import to_numpy
 from tests.gradients import segment_gradients
 from tests.numpy_reference import NumpyKNNAttention
@@ -250,3 +254,103 @@ class TestBadInput:
         config[name] = value
         with pytest.raises(ValueError, match=name):
             KNNAttention(**config)
+
+
+# Smeared keys and padding (issue 8): a key mixes with the previous *real*
+# token's key, carried across the segments of a lane (memory is lane state).
+
+# Lane 0 pads a prefix, lane 1 the middle, lane 2 a suffix.
+MIXED_PADDING = np.ones((BATCH, SEGMENT), bool)
+MIXED_PADDING[0, :3] = False
+MIXED_PADDING[1, [2, 3, 5]] = False
+MIXED_PADDING[2, 6:] = False
+# Step 2 restarts lane 1 and pads all of lane 2 (which keeps its last key).
+SMEAR_PADDING = np.stack(
+    [MIXED_PADDING, MIXED_PADDING[::-1], MIXED_PADDING, np.ones((BATCH, SEGMENT))]
+).astype(bool)
+SMEAR_PADDING[2, 2] = False
+
+
+def check_smeared_keys_against_reference(use_xl_cache, inputs, starts, masks):
+    layer = make_layer(
+        use_xl_cache=use_xl_cache, smear_keys=True, max_distance=16, num_buckets=8
+    )
+    reference = NumpyKNNAttention(
+        attention_weights(layer),
+        batch_size=BATCH,
+        memory_size=20,
+        num_neighbors=5,
+        use_xl_cache=use_xl_cache,
+        num_buckets=8,
+        max_distance=16,
+    )
+    for x, start, mask in zip(inputs, starts, masks):
+        got, got_positions = layer(
+            x, document_start=start, padding_mask=mask, return_neighbors=True
+        )
+        want, want_positions = reference(x, start, mask)
+        np.testing.assert_allclose(to_numpy(got)[mask], want[mask], atol=1e-4)
+        np.testing.assert_array_equal(
+            np.sort(to_numpy(got_positions), axis=-1)[mask],
+            np.sort(want_positions, axis=-1)[mask],
+        )
+
+
+@pytest.mark.parametrize("use_xl_cache", [False, True])
+def test_smeared_keys_ignore_padded_hidden_states(use_xl_cache):
+    inputs = segments(3, seed=3)
+    noise = np.random.default_rng(4).normal(0.0, 10.0, inputs.shape)
+    noisy = np.where(MIXED_PADDING[..., None], inputs, noise).astype("float32")
+    runs = []
+    for x in (inputs, noisy):
+        layer = make_layer(use_xl_cache=use_xl_cache, smear_keys=True)
+        outputs = [
+            to_numpy(layer(segment, document_start=start, padding_mask=MIXED_PADDING))
+            for segment, start in zip(x, STARTS)
+        ]
+        runs.append(([out[MIXED_PADDING] for out in outputs], stored_tokens(layer)))
+    (outputs, stored), (noisy_outputs, noisy_stored) = runs
+    for got, want in zip(noisy_outputs, outputs):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert stored.keys() == noisy_stored.keys()
+    for name, want in stored.items():
+        np.testing.assert_allclose(noisy_stored[name], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_xl_cache", [False, True])
+def test_smeared_keys_continue_from_the_previous_segment(use_xl_cache):
+    # The first real key of a continuing segment mixes with the lane's last
+    # real key so far (memory keeps lane state); after a document start it
+    # is not mixed. STARTS restarts lane 1 at step 2.
+    check_smeared_keys_against_reference(
+        use_xl_cache, segments(4, seed=5), STARTS, SMEAR_PADDING
+    )
+
+
+@given(
+    use_xl_cache=st.booleans(),
+    starts=hnp.arrays(bool, (3, BATCH)),
+    masks=hnp.arrays(bool, (3, BATCH, SEGMENT)),
+)
+def test_smeared_keys_match_reference_for_any_padding(use_xl_cache, starts, masks):
+    check_smeared_keys_against_reference(
+        use_xl_cache, segments(3, seed=6), starts, masks
+    )
+
+
+def test_carried_keys_are_per_mode_state_and_not_saved():
+    layer = make_layer(smear_keys=True)
+    for training in (True, False):
+        layer(segments(1)[0], document_start=STARTS[0], training=training)
+    states = {"train": layer.train_last_key, "inference": layer.inference_last_key}
+    for state in states.values():
+        assert np.all(to_numpy(state.present))
+    layer.reset_state(training=True)
+    assert not np.any(to_numpy(states["train"].present))
+    assert np.all(to_numpy(states["inference"].present))
+    layer.reset_state()
+    assert not np.any(to_numpy(states["inference"].present))
+    for state in states.values():
+        store = {}
+        state.save_own_variables(store)
+        assert store == {}

@@ -14,17 +14,29 @@ from tests.arrays import to_numpy
 BATCH, SEGMENT, HIDDEN, STEPS, MEMORY = 2, 8, 16, 6, 32
 
 
-def build_model(**options):
-    hidden = keras.Input((SEGMENT, HIDDEN), batch_size=BATCH, name="hidden")
-    start = keras.Input((), batch_size=BATCH, dtype="bool", name="document_start")
+def build_model(padded=False, **options):
+    inputs = {
+        "hidden": keras.Input((SEGMENT, HIDDEN), batch_size=BATCH, name="hidden"),
+        "document_start": keras.Input(
+            (), batch_size=BATCH, dtype="bool", name="document_start"
+        ),
+    }
+    if padded:
+        inputs["padding_mask"] = keras.Input(
+            (SEGMENT,), batch_size=BATCH, dtype="bool", name="padding_mask"
+        )
     x = KNNAttention(
         num_heads=2,
         memory_size=MEMORY,
         num_neighbors=4,
         name="knn_attention",
         **options,
-    )(hidden, document_start=start)
-    return keras.Model({"hidden": hidden, "document_start": start}, x)
+    )(
+        inputs["hidden"],
+        document_start=inputs["document_start"],
+        padding_mask=inputs.get("padding_mask"),
+    )
+    return keras.Model(inputs, x)
 
 
 def stream():
@@ -87,6 +99,45 @@ def test_compiled_fit_fills_the_scann_memory_like_the_exact_one():
     assert host._searchers[0] is not None  # lane 0 is searched with ScaNN
     inference = scann.get_layer("knn_attention").inference_memory
     assert np.all(inference._positions == -1)
+
+
+def test_a_lane_padded_after_its_document_ends_keeps_the_step_running():
+    # Lane 1's document ends after 4 of 10 segments and is padded from then
+    # on: its ScaNN index empties, and the rebuild (or the search of an
+    # index whose entries were all deleted) used to kill the compiled step.
+    steps = 10
+    rng = np.random.default_rng(1)
+    hidden = rng.normal(size=(steps * BATCH, SEGMENT, HIDDEN)).astype("float32")
+    starts = np.zeros((steps, BATCH), bool)
+    starts[0] = True
+    mask = np.ones((steps, BATCH, SEGMENT), bool)
+    mask[4:, 1] = False
+    x = {
+        "hidden": hidden,
+        "document_start": starts.reshape(-1),
+        "padding_mask": mask.reshape(-1, SEGMENT),
+    }
+    # Every leaf visited: the ScaNN model retrieves what the exact one does.
+    scann = build_model(
+        padded=True, memory="scann", num_leaves=2, num_leaves_to_search=2
+    )
+    exact = build_model(padded=True, memory="exact")
+    for target, source in zip(exact.trainable_weights, scann.trainable_weights):
+        target.assign(ops.convert_to_numpy(source))
+    jit = keras.backend.backend() != "torch"
+    losses, outputs = [], []
+    for model in (scann, exact):
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=jit)
+        history = model.fit(x, hidden, batch_size=BATCH, shuffle=False, verbose=0)
+        losses.append(history.history["loss"])
+        outputs.append(model.predict(x, batch_size=BATCH, verbose=0))
+    assert scann.jit_compile == (keras.backend.backend() == "jax")
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
+    host = scann.get_layer("knn_attention").train_memory
+    positions = to_numpy(exact.get_layer("knn_attention").train_memory.positions)
+    np.testing.assert_array_equal(host._positions, positions.T)
+    assert np.all(host._positions[1] == -1) and host._searchers[1] is None
 
 
 def test_approx_top_k_matches_exact_top_k_on_cpu():

@@ -1,39 +1,110 @@
 import numpy as np
 import pytest
+from hypothesis import assume
+from hypothesis import example
 from hypothesis import given
 from hypothesis import strategies as st
 
 from keras_memtrans import RelativePositionBias
+from keras_memtrans.layers.relative_position_bias import bucket_boundaries
 from tests.arrays import to_numpy
 from tests.numpy_reference import t5_bucket
+
+# T5's 32/128 buckets (its float32 formula, as in mesh_tensorflow and HF
+# transformers): the smallest causal distance of each of the 16 log buckets,
+# and of each of the 8 log buckets of one bidirectional half.
+T5_CAUSAL_LOG_STARTS = [16, 19, 21, 24, 27, 31, 35, 40, 46, 52, 59, 67, 77, 87, 99, 113]
+T5_BIDIRECTIONAL_LOG_STARTS = [8, 12, 16, 23, 32, 46, 64, 91]
+
+
+def reference_buckets(relative, num_buckets, max_distance, bidirectional=False):
+    return [
+        t5_bucket(int(r), num_buckets, max_distance, bidirectional) for r in relative
+    ]
 
 
 @given(
     num_buckets=st.integers(4, 64),
-    max_distance=st.integers(40, 300),
+    max_distance=st.integers(2, 400),
+    bidirectional=st.booleans(),
 )
-def test_causal_buckets_match_reference(num_buckets, max_distance):
+# Distances on an exact bucket boundary: float32 logs put 18 and 54 one
+# bucket low on JAX (12/162), and 45 on torch (55/75).
+@example(num_buckets=12, max_distance=162, bidirectional=False)
+@example(num_buckets=55, max_distance=75, bidirectional=False)
+@example(num_buckets=32, max_distance=128, bidirectional=True)
+def test_buckets_match_reference(num_buckets, max_distance, bidirectional):
+    exact_buckets = num_buckets // 2 if bidirectional else num_buckets
+    assume(max_distance > exact_buckets // 2)
     layer = RelativePositionBias(
-        num_heads=1, num_buckets=num_buckets, max_distance=max_distance
+        num_heads=1,
+        num_buckets=num_buckets,
+        max_distance=max_distance,
+        bidirectional=bidirectional,
     )
-    relative = np.arange(-400, 5)
+    relative = np.arange(-420, 420)  # one shape: JAX compiles its ops once
     got = to_numpy(layer.bucket(relative))
-    want = [t5_bucket(r, num_buckets, max_distance) for r in relative]
+    want = reference_buckets(relative, num_buckets, max_distance, bidirectional)
     np.testing.assert_array_equal(got, want)
 
 
-def test_buckets_are_monotone_and_bounded():
-    layer = RelativePositionBias(num_heads=1)
-    got = to_numpy(layer.bucket(-np.arange(0, 1000)))
-    assert got[0] == 0 and got[-1] == 31
-    assert np.all(np.diff(got) >= 0)
-    np.testing.assert_array_equal(got[:16], np.arange(16))
+def test_exact_boundaries_fall_in_the_upper_bucket():
+    # 12 buckets to 162: 6 exact, then bucket 6 + k starts at the first integer
+    # >= 6 * 27 ** (k / 6): exactly 18 = 6 * 3 for bucket 8, 54 = 6 * 9 for 10.
+    layer = RelativePositionBias(num_heads=1, num_buckets=12, max_distance=162)
+    got = to_numpy(layer.bucket(-np.array([17, 18, 53, 54])))
+    np.testing.assert_array_equal(got, [7, 8, 9, 10])
+    assert bucket_boundaries(12, 162) == [0, 1, 2, 3, 4, 5, 6, 11, 18, 32, 54, 94]
 
 
-def test_bidirectional_buckets_split_by_sign():
-    layer = RelativePositionBias(num_heads=1, num_buckets=32, bidirectional=True)
-    got = to_numpy(layer.bucket(np.array([-3, 0, 3, 500])))
-    np.testing.assert_array_equal(got, [3, 0, 19, 31])
+@given(num_buckets=st.integers(2, 64), max_distance=st.integers(2, 400))
+def test_boundaries_are_first_distances_of_reference_buckets(num_buckets, max_distance):
+    assume(max_distance > num_buckets // 2)
+    starts = bucket_boundaries(num_buckets, max_distance)
+    assert len(starts) == num_buckets and starts[0] == 0
+    assert starts[-1] <= max_distance
+    for bucket, start in enumerate(starts):
+        assert t5_bucket(-start, num_buckets, max_distance) >= bucket
+        if start > 0:
+            assert t5_bucket(1 - start, num_buckets, max_distance) < bucket
+
+
+def test_default_buckets_are_t5s():
+    assert bucket_boundaries(32, 128) == list(range(16)) + T5_CAUSAL_LOG_STARTS
+    assert bucket_boundaries(16, 128) == list(range(8)) + T5_BIDIRECTIONAL_LOG_STARTS
+    causal = to_numpy(RelativePositionBias(num_heads=1).bucket(-np.arange(1000)))
+    starts = list(range(16)) + T5_CAUSAL_LOG_STARTS
+    np.testing.assert_array_equal(
+        causal, np.searchsorted(starts, np.arange(1000), "right") - 1
+    )
+    layer = RelativePositionBias(num_heads=1, bidirectional=True)
+    got = to_numpy(layer.bucket(np.array([-3, 0, 3, -16, 16, -500, 500])))
+    np.testing.assert_array_equal(got, [3, 0, 19, 10, 26, 15, 31])
+
+
+@given(
+    num_buckets=st.integers(2, 64),
+    max_distance=st.integers(2, 400),
+    bidirectional=st.booleans(),
+)
+def test_buckets_are_monotone_and_bounded(num_buckets, max_distance, bidirectional):
+    exact_buckets = num_buckets // 2 if bidirectional else num_buckets
+    assume(exact_buckets >= 2 and max_distance > exact_buckets // 2)
+    layer = RelativePositionBias(
+        num_heads=1,
+        num_buckets=num_buckets,
+        max_distance=max_distance,
+        bidirectional=bidirectional,
+    )
+    before = to_numpy(layer.bucket(-np.arange(420)))
+    np.testing.assert_array_equal(
+        before[: exact_buckets // 2], np.arange(exact_buckets // 2)
+    )
+    assert np.all(np.diff(before) >= 0)
+    assert np.all(before[max_distance:] == exact_buckets - 1)
+    if bidirectional:
+        after = to_numpy(layer.bucket(np.arange(1, 420)))
+        np.testing.assert_array_equal(after, before[1:] + exact_buckets)
 
 
 def test_bias_gathers_one_value_per_head():
@@ -44,16 +115,42 @@ def test_bias_gathers_one_value_per_head():
     relative = np.arange(6)[None, :] - np.arange(6)[:, None]
     got = to_numpy(layer(relative))
     assert got.shape == (3, 6, 6)
-    buckets = np.vectorize(lambda r: t5_bucket(r, 8, 16))(relative)
+    buckets = np.array(reference_buckets(relative.ravel(), 8, 16)).reshape(6, 6)
     np.testing.assert_allclose(got, table[buckets].transpose(2, 0, 1))
 
 
 def test_config_round_trip():
-    layer = RelativePositionBias(num_heads=2, num_buckets=16, max_distance=64)
+    layer = RelativePositionBias(
+        num_heads=2, num_buckets=16, max_distance=64, bidirectional=True
+    )
     clone = RelativePositionBias.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+    relative = np.arange(-80, 80)
+    np.testing.assert_array_equal(
+        to_numpy(clone.bucket(relative)), to_numpy(layer.bucket(relative))
+    )
 
 
-def test_rejects_degenerate_bucket_settings():
-    with pytest.raises(ValueError, match="max_distance"):
-        RelativePositionBias(num_heads=1, num_buckets=32, max_distance=8)
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_heads": 0}, "num_heads"),
+        ({"num_heads": 1, "max_distance": 16}, "max_distance"),
+        ({"num_heads": 1, "num_buckets": 1}, "num_buckets"),
+        ({"num_heads": 1, "num_buckets": 3, "bidirectional": True}, "num_buckets"),
+        (
+            {
+                "num_heads": 1,
+                "num_buckets": 32,
+                "max_distance": 4,
+                "bidirectional": True,
+            },
+            "max_distance",
+        ),
+        ({"num_heads": 1, "max_distance": 128.5}, "integers"),
+        ({"num_heads": 1, "num_buckets": 32.0}, "integers"),
+    ],
+)
+def test_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RelativePositionBias(**kwargs)

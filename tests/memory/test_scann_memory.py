@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from hypothesis import example
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -100,6 +101,127 @@ def test_fifo_resets_and_padding_match_the_exact_memory(plan):
     np.testing.assert_array_equal(
         scann._document_length, to_numpy(exact.document_length)
     )
+
+
+def fifo_top_k(keys, masks, memory_size, queries, k):
+    """NumPy reference: positions `[batch, query, heads, k]` (sorted, -1
+    first) of the exact top-k among each lane's last `memory_size` writes."""
+    keys = np.concatenate(keys, axis=1)[:, -memory_size:]  # [b, slots, h, d]
+    positions = np.cumsum(np.concatenate(masks, axis=1), axis=1) - 1
+    mask = np.concatenate(masks, axis=1)[:, -memory_size:]
+    positions = positions[:, -memory_size:]
+    batch, num_queries, heads, _ = queries.shape
+    want = np.full((batch, num_queries, heads, k), -1)
+    for lane in range(batch):
+        filled = np.flatnonzero(mask[lane])
+        scores = np.einsum("qhd,nhd->qhn", queries[lane], keys[lane, filled])
+        best = np.argsort(-scores, axis=-1)[..., :k]
+        want[lane, ..., : best.shape[-1]] = positions[lane, filled][best]
+    return np.sort(want, axis=-1)
+
+
+def test_a_lane_fed_only_padding_empties_and_searches_exactly():
+    # Both lanes are indexed at 32 entries; lane 1's document then ends and
+    # 80 padded tokens empty it. The rebuild due after 64 writes used to
+    # train the trees on no keys ("Cannot compute the mean of an empty
+    # dataset").
+    rng = np.random.default_rng(4)
+    memory = ScannMemory(2, HEADS, DIM, 64, num_leaves=4, num_leaves_to_search=4)
+    keys = [rng.normal(size=(2, 32, HEADS, DIM)).astype("float32")]
+    masks = [np.ones((2, 32), bool)]
+    memory.append(keys[0], keys[0])
+    assert all(searchers is not None for searchers in memory._searchers)
+    for _ in range(5):
+        keys.append(rng.normal(size=(2, 16, HEADS, DIM)).astype("float32"))
+        masks.append(np.array([[True] * 16, [False] * 16]))
+        memory.append(keys[-1], keys[-1], masks[-1])
+    queries = rng.normal(size=(2, 3, HEADS, DIM)).astype("float32")
+    for k in (4, 64):
+        got = np.sort(to_numpy(memory.search(queries, k)[2]), axis=-1)
+        np.testing.assert_array_equal(got[1], -1)
+        np.testing.assert_array_equal(got, fifo_top_k(keys, masks, 64, queries, k))
+    newest = np.broadcast_to(np.arange(48, 112), got[0].shape)  # 112 tokens
+    np.testing.assert_array_equal(got[0], newest)
+    assert memory._searchers[1] is None and memory._searchers[0] is not None
+
+
+def test_a_lane_with_one_token_per_segment_searches_its_few_entries_exactly():
+    # After the index build lane 1 gets one real token per 32: 2 entries
+    # when its rebuild falls due, which used to fail ("Number of points (2)
+    # is less than the number of clusters (4)").
+    rng = np.random.default_rng(5)
+    memory = ScannMemory(2, HEADS, DIM, 64, num_leaves=4, num_leaves_to_search=4)
+    keys = [rng.normal(size=(2, 32, HEADS, DIM)).astype("float32")]
+    masks = [np.ones((2, 32), bool)]
+    memory.append(keys[0], keys[0])
+    for _ in range(4):
+        keys.append(rng.normal(size=(2, 32, HEADS, DIM)).astype("float32"))
+        masks.append(np.ones((2, 32), bool))
+        masks[-1][1] = np.arange(32) == rng.integers(32)
+        memory.append(keys[-1], keys[-1], masks[-1])
+        queries = rng.normal(size=(2, 5, HEADS, DIM)).astype("float32")
+        for k in (1, 3, 64):
+            got = np.sort(to_numpy(memory.search(queries, k)[2]), axis=-1)
+            want = fifo_top_k(keys, masks, 64, queries, k)
+            np.testing.assert_array_equal(got, want)
+    assert memory._searchers[1] is None and memory._searchers[0] is not None
+
+
+FILLS = ("padding", "one", "random", "real")
+
+
+@st.composite
+def lane_fill_plans(draw):
+    batch = draw(st.integers(1, 3))
+    memory_size = draw(st.sampled_from([32, 48, 64]))
+    leaves = draw(st.integers(1, memory_size // 16))
+    segment = draw(st.integers(1, 16))
+    fills = draw(
+        st.lists(
+            st.lists(st.sampled_from(FILLS), min_size=batch, max_size=batch),
+            min_size=1,
+            max_size=16,
+        )
+    )
+    return memory_size, leaves, segment, fills
+
+
+@settings(max_examples=20, deadline=None)
+@given(lane_fill_plans())
+@example((32, 2, 8, [["real", "real"]] * 4 + [["real", "padding"]] * 5))
+def test_padded_and_real_lanes_match_a_fifo_brute_force(plan):
+    """Lanes that fill, idle on padding or trickle single tokens (index
+    builds, drops and rebuilds included) return the exact top-k of their
+    last memory_size writes: every leaf is visited, so ScaNN is exact."""
+    memory_size, leaves, segment, fills = plan
+    batch = len(fills[0])
+    memory = ScannMemory(
+        batch, HEADS, DIM, memory_size, num_leaves=leaves, num_leaves_to_search=leaves
+    )
+    rng = np.random.default_rng(6)
+    keys, masks = [], []
+    for step_fills in fills:
+        keys.append(rng.normal(size=(batch, segment, HEADS, DIM)).astype("float32"))
+        masks.append(
+            np.stack(
+                [
+                    {
+                        "padding": np.zeros(segment, bool),
+                        "one": np.arange(segment) == rng.integers(segment),
+                        "random": rng.random(segment) < 0.5,
+                        "real": np.ones(segment, bool),
+                    }[fill]
+                    for fill in step_fills
+                ]
+            )
+        )
+        memory.append(keys[-1], keys[-1], masks[-1])
+    queries = rng.normal(size=(batch, 3, HEADS, DIM)).astype("float32")
+    for k in (3, memory_size):
+        got = np.sort(to_numpy(memory.search(queries, k)[2]), axis=-1)
+        np.testing.assert_array_equal(
+            got, fifo_top_k(keys, masks, memory_size, queries, k)
+        )
 
 
 def test_evicted_entries_are_never_returned():

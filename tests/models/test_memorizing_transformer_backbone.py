@@ -113,3 +113,24 @@ def test_rejects_a_batch_other_than_its_lanes():
     backbone = tiny_backbone()
     with pytest.raises(ValueError, match="batch"):
         backbone(inputs(batch=3))
+
+
+def test_every_memory_option_of_the_layer_reaches_it_through_the_backbone():
+    backbone = tiny_backbone(
+        head_dim=8, memory="exact", top_k="approx", recall_target=0.9
+    )
+    (layer,) = backbone.memory_layers
+    assert (layer.head_dim, layer.top_k, layer.recall_target) == (8, "approx", 0.9)
+    assert (layer.train_memory.top_k, layer.train_memory.recall_target) == (
+        "approx",
+        0.9,
+    )
+    assert all(block.attention.head_dim == 8 for block in backbone.transformer_layers)
+    config = backbone.get_config()
+    assert (config["head_dim"], config["top_k"], config["recall_target"]) == (
+        8,
+        "approx",
+        0.9,
+    )
+    clone = MemorizingTransformerBackbone.from_config(config)
+    assert clone.memory_layers[0].get_config() == layer.get_config()

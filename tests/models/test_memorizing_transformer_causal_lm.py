@@ -148,3 +148,113 @@ def test_sampling_is_reproducible_with_a_seed():
     # Untrained logits are near uniform over 512 tokens: another seed
     # draws other tokens.
     assert np.any(sample(seed=4) != first)
+
+
+class GenerateMidway(keras.callbacks.Callback):
+    """Samples text after the first training batch, as users' callbacks do."""
+
+    def __init__(self, snapshot):
+        super().__init__()
+        self.snapshot, self.before, self.after, self.text = snapshot, None, None, None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0:
+            model = self.model  # on JAX, reading `model` syncs its state
+            self.before = self.snapshot(model)
+            self.text = model.generate("def ", max_new_tokens=3)
+            self.after = self.snapshot(model)
+
+
+@pytest.mark.parametrize("memory", ["exact", "scann"])
+def test_generating_during_fit_leaves_the_training_state_alone(
+    preprocessor, documents, memory
+):
+    causal_lm = MemorizingTransformerCausalLM(
+        tiny_backbone(memory=memory), preprocessor
+    )
+    causal_lm.compile(optimizer=keras.optimizers.Adam(1e-3))
+    (layer,) = causal_lm.backbone.memory_layers
+
+    def training_state(model):
+        state = {
+            v.path: to_numpy(v)
+            for v in model.non_trainable_variables
+            if "/train_" in v.path
+        }
+        state["memory positions"] = to_numpy(layer.train_memory.positions)
+        return state
+
+    callback = GenerateMidway(training_state)
+    causal_lm.fit(
+        stream(preprocessor, documents),
+        steps_per_epoch=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[callback],
+    )
+    assert isinstance(callback.text, str)
+    assert (callback.before["memory positions"] >= 0).sum() == 2 * 32
+    assert set(callback.after) == set(callback.before)
+    for path, value in callback.before.items():
+        np.testing.assert_array_equal(callback.after[path], value, err_msg=path)
+
+
+def test_the_loss_is_the_mean_over_real_target_tokens(preprocessor, documents):
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone(), preprocessor)
+    causal_lm.compile()
+    x, y, _ = stream(preprocessor, documents)[0]
+    rng = np.random.default_rng(0)
+    weight = (rng.random(y.shape) < 0.3).astype("float32")
+    logits = to_numpy(causal_lm(x)).astype("float64")
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, y[..., None], axis=-1)[..., 0]
+    expected = (nll * weight).sum() / weight.sum()
+    loss = causal_lm.compute_loss(x, y, causal_lm(x), sample_weight=weight)
+    np.testing.assert_allclose(float(to_numpy(loss)), expected, rtol=1e-4)
+    empty = causal_lm.compute_loss(x, y, causal_lm(x), sample_weight=0 * weight)
+    assert float(to_numpy(empty)) == 0.0
+
+
+def test_weight_decay_applies_to_kernels_and_embeddings_only(preprocessor):
+    causal_lm = MemorizingTransformerCausalLM(
+        tiny_backbone(smear_keys=True, tie_word_embeddings=False), preprocessor
+    )
+    causal_lm.compile(optimizer=keras.optimizers.AdamW(0.1, weight_decay=0.5))
+    variables = causal_lm.trainable_variables
+    before = [to_numpy(v) for v in variables]
+    causal_lm.optimizer.apply_gradients(
+        [(keras.ops.zeros(v.shape, v.dtype), v) for v in variables]
+    )
+    decayed = set()
+    for variable, value in zip(variables, before):
+        after = to_numpy(variable)
+        if np.array_equal(after, value):
+            continue
+        # Zero gradients: only the decay, value * (1 - lr * weight_decay).
+        np.testing.assert_allclose(after, value * (1 - 0.1 * 0.5), rtol=1e-5)
+        decayed.add(variable.path)
+    kernels = {v.path for v in variables if v.path.endswith("kernel")}
+    embeddings = {
+        "token_embedding/embeddings",
+        "token_embedding/reverse_embeddings",
+    }
+    assert decayed == kernels | embeddings
+    kept = {v.path.rsplit("/", 1)[-1] for v in variables} - {"kernel"}
+    assert {"attention_scale", "gate_bias", "key_smear_logit", "gamma", "beta"} < kept
+
+
+def test_a_continuation_does_not_depend_on_the_other_prompts(preprocessor):
+    backbone = tiny_backbone(smear_keys=True, memory="exact")
+    causal_lm = MemorizingTransformerCausalLM(backbone)
+    rng = np.random.default_rng(0)
+    for variable in backbone.trainable_variables:  # a model far from its init
+        value = rng.normal(0, 0.3, tuple(variable.shape))
+        variable.assign(value.astype(variable.dtype))
+    prompt = rng.integers(1, 400, 45)
+    continuations = [
+        causal_lm.generate([prompt, rng.integers(1, 400, other)], max_new_tokens=40)[0]
+        for other in (3, 50, 60, 83)
+    ]
+    for continuation in continuations[1:]:
+        np.testing.assert_array_equal(continuation, continuations[0])

@@ -3,6 +3,8 @@ import pytest
 from keras_memtrans.models import PRESETS
 from keras_memtrans.models import MemorizingTransformerBackbone
 from keras_memtrans.models import get_preset
+from tests.weights import assert_independent
+from tests.weights import first_rows
 
 
 @pytest.mark.parametrize("name", ["tiny", "quick", "small"])
@@ -39,3 +41,17 @@ def test_unknown_preset_lists_the_names():
     with pytest.raises(ValueError, match="quick"):
         get_preset("huge")
     assert "huge" not in PRESETS
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_no_two_initial_weights_are_copies(name):
+    preset = get_preset(name)
+    # The memory's size plays no part in the initial weights: a small one
+    # keeps the `paper` model cheap to build.
+    config = dict(preset["backbone"], memory_size=preset["backbone"]["segment_length"])
+    backbone = MemorizingTransformerBackbone(
+        vocabulary_size=preset["vocabulary_size"], **config
+    )
+    rows = first_rows(backbone.trainable_variables)
+    assert len(rows) == 6 * config["num_layers"] + 1  # kernels + token embedding
+    assert_independent(rows)

@@ -89,15 +89,15 @@ def test_generate_copies_a_sequence_seen_beyond_the_local_context(seed, memory):
     model = induction_model(memory_gate_bias=20.0, memory=memory)
     continuation = model.generate(tokens, 3)
     np.testing.assert_array_equal(continuation, [13, 14, 15])
-    # Only complete segments were written: the prompt's 52 tokens hold 6
-    # complete segments; the 3 new tokens do not complete the 7th.
+    # Only complete segments were written: the prompt's 53 tokens, left-
+    # padded to 7 whole segments; the 3 new tokens do not complete the 8th.
     (layer,) = model.backbone.memory_layers
     if memory == "scann":
         assert layer.inference_memory.num_leaves_to_search == 4
     memory_positions = np.asarray(
         keras.ops.convert_to_numpy(layer.inference_memory.positions)
     )
-    assert sorted(set(memory_positions[:, 0]) - {-1}) == list(range(48))
+    assert sorted(set(memory_positions[:, 0]) - {-1}) == list(range(len(tokens)))
 
 
 def test_without_memory_the_sequence_is_not_copied():

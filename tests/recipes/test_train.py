@@ -1,3 +1,4 @@
+import inspect
 import json
 import math
 
@@ -5,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_memtrans import KNNAttention
 from keras_memtrans.models import get_preset
 from recipes import train
 from tests.arrays import to_numpy
@@ -37,11 +39,18 @@ def run(tmp_path, *flags):
 
 
 def test_compare_trains_both_models_and_reports_perplexity(tmp_path):
-    run(tmp_path, "--compare")
+    run(tmp_path, "--compare", "--eval-every", "2")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["backend"] == keras.backend.backend()
     memory, no_memory = results["results"]
     assert memory["memory_layers"] == [-1] and no_memory["memory_layers"] == []
+    # The held-out curve: every 2 steps and at the end, which is the result.
+    for r in results["results"]:
+        assert [row["step"] for row in r["curve"]] == [2, 3]
+        assert r["curve"][-1]["validation_nll"] == r["validation_nll"]
+    assert len(memory["gates"]) == 1 and len(memory["gates"][0]) == 2  # 2 heads
+    assert 0 < min(memory["gates"][0]) <= max(memory["gates"][0]) < 1
+    assert no_memory["gates"] == []
     for r in results["results"]:
         assert (
             math.isfinite(r["validation_perplexity"]) and r["validation_perplexity"] > 1
@@ -51,10 +60,11 @@ def test_compare_trains_both_models_and_reports_perplexity(tmp_path):
         assert len(model.backbone.memory_layers) == len(r["memory_layers"])
         assert int(model.optimizer.iterations) == 3  # resumable checkpoint
         run_dir = tmp_path / "out" / r["run"]
-        assert len((run_dir / "log.csv").read_text().splitlines()) == 2  # 1 epoch
+        assert len((run_dir / "log.csv").read_text().splitlines()) == 3  # 2 epochs
         assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| memory |" in table and "| no_memory |" in table
+    assert "| step | perplexity, memory | perplexity, no_memory | ratio |" in table
 
 
 def test_existing_results_are_never_overwritten(tmp_path):
@@ -65,7 +75,7 @@ def test_existing_results_are_never_overwritten(tmp_path):
     assert (tmp_path / "out-2" / "results.json").exists()
 
 
-def test_trains_exactly_the_steps_asked_for_across_epochs(tmp_path):
+def test_trains_exactly_the_steps_asked_for_across_epochs(tmp_path, capsys):
     corpus = tmp_path / "corpus"  # 4 short documents: epochs of a few steps
     corpus.mkdir()
     text = open(train.__file__).read()
@@ -90,6 +100,8 @@ def test_trains_exactly_the_steps_asked_for_across_epochs(tmp_path):
     assert int(keras.saving.load_model(result["checkpoint"]).optimizer.iterations) == 13
     epochs = len((tmp_path / "out" / "memory" / "log.csv").read_text().splitlines())
     assert epochs - 1 > 1  # the 13 steps span more than one epoch
+    # Lanes never idle: the padding is the documents' partial last segments.
+    assert "% of training token slots" in capsys.readouterr().out
 
 
 def test_flags_take_precedence_over_the_preset():
@@ -97,6 +109,57 @@ def test_flags_take_precedence_over_the_preset():
     backbone, training, vocabulary_size = train.resolve_config(args)
     assert backbone["memory"] == "scann" and training["steps"] == 7
     assert vocabulary_size == 512
+
+
+def test_memory_placement_smeared_keys_and_tied_init_are_flags():
+    args = train.parse_args(
+        ["--preset", "quick", "--memory-layers", "2", "-1", "--smear-keys", "false"]
+        + ["--tie-query-key-init", "true"]
+    )
+    backbone, _, _ = train.resolve_config(args)
+    assert backbone["memory_layer_indices"] == (2, -1)
+    assert backbone["smear_keys"] is False
+    assert backbone["tie_query_key_init"] is True
+    backbone, _, _ = train.resolve_config(train.parse_args(["--preset", "quick"]))
+    assert (
+        backbone["memory_layer_indices"]
+        == get_preset("quick")["backbone"]["memory_layer_indices"]
+    )
+
+
+def test_every_memory_option_of_the_layer_is_a_flag():
+    flags = {
+        "--head-dim": ("head_dim", "8", 8),
+        "--memory-size": ("memory_size", "128", 128),
+        "--num-neighbors": ("num_neighbors", "4", 4),
+        "--memory": ("memory", "exact", "exact"),
+        "--top-k": ("top_k", "approx", "approx"),
+        "--recall-target": ("recall_target", "0.9", 0.9),
+        "--num-leaves": ("num_leaves", "4", 4),
+        "--num-leaves-to-search": ("num_leaves_to_search", "2", 2),
+    }
+    argv = ["--preset", "tiny"]
+    for flag, (_, text, _) in flags.items():
+        argv += [flag, text]
+    backbone, _, _ = train.resolve_config(train.parse_args(argv))
+    for name, _, value in flags.values():
+        assert backbone[name] == value
+    layer_options = set(inspect.signature(KNNAttention).parameters) - {
+        "num_heads",  # the model's shape, not a memory option
+        "batch_size",
+        "use_xl_cache",
+        "num_buckets",
+        "max_distance",
+        "kernel_initializer",
+        "smear_keys",
+        "tie_query_key_init",
+        "kwargs",
+    }
+    assert layer_options == {name for name, _, _ in flags.values()}
+    model = train.build_causal_lm(backbone, 300, None, True, 0)
+    (layer,) = model.backbone.memory_layers
+    for name, _, value in flags.values():
+        assert getattr(layer, name) == value
 
 
 @pytest.mark.parametrize(
