@@ -69,7 +69,11 @@ class LaneStreamer(keras.utils.PyDataset):
     - `__getitem__(index)` is random access and depends only on `index` and
       the constructor arguments (`on_epoch_end` changes nothing), so
       threads (`workers > 1`) and read-ahead are safe. The deal is computed
-      lazily, as far as the batches asked for.
+      lazily, as far as the batches asked for. One caution: with
+      `workers > 1`, Keras 3.15's JAX and torch trainers were seen to spend
+      batch 0 of a first `fit` on building the model and to train from
+      batch 1 on, whose documents then start mid-way; the default
+      `workers=1` trains from batch 0.
 
     Args:
         documents: list of 1-D integer arrays of non-negative token ids.

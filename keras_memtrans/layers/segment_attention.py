@@ -176,8 +176,10 @@ class SegmentAttention(keras.layers.Layer):
             )
             projection.build(input_shape)
             setattr(self, f"{name}_projection", projection)
-        if self.tie_query_key_init:
-            self.key_projection.kernel.assign(self.query_projection.kernel)
+        if self.tie_query_key_init:  # a copy: each variable owns its buffer
+            self.key_projection.kernel.assign(
+                ops.copy(self.query_projection.kernel.value)
+            )
         self.output_projection = keras.layers.EinsumDense(
             "btnh,nhd->btd",
             output_shape=(None, hidden_dim),

@@ -258,3 +258,17 @@ def test_a_continuation_does_not_depend_on_the_other_prompts(preprocessor):
     ]
     for continuation in continuations[1:]:
         np.testing.assert_array_equal(continuation, continuations[0])
+
+
+def test_tied_query_key_init_trains_the_two_apart(preprocessor, documents):
+    causal_lm = MemorizingTransformerCausalLM(
+        tiny_backbone(tie_query_key_init=True), preprocessor
+    )
+    causal_lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+    attention = causal_lm.backbone.memory_layers[0]
+    query, key = attention.query_projection.kernel, attention.key_projection.kernel
+    np.testing.assert_array_equal(to_numpy(key), to_numpy(query))
+    causal_lm.fit(
+        stream(preprocessor, documents), steps_per_epoch=2, shuffle=False, verbose=0
+    )
+    assert not np.allclose(to_numpy(key), to_numpy(query))
