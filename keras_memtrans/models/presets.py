@@ -5,9 +5,10 @@ vocabulary size, which comes from the tokenizer (`vocabulary_size`).
 `training` holds the defaults of `recipes.train` for this preset.
 """
 
-# The CPU presets' model. At CPU budgets (a few million tokens) a memory in
-# the paper's place is not learnt to be used; memory in the first layer with
-# smeared keys is (docs/results.md, learning curves).
+# The CPU presets' model. Smeared keys and key projections that start as
+# copies of the query projections make a model this small learn to copy
+# within a few hundred steps (held-out perplexity 23.7 against 37.5 with
+# independent initialisation and 40.3 with neither, docs/results.md).
 _CPU_BACKBONE = dict(
     num_layers=4,
     num_heads=4,
@@ -18,6 +19,7 @@ _CPU_BACKBONE = dict(
     memory_layer_indices=(0,),
     num_neighbors=32,
     smear_keys=True,
+    tie_query_key_init=True,
 )
 
 PRESETS = {

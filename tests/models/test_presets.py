@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from keras_memtrans.models import PRESETS
@@ -52,6 +53,13 @@ def test_no_two_initial_weights_are_copies(name):
     backbone = MemorizingTransformerBackbone(
         vocabulary_size=preset["vocabulary_size"], **config
     )
+    tied = config.get("tie_query_key_init", False)
     rows = first_rows(backbone.trainable_variables)
     assert len(rows) == 6 * config["num_layers"] + 1  # kernels + token embedding
+    for block in backbone.transformer_layers:
+        query = rows[block.attention.query_projection.kernel.path]
+        key = rows[block.attention.key_projection.kernel.path]
+        assert np.array_equal(query, key) == tied
+        if tied:  # K starts as a copy of Q on purpose, and nothing else does
+            del rows[block.attention.key_projection.kernel.path]
     assert_independent(rows)
