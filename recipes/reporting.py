@@ -1,0 +1,79 @@
+"""What the training recipe reports: held-out scores, curves and tables."""
+
+import math
+
+import keras
+from keras import ops
+
+
+def held_out_scores(causal_lm, stream):
+    """Perplexity and accuracy on `stream`, and each memory layer's gates."""
+    scores = causal_lm.evaluate(stream, return_dict=True, verbose=0)
+    gates = [
+        [round(float(g), 3) for g in ops.convert_to_numpy(ops.sigmoid(layer.gate_bias))]
+        for layer in causal_lm.backbone.memory_layers
+    ]
+    return {
+        "validation_nll": scores["token_nll"],
+        "validation_perplexity": math.exp(scores["token_nll"]),
+        "validation_accuracy": scores["accuracy"],
+        "gates": gates,
+    }
+
+
+class HeldOutCurve(keras.callbacks.Callback):
+    """Held-out perplexity and memory gates at the end of every epoch.
+
+    With one epoch every `steps_per_epoch` steps this is a learning curve;
+    the gates are `sigmoid(b)` of each memory layer's heads, the share of
+    memory in each head's output.
+    """
+
+    def __init__(self, stream, steps_per_epoch, steps):
+        super().__init__()
+        self.stream, self.steps_per_epoch, self.steps = stream, steps_per_epoch, steps
+        self.rows = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = min((epoch + 1) * self.steps_per_epoch, self.steps)
+        row = {"step": step, **held_out_scores(self.model, self.stream)}
+        self.rows.append(row)
+        print(
+            f"step {step}: held-out perplexity {row['validation_perplexity']:.3f}, "
+            f"gates {row['gates']}",
+            flush=True,
+        )
+
+
+def markdown_table(results, header):
+    lines = [
+        header,
+        "",
+        "| run | memory | validation perplexity | validation accuracy "
+        "| train seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        memory = f"{r['memory_size']} tokens" if r["memory_layers"] else "none"
+        lines.append(
+            f"| {r['run']} | {memory} | {r['validation_perplexity']:.3f} | "
+            f"{r['validation_accuracy']:.3f} | {r['train_seconds']} |"
+        )
+    curves = [r for r in results if r["curve"]]
+    if curves:
+        names = " | ".join(f"perplexity, {r['run']}" for r in curves)
+        ratio = " ratio |" if len(curves) == 2 else ""
+        lines += ["", f"| step | {names} |{ratio} gates |"]
+        lines.append("|---" * (len(curves) + 2 + bool(ratio)) + "|")
+        for rows in zip(*(r["curve"] for r in curves)):
+            values = [row["validation_perplexity"] for row in rows]
+            cells = " | ".join(f"{v:.3f}" for v in values)
+            if ratio:
+                cells += f" | {values[0] / values[1]:.3f}"
+            gates = "; ".join(
+                " ".join(f"{g:.2f}" for g in layer)
+                for row in rows
+                for layer in row["gates"]
+            )
+            lines.append(f"| {rows[0]['step']} | {cells} | {gates} |")
+    return "\n".join(lines) + "\n"
