@@ -209,29 +209,24 @@ class SegmentAttention(keras.layers.Layer):
             )
         if self.use_xl_cache:
             self.cache_length = segment_length
-            for mode in ("train", "inference"):
-                cache = SegmentCache(
-                    batch_size=self.batch_size,
-                    cache_length=segment_length,
-                    num_heads=self.num_heads,
-                    head_dim=self.head_dim,
-                    dtype=self.dtype_policy,
-                    name=f"{mode}_cache",
-                )
-                cache.build()
-                setattr(self, f"{mode}_cache", cache)
+            self._add_lane_state(SegmentCache, "cache", cache_length=segment_length)
         if self.smear_keys and self.needs_fixed_batch:
-            for mode in ("train", "inference"):
-                last_key = LastKey(
-                    batch_size=self.batch_size,
-                    num_heads=self.num_heads,
-                    head_dim=self.head_dim,
-                    dtype=self.dtype_policy,
-                    name=f"{mode}_last_key",
-                )
-                last_key.build()
-                setattr(self, f"{mode}_last_key", last_key)
+            self._add_lane_state(LastKey, "last_key")
         self.built = True
+
+    def _add_lane_state(self, state_class, name, **options):
+        """Builds `train_<name>` and `inference_<name>`, per-lane state layers."""
+        for mode in ("train", "inference"):
+            state = state_class(
+                batch_size=self.batch_size,
+                num_heads=self.num_heads,
+                head_dim=self.head_dim,
+                dtype=self.dtype_policy,
+                name=f"{mode}_{name}",
+                **options,
+            )
+            state.build()
+            setattr(self, f"{mode}_{name}", state)
 
     def _check_batch(self, batch_size):
         if (

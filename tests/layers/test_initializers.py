@@ -11,6 +11,20 @@ from tests.weights import assert_independent
 from tests.weights import first_rows
 
 
+def built_memory_block(**options):
+    block = DecoderBlock(
+        num_heads=2,
+        intermediate_dim=16,
+        use_memory=True,
+        memory_size=32,
+        num_neighbors=4,
+        batch_size=2,
+        **options,
+    )
+    block.build((2, 8, 16))
+    return block
+
+
 def kernels(layer):
     return [v for v in layer.trainable_variables if v.path.endswith("kernel")]
 
@@ -31,16 +45,7 @@ def test_knn_attention_starts_with_distinct_query_key_and_value():
     ids=["named", "seeded"],
 )
 def test_every_kernel_of_a_block_is_drawn_on_its_own(initializer):
-    block = DecoderBlock(
-        num_heads=2,
-        intermediate_dim=16,
-        use_memory=True,
-        memory_size=32,
-        num_neighbors=4,
-        batch_size=2,
-        kernel_initializer=initializer,
-    )
-    block.build((2, 8, 16))
+    block = built_memory_block(kernel_initializer=initializer)
     rows = first_rows(kernels(block))
     assert len(rows) == 6
     assert_independent(rows)
@@ -67,16 +72,7 @@ def test_clone_initializer_keeps_the_distribution():
 
 
 def test_tied_query_key_init_copies_the_query_kernel_only():
-    block = DecoderBlock(
-        num_heads=2,
-        intermediate_dim=16,
-        use_memory=True,
-        memory_size=32,
-        num_neighbors=4,
-        batch_size=2,
-        tie_query_key_init=True,
-    )
-    block.build((2, 8, 16))
+    block = built_memory_block(tie_query_key_init=True)
     attention = block.attention
     np.testing.assert_array_equal(
         to_numpy(attention.key_projection.kernel),
