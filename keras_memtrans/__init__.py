@@ -14,8 +14,9 @@ from keras_memtrans.memory.segment_cache import SegmentCache
 try:
     import keras_hub  # noqa: F401
 except ImportError:  # Without the `hub` extra: layers, memories and data only.
-    models = None
+    analysis = models = None
 else:
+    from keras_memtrans import analysis
     from keras_memtrans import models
     from keras_memtrans.models import MemorizingTransformerBackbone
     from keras_memtrans.models import MemorizingTransformerCausalLM

@@ -1,8 +1,24 @@
-"""Argument checks shared by the layers and memories."""
+"""Argument checks shared by the layers, memories and data pipeline."""
+
+import numbers
+
+
+def is_int(value):
+    """Whether `value` is an integer (NumPy integers included), not a bool.
+
+    Example:
+    >>> import numpy as np
+    >>> is_int(3), is_int(np.int64(3)), is_int(True), is_int(3.0)
+    (True, True, False, False)
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_positive_ints(optional=(), **values):
     """Raises a ValueError naming the first argument that is not an int >= 1.
+
+    Python ints only (NumPy integers are refused): these are layer
+    arguments, which `get_config` must return as JSON-serialisable values.
 
     Args:
         optional: names among `values` that may also be `None`.

@@ -1,7 +1,8 @@
 """Show which tokens memory helps, and what they retrieved.
 
 Reads the held-out documents of a `recipes.train --compare` run with both of
-its checkpoints, token by token (`DocumentScorer`), and writes to
+its trained models (the run's presets), token by token
+(`keras_memtrans.analysis.DocumentScorer`), and writes to
 `<run>/inspection/`:
 
 - `summary.md`: the loss with and without memory by position in the
@@ -22,12 +23,12 @@ import pathlib
 import platform
 import sys
 
-import keras
 import matplotlib
 import numpy as np
 
-from keras_memtrans.data import TextCorpus
-from keras_memtrans.models import DocumentScorer
+from keras_memtrans.analysis import DocumentScorer
+from keras_memtrans.models import MemorizingTransformerCausalLM
+from recipes.common import split_corpus
 
 matplotlib.use("Agg")
 from matplotlib import pyplot  # noqa: E402  (after choosing the file backend)
@@ -73,16 +74,9 @@ def load_run(run_dir):
             "library would give other validation documents."
         )
     # The recipe's layout, wherever the run directory now is.
-    memory_lm = keras.saving.load_model(run_dir / "memory" / "checkpoint.keras")
-    baseline_lm = keras.saving.load_model(run_dir / "no_memory" / "checkpoint.keras")
-    corpus = TextCorpus(
-        corpus_args["source"],
-        min_chars=corpus_args["min_chars"],
-        max_documents=corpus_args["max_documents"],
-    )
-    _, validation = corpus.split(
-        corpus_args["validation_fraction"], corpus_args["seed"]
-    )
+    memory_lm = MemorizingTransformerCausalLM.from_preset(run_dir / "memory")
+    baseline_lm = MemorizingTransformerCausalLM.from_preset(run_dir / "no_memory")
+    _, _, validation = split_corpus(corpus_args)
     return memory_lm, baseline_lm, validation
 
 
@@ -224,7 +218,8 @@ def main(argv=None):
         f"Command: `python -m recipes.inspect_memory {' '.join(arguments)}`",
         "",
         f"Mean loss per token: {without.mean():.4f} nats without memory, "
-        f"{with_memory.mean():.4f} with a {backbone.memory_size}-token memory "
+        f"{with_memory.mean():.4f} with a "
+        f"{backbone.memory_layers[0].memory_size}-token memory "
         f"({with_memory.size} tokens; memory lowers the loss of "
         f"{(with_memory < without).mean():.1%} of them).",
         "",

@@ -10,10 +10,14 @@ each document segment by segment, in lanes, with its kNN memory.
 
 `--compare` trains the same model twice, with and without memory (same
 tokenizer, data order and initial seed), and prints both perplexities;
-`--no-memory` trains only the model without memory. Each run writes a
-`.keras` checkpoint, a CSV log and TensorBoard logs; the whole job writes
-`results.json` and `results.md` to the output directory, which is never
-overwritten (a new `-N` suffix is chosen instead).
+`--no-memory` trains only the model without memory. The output directory,
+never overwritten (a new `-N` suffix is chosen instead), gets:
+
+- `memory/`, `no_memory/`: each trained model as a keras-hub preset
+  (`MemorizingTransformerCausalLM.from_preset("runs/quick-jax/memory")`);
+- `training/memory/`, `training/no_memory/`: a `.keras` checkpoint, a CSV
+  log and TensorBoard logs of each run;
+- `results.json` and `results.md`.
 """
 
 import argparse
@@ -27,14 +31,18 @@ import time
 
 import keras
 
+from keras_memtrans import KNNAttention
 from keras_memtrans.data import LaneStreamer
-from keras_memtrans.data import TextCorpus
+from keras_memtrans.memory.factory import MEMORY_KINDS
 from keras_memtrans.models import PRESETS
-from keras_memtrans.models import MemorizingTransformerBackbone
-from keras_memtrans.models import MemorizingTransformerCausalLM
-from keras_memtrans.models import MemorizingTransformerPreprocessor
-from keras_memtrans.models import MemorizingTransformerTokenizer
 from keras_memtrans.models import get_preset
+from recipes.common import TRAINING
+from recipes.common import build_causal_lm
+from recipes.common import compile_for_training
+from recipes.common import fresh_directory
+from recipes.common import prepare_documents
+from recipes.common import save_preset
+from recipes.common import split_corpus
 from recipes.reporting import HeldOutCurve
 from recipes.reporting import held_out_scores
 from recipes.reporting import markdown_table
@@ -69,8 +77,8 @@ def parse_args(argv):
         "--steps", type=positive_int, help="training steps (preset default)"
     )
     parser.add_argument(
-        "--memory",
-        choices=("auto", "exact", "scann"),
+        "--memory-kind",
+        choices=MEMORY_KINDS,
         help="memory kind (preset default: auto, ScaNN from 32K tokens)",
     )
     parser.add_argument(
@@ -146,22 +154,16 @@ def parse_args(argv):
 
 
 def resolve_config(args):
-    """The preset, with every flag that was given taking precedence."""
+    """The preset and its training defaults, with every flag that was given
+    taking precedence."""
     preset = get_preset(args.preset)
     backbone = dict(preset["backbone"])
-    training = dict(preset["training"])
-    for flag in (
-        "memory",
-        "memory_size",
-        "num_neighbors",
-        "top_k",
-        "recall_target",
-        "num_leaves",
-        "num_leaves_to_search",
-        "head_dim",
-        "batch_size",
-        "segment_length",
-    ):
+    backbone["memory_options"] = dict(backbone.get("memory_options") or {})
+    training = dict(TRAINING[args.preset])
+    for flag in KNNAttention.memory_options():
+        if getattr(args, flag) is not None:
+            backbone["memory_options"][flag] = getattr(args, flag)
+    for flag in ("head_dim", "batch_size", "segment_length"):
         if getattr(args, flag) is not None:
             backbone[flag] = getattr(args, flag)
     if args.memory_layers is not None:
@@ -178,64 +180,6 @@ def resolve_config(args):
     return backbone, training, vocabulary_size
 
 
-def fresh_directory(path):
-    """`path`, or `path-2`, `path-3`, ...: never one that already has files."""
-    candidate, n = path, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
-    candidate.mkdir(parents=True, exist_ok=True)
-    return candidate
-
-
-def prepare_documents(corpus, vocabulary_size, validation_fraction, seed):
-    """Splits `corpus` by document and tokenizes both parts.
-
-    The SentencePiece vocabulary is learnt on the training documents only.
-
-    Returns:
-        `(preprocessor, train_docs, validation_docs)`: the preprocessor holds
-        the tokenizer; the documents are lists of int32 token-id arrays.
-    """
-    train_corpus, validation_corpus = corpus.split(validation_fraction, seed)
-    tokenizer = MemorizingTransformerTokenizer.from_documents(
-        train_corpus.texts, vocabulary_size, seed=seed
-    )
-    preprocessor = MemorizingTransformerPreprocessor(tokenizer)
-    train_docs = preprocessor(train_corpus.texts)
-    validation_docs = preprocessor(validation_corpus.texts)
-    return preprocessor, train_docs, validation_docs
-
-
-def build_causal_lm(backbone_config, vocabulary_size, preprocessor, use_memory, seed):
-    keras.utils.set_random_seed(seed)
-    config = dict(backbone_config)
-    if not use_memory:
-        config["memory_layer_indices"] = ()
-    backbone = MemorizingTransformerBackbone(vocabulary_size=vocabulary_size, **config)
-    return MemorizingTransformerCausalLM(backbone, preprocessor)
-
-
-def compile_for_training(causal_lm, training, jit_compile="auto"):
-    steps = training["steps"]
-    warmup = min(training["warmup_steps"], max(steps // 2, 1))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0,
-        warmup_target=training["learning_rate"],
-        warmup_steps=warmup,
-        decay_steps=max(steps - warmup, 1),
-        alpha=0.1,
-    )
-    causal_lm.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=0.01, clipnorm=1.0),
-        weighted_metrics=[
-            keras.metrics.SparseCategoricalAccuracy("accuracy"),
-            keras.metrics.SparseCategoricalCrossentropy("token_nll", from_logits=True),
-        ],
-        jit_compile=jit_compile,
-    )
-
-
 class StopAfterSteps(keras.callbacks.Callback):
     """Ends `fit` after exactly `steps` batches, mid-epoch if need be."""
 
@@ -250,10 +194,15 @@ class StopAfterSteps(keras.callbacks.Callback):
 
 
 def train_and_evaluate(
-    name, causal_lm, training, train_docs, validation_docs, args, run_dir
+    name, causal_lm, training, train_docs, validation_docs, args, output_dir
 ):
+    """Trains one model, scores it on the held-out documents and saves it as
+    the preset `output_dir / name` (logs and checkpoint under `training/`)."""
+    log_dir = output_dir / "training" / name
+    log_dir.mkdir(parents=True)
     lanes = causal_lm.backbone.batch_size
     length = causal_lm.backbone.segment_length
+    memory_layers = causal_lm.backbone.memory_layers
     # Training reads passes endlessly (no lane idles at a pass's end) and
     # `fit` continues the stream across its epochs; evaluation, one pass.
     train_stream = LaneStreamer(
@@ -268,9 +217,9 @@ def train_and_evaluate(
     callbacks = [
         stop,
         *([curve] if args.eval_every else []),
-        keras.callbacks.ModelCheckpoint(run_dir / "checkpoint.keras"),
-        keras.callbacks.CSVLogger(str(run_dir / "log.csv")),
-        keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+        keras.callbacks.ModelCheckpoint(log_dir / "checkpoint.keras"),
+        keras.callbacks.CSVLogger(str(log_dir / "log.csv")),
+        keras.callbacks.TensorBoard(str(log_dir / "tensorboard")),
     ]
     print(
         f"\n[{name}] {steps} steps: {epochs} epoch(s) of at most {steps_per_epoch}; "
@@ -291,10 +240,11 @@ def train_and_evaluate(
         final = curve.rows[-1]
     else:
         final = held_out_scores(causal_lm, validation_stream)
+    save_preset(causal_lm, output_dir / name)
     return {
         "run": name,
         "memory_layers": list(causal_lm.backbone.memory_layer_indices),
-        "memory_size": causal_lm.backbone.memory_size,
+        "memory_size": memory_layers[0].memory_size if memory_layers else None,
         "train_loss": history.history["token_nll"][-1],
         "validation_nll": final["validation_nll"],
         "validation_perplexity": final["validation_perplexity"],
@@ -304,7 +254,8 @@ def train_and_evaluate(
         "train_seconds": round(train_seconds, 1),
         "steps": stop.done,
         "jit_compile": bool(causal_lm.jit_compile),
-        "checkpoint": str((run_dir / "checkpoint.keras").resolve()),
+        "preset_dir": str((output_dir / name).resolve()),
+        "checkpoint": str((log_dir / "checkpoint.keras").resolve()),
     }
 
 
@@ -315,12 +266,18 @@ def main(argv=None):
     output_dir = fresh_directory(
         args.output_dir or pathlib.Path("runs") / f"{args.preset}-{backend}"
     )
-    corpus = TextCorpus(
-        args.corpus, min_chars=args.min_chars, max_documents=training["max_documents"]
-    )
+    corpus_settings = {
+        "source": args.corpus and os.path.abspath(args.corpus),
+        "python": platform.python_version(),
+        "min_chars": args.min_chars,
+        "max_documents": training["max_documents"],
+        "validation_fraction": args.validation_fraction,
+        "seed": args.seed,
+    }
+    corpus, train_corpus, validation_corpus = split_corpus(corpus_settings)
     print(corpus.summary())
     preprocessor, train_docs, validation_docs = prepare_documents(
-        corpus, vocabulary_size, args.validation_fraction, args.seed
+        train_corpus, validation_corpus, vocabulary_size, args.seed
     )
     tokenizer = preprocessor.tokenizer
     print(
@@ -344,11 +301,9 @@ def main(argv=None):
             args.seed,
         )
         compile_for_training(causal_lm, training, jit_compile)
-        run_dir = output_dir / name
-        run_dir.mkdir()
         results.append(
             train_and_evaluate(
-                name, causal_lm, training, train_docs, validation_docs, args, run_dir
+                name, causal_lm, training, train_docs, validation_docs, args, output_dir
             )
         )
     header = (
@@ -366,14 +321,7 @@ def main(argv=None):
                 "backbone": backbone_config,
                 "training": training,
                 "vocabulary_size": tokenizer.vocabulary_size(),
-                "corpus": {
-                    "source": args.corpus and os.path.abspath(args.corpus),
-                    "python": platform.python_version(),
-                    "min_chars": args.min_chars,
-                    "max_documents": training["max_documents"],
-                    "validation_fraction": args.validation_fraction,
-                    "seed": args.seed,
-                },
+                "corpus": corpus_settings,
                 "results": results,
             },
             indent=2,

@@ -40,11 +40,12 @@ def stored_tokens(layer, training=False):
     a position is set (slot order).
     """
     stored = {}
-    cache = layer._cache(training)
+    states = layer.lane_states(training)
+    cache = states.get("cache")
     if cache is not None:
         keys, values, mask = (to_numpy(x) for x in cache.read())
         stored.update(cache_mask=mask, cache_keys=keys[mask], cache_values=values[mask])
-    memory = getattr(layer, "train_memory" if training else "inference_memory", None)
+    memory = states.get("memory")
     if memory is not None:
         positions = to_numpy(memory.positions)  # [slots, batch]
         filled = positions >= 0
@@ -54,3 +55,21 @@ def stored_tokens(layer, training=False):
             memory_values=to_numpy(memory.values)[filled],
         )
     return stored
+
+
+def filled_lanes(layer, training=False):
+    """Which lanes each per-lane state of one mode holds a token for.
+
+    A dict from state name (as `layer.lane_states` names them) to a bool
+    `[batch]`: the XL cache holds a token, the carried last key is present,
+    the memory has a filled slot.
+    """
+    lanes = {}
+    for name, state in layer.lane_states(training).items():
+        if name == "cache":
+            lanes[name] = to_numpy(state.read()[2]).any(axis=1)  # [batch, cache]
+        elif name == "last_key":
+            lanes[name] = to_numpy(state.read()[1])
+        else:  # a memory: positions [slots, batch], -1 in an empty slot
+            lanes[name] = (to_numpy(state.positions) >= 0).any(axis=0)
+    return lanes

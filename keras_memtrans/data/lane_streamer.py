@@ -1,11 +1,12 @@
 import bisect
 import heapq
-import numbers
 import operator
 import threading
 
 import keras
 import numpy as np
+
+from keras_memtrans.validation import is_int
 
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -150,7 +151,7 @@ class LaneStreamer(keras.utils.PyDataset):
             ("seed", seed, 0),
             ("pad_id", pad_id, 0),
         ):
-            if not _is_int(value) or not minimum <= value <= _INT32_MAX:
+            if not is_int(value) or not minimum <= value <= _INT32_MAX:
                 raise ValueError(
                     f"`{name}` must be an int in [{minimum}, {_INT32_MAX}], "
                     f"got {value!r}."
@@ -224,7 +225,7 @@ class LaneStreamer(keras.utils.PyDataset):
 
     def pass_order(self, pass_index):
         """Indices into `documents` of the documents of pass `pass_index`."""
-        if not _is_int(pass_index) or pass_index < 0:
+        if not is_int(pass_index) or pass_index < 0:
             raise ValueError(
                 f"`pass_index` must be a non-negative int, got {pass_index!r}."
             )
@@ -275,7 +276,7 @@ class LaneStreamer(keras.utils.PyDataset):
         padded; without, also the lanes idling at the end of the pass.
         """
         limit = _INT32_MAX if self.repeat else self._num_batches
-        if not _is_int(num_steps) or not 1 <= num_steps <= limit:
+        if not is_int(num_steps) or not 1 <= num_steps <= limit:
             raise ValueError(
                 f"`num_steps` must be an int in [1, {limit}], got {num_steps!r}."
             )
@@ -353,10 +354,6 @@ class LaneStreamer(keras.utils.PyDataset):
             return np.arange(len(self._documents))
         rng = np.random.default_rng((self.seed, pass_index))
         return rng.permutation(len(self._documents))
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _token_array(index, document):

@@ -6,6 +6,8 @@ import sysconfig
 
 import numpy as np
 
+from keras_memtrans.validation import is_int
+
 _TEST_DIRECTORIES = frozenset({"test", "tests", "idle_test"})
 _INSTALLED_PACKAGE_DIRECTORIES = frozenset({"site-packages", "dist-packages"})
 _GLOB_CHARACTERS = frozenset("*?[")
@@ -71,14 +73,14 @@ class TextCorpus:
     def __init__(
         self, source=None, min_chars=2000, text_field="text", max_documents=None
     ):
-        if not _is_int(min_chars) or min_chars < 0:
+        if not is_int(min_chars) or min_chars < 0:
             raise ValueError(
                 f"`min_chars` must be a non-negative int, got {min_chars!r}."
             )
         if not isinstance(text_field, str):
             raise ValueError(f"`text_field` must be a str, got {text_field!r}.")
         if max_documents is not None and (
-            not _is_int(max_documents) or max_documents < 1
+            not is_int(max_documents) or max_documents < 1
         ):
             raise ValueError(
                 "`max_documents` must be a positive int or None, got "
@@ -302,10 +304,6 @@ def _files_of(source):
             if os.path.isfile(path)
         )
     raise FileNotFoundError(f"Corpus source {source!r} does not exist.")
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _relative_name(path, root):

@@ -2,6 +2,7 @@ import keras
 
 from keras_memtrans.layers.initializers import clone_initializer
 from keras_memtrans.layers.knn_attention import KNNAttention
+from keras_memtrans.layers.knn_attention import check_memory_options
 from keras_memtrans.layers.segment_attention import SegmentAttention
 
 
@@ -10,7 +11,7 @@ class DecoderBlock(keras.layers.Layer):
     """Pre-LayerNorm decoder block, with or without a kNN memory.
 
     `x + attention(norm(x))`, then `x + feedforward(norm(x))`. The attention
-    is a `KNNAttention` when `use_memory=True`, otherwise a
+    is a `KNNAttention` when `memory_options` is given, otherwise a
     `SegmentAttention` (local causal attention, optionally Transformer-XL).
 
     Args:
@@ -18,18 +19,11 @@ class DecoderBlock(keras.layers.Layer):
         head_dim: int. Size of each attention head. Defaults to
             `hidden_dim // num_heads`.
         intermediate_dim: int. Hidden size of the feedforward network.
-        use_memory: bool. Whether attention also reads a kNN memory.
-        memory_size: int. Tokens kept in memory per lane (with memory).
-        num_neighbors: int. Memory entries each query retrieves.
-        memory: `"auto"`, `"exact"` or `"scann"`: the kind of memory (see
-            `KNNAttention`).
-        top_k: `"exact"` or `"approx"`: the exact memory's top-k (see
-            `KNNAttention`).
-        recall_target: float. Recall target of `top_k="approx"`.
-        num_leaves: optional int. Tree partitions of each ScaNN searcher
-            (ScaNN memory only; see `KNNAttention`).
-        num_leaves_to_search: optional int. Partitions a ScaNN search
-            visits (ScaNN memory only; see `KNNAttention`).
+        memory_options: optional dict of `KNNAttention` memory arguments
+            (`memory_size`, `num_neighbors`, `memory_kind`, `top_k`,
+            `recall_target`, `num_leaves`, `num_leaves_to_search`; see
+            `KNNAttention.memory_options()`). Given (`{}` for the defaults),
+            the attention also reads a kNN memory; `None`: no memory.
         batch_size: int. Number of lanes (needed for memory or XL cache).
         use_xl_cache: bool. Whether attention also covers the previous
             segment of each lane.
@@ -52,7 +46,7 @@ class DecoderBlock(keras.layers.Layer):
         document_start: optional bool `[batch]`, see `KNNAttention`.
         padding_mask: optional bool `[batch, segment]`, see `KNNAttention`.
         return_neighbors: bool. Also return the document positions the
-            memory lookup retrieved (only with `use_memory=True`).
+            memory lookup retrieved (only with memory).
         training: bool.
 
     Returns:
@@ -62,8 +56,8 @@ class DecoderBlock(keras.layers.Layer):
 
     Example:
     >>> import numpy as np
-    >>> block = DecoderBlock(num_heads=2, intermediate_dim=32, use_memory=True,
-    ...                      memory_size=64, num_neighbors=4)
+    >>> block = DecoderBlock(num_heads=2, intermediate_dim=32,
+    ...                      memory_options={"memory_size": 64, "num_neighbors": 4})
     >>> tuple(block(np.random.rand(2, 16, 8).astype("float32")).shape)
     (2, 16, 8)
 
@@ -77,14 +71,7 @@ class DecoderBlock(keras.layers.Layer):
         num_heads,
         intermediate_dim,
         head_dim=None,
-        use_memory=False,
-        memory_size=8192,
-        num_neighbors=32,
-        memory="auto",
-        top_k="exact",
-        recall_target=0.95,
-        num_leaves=None,
-        num_leaves_to_search=None,
+        memory_options=None,
         batch_size=None,
         use_xl_cache=False,
         dropout=0.0,
@@ -101,14 +88,9 @@ class DecoderBlock(keras.layers.Layer):
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
         self.head_dim = head_dim
-        self.use_memory = use_memory
-        self.memory_size = memory_size
-        self.num_neighbors = num_neighbors
-        self.memory = memory
-        self.top_k = top_k
-        self.recall_target = recall_target
-        self.num_leaves = num_leaves
-        self.num_leaves_to_search = num_leaves_to_search
+        self.memory_options = (
+            None if memory_options is None else check_memory_options(memory_options)
+        )
         self.batch_size = batch_size
         self.use_xl_cache = use_xl_cache
         self.dropout = dropout
@@ -132,17 +114,8 @@ class DecoderBlock(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="attention",
         )
-        if use_memory:
-            self.attention = KNNAttention(
-                memory_size=memory_size,
-                num_neighbors=num_neighbors,
-                memory=memory,
-                top_k=top_k,
-                recall_target=recall_target,
-                num_leaves=num_leaves,
-                num_leaves_to_search=num_leaves_to_search,
-                **attention,
-            )
+        if self.use_memory:
+            self.attention = KNNAttention(**self.memory_options, **attention)
         else:
             self.attention = SegmentAttention(**attention)
         norm = dict(epsilon=layer_norm_epsilon, dtype=self.dtype_policy)
@@ -179,6 +152,11 @@ class DecoderBlock(keras.layers.Layer):
         self.feedforward_output.build((*input_shape[:-1], self.intermediate_dim))
         self.built = True
 
+    @property
+    def use_memory(self):
+        """Whether the attention reads a kNN memory (`KNNAttention`)."""
+        return self.memory_options is not None
+
     def call(
         self,
         hidden_states,
@@ -208,7 +186,7 @@ class DecoderBlock(keras.layers.Layer):
         if return_neighbors and not self.use_memory:
             raise ValueError(
                 f"`return_neighbors=True` needs a memory block; {self.name!r} "
-                "was built with `use_memory=False`."
+                "was built without `memory_options`."
             )
 
     def reset_state(self, training=None):
@@ -237,14 +215,7 @@ class DecoderBlock(keras.layers.Layer):
                 "num_heads": self.num_heads,
                 "intermediate_dim": self.intermediate_dim,
                 "head_dim": self.head_dim,
-                "use_memory": self.use_memory,
-                "memory_size": self.memory_size,
-                "num_neighbors": self.num_neighbors,
-                "memory": self.memory,
-                "top_k": self.top_k,
-                "recall_target": self.recall_target,
-                "num_leaves": self.num_leaves,
-                "num_leaves_to_search": self.num_leaves_to_search,
+                "memory_options": self.memory_options,
                 "batch_size": self.batch_size,
                 "use_xl_cache": self.use_xl_cache,
                 "dropout": self.dropout,

@@ -1,17 +1,13 @@
-import warnings
+import inspect
 
 import keras
 from keras import ops
 
+from keras_memtrans.layers.attention_functions import masked_softmax
 from keras_memtrans.layers.segment_attention import SegmentAttention
-from keras_memtrans.layers.segment_attention import masked_softmax
-from keras_memtrans.memory.exact_memory import ExactMemory
-from keras_memtrans.memory.scann_memory import ScannMemory
+from keras_memtrans.memory.factory import check_memory_kind
+from keras_memtrans.memory.factory import make_memory
 from keras_memtrans.validation import check_positive_ints
-
-# Smallest `memory_size` at which `memory="auto"` picks ScaNN: the measured
-# crossover of docs/memory_lookup.md.
-SCANN_MIN_MEMORY_SIZE = 32768
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -45,29 +41,15 @@ class KNNAttention(SegmentAttention):
 
     Args:
         num_heads: int. Number of attention heads.
-        head_dim: int. Size of each head. Defaults to
-            `hidden_dim // num_heads`.
         memory_size: int. Tokens kept in memory per lane (FIFO).
         num_neighbors: int. Memory entries each query retrieves (`k`).
-        batch_size: int. Number of lanes. Defaults to the static batch size
-            of the input (e.g. `keras.Input(..., batch_size=8)`).
-        use_xl_cache: bool. Whether local attention also covers the
-            previous segment (Transformer-XL cache, no gradient).
-        num_buckets: int. Relative position buckets (T5).
-        max_distance: int. Relative distance of the last bucket (T5).
-        kernel_initializer: initializer of the projection kernels.
-        smear_keys: bool. Whether keys are mixed with the previous real
-            token's key, across segments of a document (see
-            `SegmentAttention`); memory then holds the mixed keys.
-        tie_query_key_init: bool. Whether the key projection starts as a
-            copy of the query projection (see `SegmentAttention`).
-        memory: `"exact"` (`ExactMemory`: in-graph ring buffer, exact
+        memory_kind: `"exact"` (`ExactMemory`: in-graph ring buffer, exact
             top-k, compiles with XLA), `"scann"` (`ScannMemory`: host
             memory searched with ScaNN; turns `jit_compile` off on
             TensorFlow and torch, runs inside `jax.jit` on JAX) or `"auto"`:
             `"scann"` from `memory_size >= 32768` (the crossover measured in
             docs/memory_lookup.md) when `scann` is installed, else
-            `"exact"`.
+            `"exact"` (see `make_memory`).
         top_k: `"exact"` or `"approx"`: the exact memory's top-k;
             `"approx"` uses `approx_max_k` on JAX and TensorFlow (fast on
             TPU; exact on CPU and GPU), exact top-k on torch.
@@ -77,7 +59,13 @@ class KNNAttention(SegmentAttention):
         num_leaves_to_search: optional int. Partitions a ScaNN search
             visits (ScaNN memory only; default an eighth of `num_leaves`):
             more is slower and finds more of the true top-k.
-        **kwargs: standard `keras.layers.Layer` arguments.
+        **kwargs: the `SegmentAttention` arguments (`head_dim`,
+            `batch_size`, `use_xl_cache`, `num_buckets`, `max_distance`,
+            `kernel_initializer`, `smear_keys`, `tie_query_key_init`; with
+            `smear_keys` the memory holds the mixed keys) and standard
+            `keras.layers.Layer` arguments. The batch size defaults to the
+            static batch size of the input (e.g. `keras.Input(...,
+            batch_size=8)`).
 
     Call arguments:
         hidden_states: `[batch, segment, hidden_dim]` layer input.
@@ -113,45 +101,23 @@ class KNNAttention(SegmentAttention):
     def __init__(
         self,
         num_heads,
-        head_dim=None,
         memory_size=8192,
         num_neighbors=32,
-        batch_size=None,
-        use_xl_cache=False,
-        num_buckets=32,
-        max_distance=128,
-        kernel_initializer="glorot_uniform",
-        smear_keys=False,
-        tie_query_key_init=False,
-        memory="auto",
+        memory_kind="auto",
         top_k="exact",
         recall_target=0.95,
         num_leaves=None,
         num_leaves_to_search=None,
         **kwargs,
     ):
-        super().__init__(
-            num_heads=num_heads,
-            head_dim=head_dim,
-            batch_size=batch_size,
-            use_xl_cache=use_xl_cache,
-            num_buckets=num_buckets,
-            max_distance=max_distance,
-            kernel_initializer=kernel_initializer,
-            smear_keys=smear_keys,
-            tie_query_key_init=tie_query_key_init,
-            **kwargs,
-        )
+        super().__init__(num_heads=num_heads, **kwargs)
         check_positive_ints(memory_size=memory_size, num_neighbors=num_neighbors)
         if num_neighbors > memory_size:
             raise ValueError(
                 f"`num_neighbors` ({num_neighbors}) cannot exceed `memory_size` "
                 f"({memory_size}): a lane holds at most memory_size entries."
             )
-        if memory not in ("auto", "exact", "scann"):
-            raise ValueError(
-                f'`memory` must be "auto", "exact" or "scann", got {memory!r}.'
-            )
+        check_memory_kind(memory_kind)
         if top_k not in ("exact", "approx"):
             raise ValueError(f'`top_k` must be "exact" or "approx", got {top_k!r}.')
         if not 0.0 < recall_target <= 1.0:
@@ -160,43 +126,26 @@ class KNNAttention(SegmentAttention):
             )
         self.memory_size = memory_size
         self.num_neighbors = num_neighbors
-        self.memory = memory
+        self.memory_kind = memory_kind
         self.top_k = top_k
         self.recall_target = recall_target
         self.num_leaves = num_leaves
         self.num_leaves_to_search = num_leaves_to_search
 
-    def _make_memory(self, name):
-        options = dict(
-            batch_size=self.batch_size,
-            num_heads=self.num_heads,
-            head_dim=self.head_dim,
-            memory_size=self.memory_size,
-            dtype=self.dtype_policy,
-            name=name,
-        )
-        use_scann = self.memory == "scann" or (
-            self.memory == "auto" and self.memory_size >= SCANN_MIN_MEMORY_SIZE
-        )
-        if use_scann:
-            try:
-                return ScannMemory(
-                    num_leaves=self.num_leaves,
-                    num_leaves_to_search=self.num_leaves_to_search,
-                    **options,
-                )
-            except ImportError:
-                if self.memory == "scann":
-                    raise
-                warnings.warn(
-                    f"`memory_size={self.memory_size}` selects ScannMemory, but "
-                    "`scann` is not installed (`pip install "
-                    "keras-memtrans[scann]`): using ExactMemory.",
-                    stacklevel=3,
-                )
-        return ExactMemory(
-            top_k=self.top_k, recall_target=self.recall_target, **options
-        )
+    @classmethod
+    def memory_options(cls):
+        """The memory's arguments and their defaults, as a dict.
+
+        The one declaration of these options: `DecoderBlock` and
+        `MemorizingTransformerBackbone` take a `memory_options` dict of them,
+        check it with `check_memory_options` and pass it through.
+        """
+        parameters = inspect.signature(KNNAttention.__init__).parameters
+        return {
+            name: parameter.default
+            for name, parameter in parameters.items()
+            if parameter.default is not inspect.Parameter.empty
+        }
 
     @property
     def needs_fixed_batch(self):
@@ -207,10 +156,16 @@ class KNNAttention(SegmentAttention):
         self.gate_bias = self.add_weight(
             name="gate_bias", shape=(self.num_heads,), initializer="zeros"
         )
-        for mode in ("train", "inference"):
-            memory = self._make_memory(f"{mode}_memory")
-            memory.build()
-            setattr(self, f"{mode}_memory", memory)
+        self._add_lane_state(
+            make_memory,
+            "memory",
+            memory_kind=self.memory_kind,
+            memory_size=self.memory_size,
+            top_k=self.top_k,
+            recall_target=self.recall_target,
+            num_leaves=self.num_leaves,
+            num_leaves_to_search=self.num_leaves_to_search,
+        )
         self.built = True
 
     def _check_inputs(self, hidden_states, document_start, padding_mask):
@@ -230,47 +185,43 @@ class KNNAttention(SegmentAttention):
         return_neighbors=False,
         training=None,
     ):
-        self._check_inputs(hidden_states, document_start, padding_mask)
-        memory = self.train_memory if training else self.inference_memory
-        cache = self._cache(training)
-        last_key = self._last_key(training)
-        if document_start is not None:
-            for state in (memory, cache, last_key):
-                if state is not None:
-                    state.reset(document_start)
+        outputs, positions = self._attend(
+            hidden_states, document_start, padding_mask, training
+        )
+        if return_neighbors:
+            return outputs, positions
+        return outputs
 
-        queries, keys, values = self._project(hidden_states, padding_mask, last_key)
-        scale = ops.cast(self.attention_scale, queries.dtype)
-        local = self._local_attention(queries, keys, values, padding_mask, cache)
-        memory_keys, memory_values, positions = memory.search(
+    def _mix_extra_attention(self, queries, local, states):
+        """Attends to each query's nearest memory entries, mixed by the gate.
+
+        Returns:
+            `(attended, positions)`: `[batch, query, heads, head_dim]` and the
+            int `[batch, query, heads, k]` document positions retrieved.
+        """
+        memory_keys, memory_values, positions = states["memory"].search(
             queries, self.num_neighbors
         )  # [batch, seg, heads, k, dim] twice, [batch, seg, heads, k]
         found = positions >= 0
         scores = ops.einsum(
             "bqhd,bqhkd->bqhk", queries, ops.cast(memory_keys, queries.dtype)
         )  # [batch, query, heads, k]
-        weights = masked_softmax(scores * scale[:, None], found)
+        scale = ops.cast(self.attention_scale, queries.dtype)[:, None]
+        weights = masked_softmax(scores * scale, found)
         retrieved = ops.einsum(
             "bqhk,bqhkd->bqhd",
-            ops.cast(weights, values.dtype),
-            ops.cast(memory_values, values.dtype),
+            ops.cast(weights, local.dtype),
+            ops.cast(memory_values, local.dtype),
         )  # [batch, query, heads, head_dim]
-        gate = ops.cast(ops.sigmoid(self.gate_bias), values.dtype)[:, None]
+        gate = ops.cast(ops.sigmoid(self.gate_bias), local.dtype)[:, None]
         mixed = gate * retrieved + (1.0 - gate) * local
         has_memory = ops.any(found, axis=-1, keepdims=True)  # [b, seg, heads, 1]
-        attended = ops.where(has_memory, mixed, local)
+        return ops.where(has_memory, mixed, local), positions
 
-        memory.append(keys, values, padding_mask)
-        if cache is not None:
-            cache.write(keys, values, padding_mask)
-        outputs = self.output_projection(attended)
-        if return_neighbors:
-            return outputs, positions
-        return outputs
-
-    def _states(self, training):
-        memory = self.train_memory if training else self.inference_memory
-        return [*super()._states(training), memory]
+    def _write_lane_states(self, states, keys, values, padding_mask):
+        """Appends this segment to the memory, and writes the XL cache."""
+        states["memory"].append(keys, values, padding_mask)
+        super()._write_lane_states(states, keys, values, padding_mask)
 
     def compute_output_spec(
         self,
@@ -289,15 +240,18 @@ class KNNAttention(SegmentAttention):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "memory_size": self.memory_size,
-                "num_neighbors": self.num_neighbors,
-                "memory": self.memory,
-                "top_k": self.top_k,
-                "recall_target": self.recall_target,
-                "num_leaves": self.num_leaves,
-                "num_leaves_to_search": self.num_leaves_to_search,
-            }
-        )
+        config.update({name: getattr(self, name) for name in self.memory_options()})
         return config
+
+
+def check_memory_options(memory_options):
+    """Raises a ValueError naming any key that is not a `KNNAttention` memory
+    option; returns the options as a new dict (`None`: no options)."""
+    memory_options = dict(memory_options or {})
+    unknown = sorted(set(memory_options) - set(KNNAttention.memory_options()))
+    if unknown:
+        raise ValueError(
+            f"Unknown memory option(s) {unknown}; valid: "
+            f"{sorted(KNNAttention.memory_options())}."
+        )
+    return memory_options

@@ -3,27 +3,16 @@ import math
 import keras
 from keras import ops
 
+from keras_memtrans.layers.attention_functions import check_hidden_rank
+from keras_memtrans.layers.attention_functions import check_lane_inputs
+from keras_memtrans.layers.attention_functions import l2_normalize
+from keras_memtrans.layers.attention_functions import masked_softmax
 from keras_memtrans.layers.initializers import clone_initializer
 from keras_memtrans.layers.relative_position_bias import RelativePositionBias
 from keras_memtrans.memory.last_key import LastKey
 from keras_memtrans.memory.last_key import previous_real_keys
 from keras_memtrans.memory.segment_cache import SegmentCache
 from keras_memtrans.validation import check_positive_ints
-
-_MASKED_LOGIT = -1e9
-
-
-def l2_normalize(x):
-    """L2-normalises the last axis (in float32), keeping the dtype of `x`."""
-    x32 = ops.cast(x, "float32")
-    norm = ops.sqrt(ops.sum(ops.square(x32), axis=-1, keepdims=True) + 1e-12)
-    return ops.cast(x32 / norm, x.dtype)
-
-
-def masked_softmax(logits, mask, axis=-1):
-    """Softmax in float32 over `axis`; masked entries get weight 0."""
-    logits = ops.where(mask, ops.cast(logits, "float32"), _MASKED_LOGIT)
-    return ops.where(mask, ops.softmax(logits, axis=axis), 0.0)
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -128,6 +117,7 @@ class SegmentAttention(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.smear_keys = smear_keys
         self.tie_query_key_init = tie_query_key_init
+        self._lane_state_names = []  # filled by `build`
 
     @property
     def needs_fixed_batch(self):
@@ -135,11 +125,7 @@ class SegmentAttention(keras.layers.Layer):
         return self.use_xl_cache
 
     def build(self, input_shape):
-        if len(input_shape) != 3:
-            raise ValueError(
-                "`hidden_states` must have rank 3 [batch, segment, hidden_dim], "
-                f"got shape {tuple(input_shape)}."
-            )
+        check_hidden_rank(input_shape)
         batch_size, segment_length, hidden_dim = input_shape
         if self.batch_size is None and self.needs_fixed_batch:
             if batch_size is None:
@@ -214,10 +200,17 @@ class SegmentAttention(keras.layers.Layer):
             self._add_lane_state(LastKey, "last_key")
         self.built = True
 
-    def _add_lane_state(self, state_class, name, **options):
-        """Builds `train_<name>` and `inference_<name>`, per-lane state layers."""
+    def _add_lane_state(self, make_state, name, **options):
+        """Builds `train_<name>` and `inference_<name>`, per-lane state layers.
+
+        Args:
+            make_state: a state class or factory, called with the lane and
+                head sizes, `dtype`, `name` and `options`.
+            name: the state's name in `lane_states()`.
+            **options: further arguments of `make_state`.
+        """
         for mode in ("train", "inference"):
-            state = state_class(
+            state = make_state(
                 batch_size=self.batch_size,
                 num_heads=self.num_heads,
                 head_dim=self.head_dim,
@@ -225,8 +218,26 @@ class SegmentAttention(keras.layers.Layer):
                 name=f"{mode}_{name}",
                 **options,
             )
-            state.build()
+            if not state.built:
+                state.build()
             setattr(self, f"{mode}_{name}", state)
+        self._lane_state_names.append(name)
+
+    def lane_states(self, training=False):
+        """The per-lane state layers of one mode, by name.
+
+        Args:
+            training: bool. `True` gives the state `fit` reads and writes,
+                `False` the one of `evaluate`, `predict` and generation.
+
+        Returns:
+            A dict from name (`"cache"`, `"last_key"`, and `"memory"` in
+            `KNNAttention`) to state layer; empty for a stateless layer.
+        """
+        mode = "train" if training else "inference"
+        return {
+            name: getattr(self, f"{mode}_{name}") for name in self._lane_state_names
+        }
 
     def _check_batch(self, batch_size):
         if (
@@ -242,43 +253,14 @@ class SegmentAttention(keras.layers.Layer):
 
     def _check_inputs(self, hidden_states, document_start, padding_mask):
         shape = tuple(hidden_states.shape)
-        if len(shape) != 3:
-            raise ValueError(
-                "`hidden_states` must have rank 3 [batch, segment, hidden_dim], "
-                f"got shape {shape}."
-            )
+        check_hidden_rank(shape)
         self._check_batch(shape[0])
         if self.use_xl_cache and shape[1] != self.cache_length:
             raise ValueError(
                 f"With `use_xl_cache=True` every segment must have the length "
                 f"the layer was built with ({self.cache_length}), got {shape[1]}."
             )
-        for name, value, expected in (
-            ("document_start", document_start, shape[:1]),
-            ("padding_mask", padding_mask, shape[:2]),
-        ):
-            if value is None:
-                continue
-            shape_ok = len(value.shape) == len(expected) and all(
-                got is None or want is None or got == want
-                for got, want in zip(value.shape, expected)
-            )
-            if not shape_ok:
-                raise ValueError(
-                    f"`{name}` must have shape {expected} (rank {len(expected)}), "
-                    f"got {tuple(value.shape)}."
-                )
-
-    def _cache(self, training):
-        if not self.use_xl_cache:
-            return None
-        return self.train_cache if training else self.inference_cache
-
-    def _last_key(self, training):
-        """The smeared-keys state of one mode, if the layer keeps one."""
-        if not (self.smear_keys and self.needs_fixed_batch):
-            return None
-        return self.train_last_key if training else self.inference_last_key
+        check_lane_inputs(shape, document_start, padding_mask)
 
     def _project(self, hidden_states, padding_mask=None, last_key=None):
         """Normalised queries and keys, and values: `[batch, seg, heads, dim]`.
@@ -331,23 +313,53 @@ class SegmentAttention(keras.layers.Layer):
     def call(
         self, hidden_states, document_start=None, padding_mask=None, training=None
     ):
-        self._check_inputs(hidden_states, document_start, padding_mask)
-        cache = self._cache(training)
-        last_key = self._last_key(training)
-        if document_start is not None:
-            for state in (cache, last_key):
-                if state is not None:
-                    state.reset(document_start)
-        queries, keys, values = self._project(hidden_states, padding_mask, last_key)
-        attended = self._local_attention(queries, keys, values, padding_mask, cache)
-        if cache is not None:
-            cache.write(keys, values, padding_mask)
-        return self.output_projection(attended)
+        outputs, _ = self._attend(hidden_states, document_start, padding_mask, training)
+        return outputs
 
-    def _states(self, training):
-        """The per-lane state layers of one mode (training or inference)."""
-        states = (self._cache(training), self._last_key(training))
-        return [state for state in states if state is not None]
+    def _attend(self, hidden_states, document_start, padding_mask, training):
+        """The attention skeleton, with three hooks for subclasses.
+
+        Resets the lanes whose document starts, projects, attends locally,
+        lets `_mix_extra_attention` mix in any other attention, lets
+        `_write_lane_states` record this segment, and projects the output.
+
+        Returns:
+            `(outputs, extra)`: `[batch, segment, hidden_dim]` and what
+            `_mix_extra_attention` returned beside the mixed attention.
+        """
+        self._check_inputs(hidden_states, document_start, padding_mask)
+        states = self.lane_states(training)
+        if document_start is not None:
+            for state in states.values():
+                state.reset(document_start)
+        queries, keys, values = self._project(
+            hidden_states, padding_mask, states.get("last_key")
+        )
+        attended = self._local_attention(
+            queries, keys, values, padding_mask, states.get("cache")
+        )
+        attended, extra = self._mix_extra_attention(queries, attended, states)
+        self._write_lane_states(states, keys, values, padding_mask)
+        return self.output_projection(attended), extra
+
+    def _mix_extra_attention(self, queries, local, states):
+        """Hook: mixes other attention into the local one.
+
+        Args:
+            queries: normalised `[batch, query, heads, head_dim]`.
+            local: the local attention `[batch, query, heads, head_dim]`.
+            states: this mode's `lane_states()`.
+
+        Returns:
+            `(attended, extra)`: the mixed `[batch, query, heads, head_dim]`
+            and anything the subclass reports beside it (here: `None`).
+        """
+        return local, None
+
+    def _write_lane_states(self, states, keys, values, padding_mask):
+        """Hook: records this segment's keys and values (here: the XL cache)."""
+        if "cache" in states:
+            states["cache"].write(keys, values, padding_mask)
 
     def reset_state(self, training=None):
         """Empties per-lane state: both modes by default, else one.
@@ -359,7 +371,7 @@ class SegmentAttention(keras.layers.Layer):
         """
         modes = (True, False) if training is None else (bool(training),)
         for mode in modes:
-            for state in self._states(mode):
+            for state in self.lane_states(mode).values():
                 state.reset_state()
 
     def compute_output_shape(self, input_shape):

@@ -1,30 +1,31 @@
 import keras
+import numpy as np
 from keras import ops
 
 from keras_memtrans.memory.host import approx_top_k
-from keras_memtrans.validation import check_positive_ints
+from keras_memtrans.memory.knn_memory import KNNMemory
+from keras_memtrans.memory.ring_buffer import document_lengths_after
+from keras_memtrans.memory.ring_buffer import document_positions
+from keras_memtrans.memory.ring_buffer import next_slot_after
+from keras_memtrans.memory.ring_buffer import written_slots
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
-class ExactMemory(keras.layers.Layer):
-    """An in-graph FIFO (key, value) memory per batch lane and head, exact top-k.
+class ExactMemory(KNNMemory):
+    """An in-graph `KNNMemory`: variables of fixed shape, exact top-k.
 
-    The memory is a ring buffer of `memory_size` slots shared by all lanes:
-    every `append` writes one slot per token into all lanes at once, so each
-    lane holds the (key, value) pairs of the last `memory_size` tokens it was
-    fed. Each slot also records the position of its token in its document
-    (`-1`: empty). Resetting a lane only marks its slots empty, so a reset
-    costs `O(memory_size)` integers, not a rewrite of the buffer.
+    The ring buffer of `memory_size` slots shared by all lanes lives in
+    non-trainable variables (`keys` and `values`
+    `[memory_size, batch, heads, head_dim]` in the layer's compute dtype,
+    `positions` `[memory_size, batch]` with `-1` for an empty slot,
+    `next_slot` and `document_length` `[batch]`), updated with `assign`, so
+    the memory persists across `model.fit` steps on every backend and
+    compiles under XLA. Resetting a lane only marks its slots empty, so a
+    reset costs `O(memory_size)` integers, not a rewrite of the buffer.
 
-    All state lives in non-trainable variables of fixed shape, updated with
-    `assign`, so the memory persists across `model.fit` steps on every
-    backend and compiles under XLA. Keys and values are stored in the
-    layer's compute dtype.
-
-    This layer is a state container driven through its methods (`reset`,
-    `search`, `append`) by `KNNAttention`; it is not called on tensors.
-    Its contents are not saved with the model: a loaded model starts with an
-    empty memory.
+    `read_only` is read in Python when `reset` or `append` is called: it
+    takes effect for the calls made, or traced, while it is set (a function
+    traced earlier keeps writing).
 
     Args:
         batch_size: int. Number of lanes (the fixed batch size).
@@ -63,17 +64,7 @@ class ExactMemory(keras.layers.Layer):
         recall_target=0.95,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        check_positive_ints(
-            batch_size=batch_size,
-            num_heads=num_heads,
-            head_dim=head_dim,
-            memory_size=memory_size,
-        )
-        self.batch_size = batch_size
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.memory_size = memory_size
+        super().__init__(batch_size, num_heads, head_dim, memory_size, **kwargs)
         self.top_k = top_k
         self.recall_target = recall_target
 
@@ -119,6 +110,8 @@ class ExactMemory(keras.layers.Layer):
 
     def reset(self, document_start):
         """Empties the lanes whose `document_start` flag `[batch]` is set."""
+        if self.read_only:
+            return
         document_start = ops.cast(document_start, "bool")
         self.positions.assign(
             ops.where(document_start[None, :], -1, self.positions.value)
@@ -128,22 +121,13 @@ class ExactMemory(keras.layers.Layer):
         )
 
     def search(self, queries, num_neighbors):
-        """Exact top-k inner-product search in each lane's own memory.
+        """Exact top-k inner-product search, as `KNNMemory.search`.
 
         The scan over all slots is not differentiable; gradients reach the
         queries through the retrieved keys, which are gathered afresh (so a
         later write to the memory never alters what backpropagation reads).
-
-        Args:
-            queries: `[batch, query, heads, head_dim]`.
-            num_neighbors: int, `k`.
-
-        Returns:
-            `(keys, values, positions)`: the retrieved keys and values
-            `[batch, query, heads, k, head_dim]` and the document positions
-            of their tokens `[batch, query, heads, k]`, `-1` where a lane
-            holds fewer than `k` entries.
         """
+        self._check_num_neighbors(num_neighbors)
         queries = ops.convert_to_tensor(queries, self.compute_dtype)
         queries = ops.stop_gradient(queries)
         # [batch, query, heads, slots]
@@ -169,26 +153,18 @@ class ExactMemory(keras.layers.Layer):
         return keys, values, positions
 
     def append(self, keys, values, padding_mask=None):
-        """Writes one segment; the oldest slots are overwritten (FIFO).
-
-        Args:
-            keys: `[batch, segment, heads, head_dim]`, stored without gradient.
-            values: `[batch, segment, heads, head_dim]`, stored without
-                gradient.
-            padding_mask: optional bool `[batch, segment]`; padded tokens
-                take a slot but are stored as empty and do not advance the
-                lane's document position.
-        """
+        """Writes one segment, as `KNNMemory.append`."""
+        if self.read_only:
+            return
         segment_length = ops.shape(keys)[1]
         if padding_mask is None:
             padding_mask = ops.ones(ops.shape(keys)[:2], dtype="bool")
         padding_mask = ops.cast(padding_mask, "int32")
-        positions = (
-            self.document_length.value[:, None] + ops.cumsum(padding_mask, axis=1) - 1
-        )
-        positions = ops.where(padding_mask > 0, positions, -1)  # [batch, seg]
-        slots = (self.next_slot.value + ops.arange(segment_length, dtype="int32")) % (
-            self.memory_size
+        document_length = self.document_length.value
+        # [batch, segment]
+        positions = document_positions(document_length, padding_mask, xp=ops)
+        slots = written_slots(
+            self.next_slot.value, segment_length, self.memory_size, xp=ops
         )
         slots = slots[:, None]  # [segment, 1]: scatter whole lane/head rows
         for variable, update in (
@@ -202,10 +178,10 @@ class ExactMemory(keras.layers.Layer):
             ops.scatter_update(self.positions.value, slots, ops.transpose(positions))
         )
         self.next_slot.assign(
-            (self.next_slot.value + segment_length) % self.memory_size
+            next_slot_after(self.next_slot.value, segment_length, self.memory_size)
         )
         self.document_length.assign(
-            self.document_length.value + ops.sum(padding_mask, axis=1)
+            document_lengths_after(document_length, padding_mask, xp=ops)
         )
 
     def reset_state(self):
@@ -216,22 +192,47 @@ class ExactMemory(keras.layers.Layer):
         self.next_slot.assign(0)
         self.document_length.assign(ops.zeros((self.batch_size,), "int32"))
 
-    def save_own_variables(self, store):
-        """Saves nothing: memory contents are runtime state, not weights."""
+    def _state_arrays(self):
+        if not self.built:
+            self.build()
+        keys, values = (
+            # [slots, batch, heads, dim] -> [batch, heads, slots, dim]
+            np.transpose(ops.convert_to_numpy(variable.value), (1, 2, 0, 3))
+            for variable in (self.keys, self.values)
+        )
+        return {
+            "keys": keys.astype("float32"),
+            "values": values.astype("float32"),
+            "positions": ops.convert_to_numpy(self.positions.value).T,
+            "next_slot": ops.convert_to_numpy(self.next_slot.value),
+            "document_length": ops.convert_to_numpy(self.document_length.value),
+        }
 
-    def load_own_variables(self, store):
-        """Loads nothing: a loaded memory starts empty."""
+    def _restore_state(self, arrays):
+        if not self.built:
+            self.build()
+        updates = [
+            (
+                variable,
+                # [batch, heads, slots, dim] -> [slots, batch, heads, dim]
+                ops.convert_to_tensor(
+                    np.transpose(arrays[name], (2, 0, 1, 3)), variable.dtype
+                ),
+            )
+            for name, variable in (("keys", self.keys), ("values", self.values))
+        ]
+        updates += [
+            (self.positions, ops.convert_to_tensor(arrays["positions"].T, "int32")),
+            (self.next_slot, ops.convert_to_tensor(arrays["next_slot"], "int32")),
+            (
+                self.document_length,
+                ops.convert_to_tensor(arrays["document_length"], "int32"),
+            ),
+        ]
+        for variable, value in updates:
+            variable.assign(value)
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "batch_size": self.batch_size,
-                "num_heads": self.num_heads,
-                "head_dim": self.head_dim,
-                "memory_size": self.memory_size,
-                "top_k": self.top_k,
-                "recall_target": self.recall_target,
-            }
-        )
+        config.update({"top_k": self.top_k, "recall_target": self.recall_target})
         return config

@@ -1,4 +1,3 @@
-from keras_memtrans.models.document_scorer import DocumentScorer
 from keras_memtrans.models.memorizing_transformer_backbone import (
     MemorizingTransformerBackbone,
 )

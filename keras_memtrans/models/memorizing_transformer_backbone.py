@@ -2,6 +2,7 @@ import keras
 import keras_hub
 
 from keras_memtrans.layers.decoder_block import DecoderBlock
+from keras_memtrans.layers.knn_attention import check_memory_options
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -32,17 +33,13 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         memory_layer_indices: tuple of ints. Blocks with kNN memory; negative
             indices count from the top (default: the 4th from the top, the
             9th of 12 as in the paper). Empty: no memory at all.
-        memory_size: int. Tokens kept in each memory per lane.
-        num_neighbors: int. Memory entries each query retrieves.
-        memory: `"auto"`, `"exact"` or `"scann"`: the kind of memory (see
-            `KNNAttention`; `"auto"` picks ScaNN from 32K tokens).
-        top_k: `"exact"` or `"approx"`: the exact memory's top-k (see
-            `KNNAttention`).
-        recall_target: float. Recall target of `top_k="approx"`.
-        num_leaves: optional int. Tree partitions of each ScaNN searcher
-            (ScaNN memory only; see `KNNAttention`).
-        num_leaves_to_search: optional int. Partitions a ScaNN search
-            visits (ScaNN memory only; see `KNNAttention`).
+        memory_options: optional dict of the memory layers' `KNNAttention`
+            memory arguments (`memory_size`, `num_neighbors`, `memory_kind`,
+            `top_k`, `recall_target`, `num_leaves`,
+            `num_leaves_to_search`; see `KNNAttention.memory_options()`),
+            passed through unchanged; `None` keeps `KNNAttention`'s
+            defaults (8192 tokens, 32 neighbours, `"auto"` kind: ScaNN
+            from 32K tokens).
         use_xl_cache: bool. Transformer-XL cache in every block.
         smear_keys: bool. Whether every block mixes each attention key with
             the previous token's key (see `SegmentAttention`): not in the
@@ -70,7 +67,8 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
     >>> backbone = MemorizingTransformerBackbone(
     ...     vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16,
     ...     intermediate_dim=32, batch_size=2, segment_length=8,
-    ...     memory_layer_indices=(-1,), memory_size=64, num_neighbors=4)
+    ...     memory_layer_indices=(-1,),
+    ...     memory_options={"memory_size": 64, "num_neighbors": 4})
     >>> hidden = backbone({
     ...     "token_ids": np.ones((2, 8), "int32"),
     ...     "document_start": np.array([True, True]),
@@ -95,13 +93,7 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         segment_length,
         head_dim=None,
         memory_layer_indices=(-4,),
-        memory_size=8192,
-        num_neighbors=32,
-        memory="auto",
-        top_k="exact",
-        recall_target=0.95,
-        num_leaves=None,
-        num_leaves_to_search=None,
+        memory_options=None,
         use_xl_cache=True,
         smear_keys=False,
         tie_query_key_init=False,
@@ -128,6 +120,7 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
                     f"layer {index % num_layers} twice."
                 )
             memory_layers.add(index % num_layers)
+        memory_options = check_memory_options(memory_options)
 
         # === Layers ===
         self.token_embedding = keras_hub.layers.ReversibleEmbedding(
@@ -143,14 +136,7 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
                 num_heads=num_heads,
                 intermediate_dim=intermediate_dim,
                 head_dim=head_dim,
-                use_memory=i in memory_layers,
-                memory_size=memory_size,
-                num_neighbors=num_neighbors,
-                memory=memory,
-                top_k=top_k,
-                recall_target=recall_target,
-                num_leaves=num_leaves,
-                num_leaves_to_search=num_leaves_to_search,
+                memory_options=memory_options if i in memory_layers else None,
                 batch_size=batch_size,
                 use_xl_cache=use_xl_cache,
                 smear_keys=smear_keys,
@@ -201,13 +187,7 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         self.segment_length = segment_length
         self.head_dim = head_dim
         self.memory_layer_indices = tuple(memory_layer_indices)
-        self.memory_size = memory_size
-        self.num_neighbors = num_neighbors
-        self.memory = memory
-        self.top_k = top_k
-        self.recall_target = recall_target
-        self.num_leaves = num_leaves
-        self.num_leaves_to_search = num_leaves_to_search
+        self.memory_options = memory_options
         self.use_xl_cache = use_xl_cache
         self.smear_keys = smear_keys
         self.tie_query_key_init = tie_query_key_init
@@ -246,13 +226,7 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
                 "segment_length": self.segment_length,
                 "head_dim": self.head_dim,
                 "memory_layer_indices": list(self.memory_layer_indices),
-                "memory_size": self.memory_size,
-                "num_neighbors": self.num_neighbors,
-                "memory": self.memory,
-                "top_k": self.top_k,
-                "recall_target": self.recall_target,
-                "num_leaves": self.num_leaves,
-                "num_leaves_to_search": self.num_leaves_to_search,
+                "memory_options": dict(self.memory_options),
                 "use_xl_cache": self.use_xl_cache,
                 "smear_keys": self.smear_keys,
                 "tie_query_key_init": self.tie_query_key_init,

@@ -1,6 +1,14 @@
 import keras
 import numpy as np
+from keras import ops
+from keras_hub.src.utils import preset_utils
 
+from keras_memtrans.models.memorizing_transformer_backbone import (
+    MemorizingTransformerBackbone,
+)
+from keras_memtrans.models.memorizing_transformer_preprocessor import (
+    MemorizingTransformerPreprocessor,
+)
 from keras_memtrans.models.segment_generator import SegmentGenerator
 
 
@@ -11,14 +19,28 @@ class MemorizingTransformerCausalLM(keras.Model):
     Maps the backbone's hidden states to vocabulary logits (through the tied
     token embedding by default). It follows keras-hub's `CausalLM`
     conventions (`backbone`, `preprocessor`, a default `compile()`,
-    `generate()`), but is a plain functional `keras.Model`: keras-hub's task
-    `fit()` re-batches its inputs into a dataset, which would break the lane
-    order a memory model depends on, and its JAX `generate()` drops state
-    updates, which would lose the memory.
+    `generate()`, `score()`, `save_to_preset()` / `from_preset()`), but is a
+    plain functional `keras.Model`: keras-hub's task `fit()` re-batches its
+    inputs into a dataset, which would break the lane order a memory model
+    depends on, and its JAX `generate()` drops state updates, which would
+    lose the memory.
 
     Training data are lanes of consecutive segments, as produced by
     `keras_memtrans.data.LaneStreamer`: `fit(streamer)` with `shuffle`
     irrelevant (a `PyDataset` is read in order).
+
+    Presets are keras-hub's: `save_to_preset()` and `from_preset()` run
+    keras-hub's own preset saver and loader, so the directory holds what a
+    keras-hub task writes (`config.json`, `model.weights.h5`,
+    `metadata.json`, `task.json`, `preprocessor.json`, `tokenizer.json`,
+    `assets/tokenizer/`) and the backbone, tokenizer and preprocessor load
+    from it too. Subclassing `keras_hub.models.CausalLM` for them would
+    route `fit`, `evaluate`, `predict` and `*_on_batch` through keras-hub's
+    preprocessing pipeline and bring its sampler-based `generate()`: all
+    would have to be overridden back, under an API the model does not
+    honour. So `keras_hub.models.CausalLM.from_preset` does not find this
+    class, and `metadata.json` lists no tasks. Memories are not weights: a
+    preset holds none, and a loaded model starts with empty memories.
 
     Args:
         backbone: a `MemorizingTransformerBackbone`.
@@ -38,7 +60,8 @@ class MemorizingTransformerCausalLM(keras.Model):
     >>> backbone = MemorizingTransformerBackbone(
     ...     vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16,
     ...     intermediate_dim=32, batch_size=2, segment_length=8,
-    ...     memory_layer_indices=(-1,), memory_size=64, num_neighbors=4)
+    ...     memory_layer_indices=(-1,),
+    ...     memory_options={"memory_size": 64, "num_neighbors": 4})
     >>> causal_lm = MemorizingTransformerCausalLM(backbone)
     >>> causal_lm.output_shape
     (2, 8, 100)
@@ -47,6 +70,9 @@ class MemorizingTransformerCausalLM(keras.Model):
         Wu et al., "Memorizing Transformers", ICLR 2022
         (https://arxiv.org/abs/2203.08913).
     """
+
+    backbone_cls = MemorizingTransformerBackbone
+    preprocessor_cls = MemorizingTransformerPreprocessor
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         inputs = backbone.input
@@ -59,6 +85,7 @@ class MemorizingTransformerCausalLM(keras.Model):
         self.backbone = backbone
         self._preprocessor = preprocessor
         _ = self.preprocessor  # checks a trained tokenizer's vocabulary now
+        self._score_function = None  # `_ScoreStep.predict_on_batch`, once built
 
     @property
     def preprocessor(self):
@@ -168,6 +195,115 @@ class MemorizingTransformerCausalLM(keras.Model):
             continuations = [self.preprocessor.detokenize(c) for c in continuations]
         return continuations[0] if single else continuations
 
+    def score(
+        self,
+        token_ids,
+        padding_mask=None,
+        scoring_mode="logits",
+        target_ids=None,
+        document_start=None,
+        return_neighbors=False,
+    ):
+        """Scores one batch of segments, as keras-hub's `CausalLM.score`.
+
+        Reads one segment per lane exactly as `predict_on_batch` does: with
+        the inference memories and XL caches (`training=False`), which it
+        extends, the training state untouched. Calling it on consecutive
+        segments of each lane scores whole documents with their memory.
+        The step is compiled once per model, as `predict_on_batch` is.
+
+        Args:
+            token_ids: int `[batch_size, segment_length]`.
+            padding_mask: optional bool `[batch_size, segment_length]`;
+                `False` marks padding (neither attended to nor stored).
+                Defaults to all `True`.
+            scoring_mode: `"logits"` or `"loss"`: the logits of every
+                position, or the cross-entropy of `target_ids` there.
+            target_ids: int `[batch_size, segment_length]`, the token each
+                position predicts; needed for `"loss"`.
+            document_start: optional bool `[batch_size]`: `True` where a
+                lane starts a new document (its memory and cache are
+                emptied first). `None` continues every lane.
+            return_neighbors: bool. Also return what each memory layer
+                retrieved.
+
+        Returns:
+            NumPy float32 logits `[batch, segment, vocabulary_size]`, or
+            losses `[batch, segment]` in nats (meaningless where
+            `padding_mask` is `False`). With `return_neighbors=True`, a
+            tuple of these and a list, one entry per memory layer (bottom
+            to top), of int32 `[batch, segment, num_heads, num_neighbors]`
+            document positions each query retrieved (`-1`: none).
+
+        Example:
+        >>> backbone = MemorizingTransformerBackbone(
+        ...     vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16,
+        ...     intermediate_dim=32, batch_size=2, segment_length=8,
+        ...     memory_layer_indices=(-1,),
+        ...     memory_options={"memory_size": 64, "num_neighbors": 4})
+        >>> causal_lm = MemorizingTransformerCausalLM(backbone)
+        >>> token_ids = np.arange(1, 17, dtype="int32").reshape(2, 8)
+        >>> losses, (positions,) = causal_lm.score(
+        ...     token_ids, scoring_mode="loss", target_ids=token_ids + 1,
+        ...     document_start=np.array([True, True]), return_neighbors=True)
+        >>> losses.shape, positions.shape
+        ((2, 8), (2, 8, 2, 4))
+        """
+        if scoring_mode not in ("logits", "loss"):
+            raise ValueError(
+                f"`scoring_mode` must be 'logits' or 'loss', got {scoring_mode!r}."
+            )
+        if scoring_mode == "loss" and target_ids is None:
+            raise ValueError(
+                "Cannot compute a loss without targets: pass `target_ids`."
+            )
+        if document_start is None:
+            document_start = np.zeros(np.shape(token_ids)[:1], bool)
+        if padding_mask is None:
+            padding_mask = np.ones(np.shape(token_ids), bool)
+        inputs = dict(
+            token_ids=token_ids,
+            document_start=document_start,
+            padding_mask=padding_mask,
+        )
+        if scoring_mode == "loss":
+            inputs["target_ids"] = target_ids
+        if self._score_function is None:
+            self._score_function = _ScoreStep(self).predict_on_batch
+        scores, neighbors = self._score_function(inputs)
+        return (scores, list(neighbors)) if return_neighbors else scores
+
+    def _score_step(self, inputs):
+        """`score`'s forward pass: the backbone's layers with `training=False`.
+
+        Returns logits (or, given `inputs["target_ids"]`, losses) and the
+        list of every memory layer's retrieved positions.
+        """
+        backbone = self.backbone
+        options = dict(
+            document_start=inputs["document_start"],
+            padding_mask=inputs["padding_mask"],
+            training=False,
+        )
+        x = backbone.token_embedding(inputs["token_ids"])  # [batch, segment, hidden]
+        neighbors = []
+        for block in backbone.transformer_layers:
+            if block.use_memory:
+                # positions: [batch, segment, heads, k]
+                x, positions = block(x, return_neighbors=True, **options)
+                neighbors.append(positions)
+            else:
+                x = block(x, **options)
+        x = backbone.layer_norm(x)
+        logits = backbone.token_embedding(x, reverse=True)  # [batch, segment, vocab]
+        logits = ops.cast(logits, "float32")
+        if "target_ids" not in inputs:
+            return logits, neighbors
+        losses = keras.losses.sparse_categorical_crossentropy(
+            inputs["target_ids"], logits, from_logits=True
+        )  # [batch, segment]
+        return losses, neighbors
+
     def get_config(self):
         return {
             "name": self.name,
@@ -185,3 +321,79 @@ class MemorizingTransformerCausalLM(keras.Model):
                 config["preprocessor"]
             )
         return cls(**config)
+
+    def has_task_weights(self):
+        """False: the output projection is the backbone's token embedding
+        (keras-hub's preset saver asks)."""
+        return False
+
+    def save_to_preset(self, preset_dir, max_shard_size=10):
+        """Saves the model to a keras-hub preset directory.
+
+        keras-hub's own preset saver writes the backbone's config, weights
+        and metadata, the model's `task.json` and the preprocessor with its
+        tokenizer; memories are not saved.
+
+        Args:
+            preset_dir: path of the preset directory (created if missing).
+            max_shard_size: int or float. Maximum size in GB of each weights
+                file; `None`: no sharding.
+        """
+        saver = preset_utils.get_preset_saver(str(preset_dir))
+        saver.save_task(self, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Loads a model saved by `save_to_preset`, with keras-hub's loader.
+
+        Restores the config, the weights (unless `load_weights=False`) and
+        the preprocessor with its tokenizer; the memories start empty.
+
+        Args:
+            preset: a preset directory, or any handle keras-hub's
+                `from_preset` takes (`"kaggle://..."`, `"hf://..."`).
+            load_weights: bool. Whether to load the saved weights.
+            **kwargs: constructor arguments that replace the saved ones
+                (e.g. `dtype`).
+
+        Example:
+        >>> import tempfile
+        >>> backbone = MemorizingTransformerBackbone(
+        ...     vocabulary_size=100, num_layers=4, num_heads=2, hidden_dim=16,
+        ...     intermediate_dim=32, batch_size=2, segment_length=8)
+        >>> with tempfile.TemporaryDirectory() as directory:
+        ...     MemorizingTransformerCausalLM(backbone).save_to_preset(directory)
+        ...     loaded = MemorizingTransformerCausalLM.from_preset(directory)
+        >>> loaded.output_shape
+        (2, 8, 100)
+        """
+        loader = preset_utils.get_preset_loader(str(preset))
+        backbone_cls = loader.check_backbone_class()
+        if not issubclass(backbone_cls, cls.backbone_cls):
+            raise ValueError(
+                f"The preset {preset!r} holds a {backbone_cls.__name__}, not a "
+                f"{cls.backbone_cls.__name__}."
+            )
+        causal_lm = loader.load_task(
+            cls, load_weights=load_weights, load_task_weights=True, **kwargs
+        )
+        _ = causal_lm.preprocessor  # checks the loaded tokenizer's vocabulary
+        return causal_lm
+
+
+class _ScoreStep(keras.Model):
+    """`MemorizingTransformerCausalLM._score_step` as a model, so that its
+    `predict_on_batch` compiles the step the way the causal LM's own is
+    compiled (XLA where the layers allow it; memory updates kept on JAX).
+
+    Not a functional model: a functional graph cannot call the memory blocks
+    with another number of outputs than their first call had (Keras checks
+    every call of a layer against its first).
+    """
+
+    def __init__(self, causal_lm):
+        super().__init__(name=f"{causal_lm.name}_score")
+        self.causal_lm = causal_lm
+
+    def call(self, inputs):
+        return self.causal_lm._score_step(inputs)

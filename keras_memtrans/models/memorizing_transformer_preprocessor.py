@@ -2,6 +2,9 @@ import keras
 import keras_hub
 import numpy as np
 
+from keras_memtrans.models.memorizing_transformer_backbone import (
+    MemorizingTransformerBackbone,
+)
 from keras_memtrans.models.memorizing_transformer_tokenizer import (
     MemorizingTransformerTokenizer,
 )
@@ -35,6 +38,7 @@ class MemorizingTransformerPreprocessor(keras_hub.models.Preprocessor):
     'x = 1\\n'
     """
 
+    backbone_cls = MemorizingTransformerBackbone
     tokenizer_cls = MemorizingTransformerTokenizer
 
     def __init__(self, tokenizer, **kwargs):

@@ -5,6 +5,10 @@ import keras_hub
 import numpy as np
 import sentencepiece
 
+from keras_memtrans.models.memorizing_transformer_backbone import (
+    MemorizingTransformerBackbone,
+)
+
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
 class MemorizingTransformerTokenizer(keras_hub.tokenizers.SentencePieceTokenizer):
@@ -15,7 +19,9 @@ class MemorizingTransformerTokenizer(keras_hub.tokenizers.SentencePieceTokenizer
     from raw documents with the `sentencepiece` package, keeping whitespace
     as it is (source code depends on it) and falling back to bytes for
     characters outside the vocabulary, so any UTF-8 text round-trips. The
-    model proto is saved as an asset of the `.keras` file.
+    model proto is saved as an asset of the `.keras` file, or of a keras-hub
+    preset (`assets/tokenizer/vocabulary.spm`, beside `tokenizer.json`;
+    `from_preset(directory)` reads it back).
 
     Args:
         proto: a SentencePiece model: serialized bytes or a file path.
@@ -37,6 +43,8 @@ class MemorizingTransformerTokenizer(keras_hub.tokenizers.SentencePieceTokenizer
         Kudo and Richardson, "SentencePiece", EMNLP 2018
         (https://arxiv.org/abs/1808.06226).
     """
+
+    backbone_cls = MemorizingTransformerBackbone
 
     def __init__(self, proto=None, **kwargs):
         self._add_special_token("<pad>", "pad_token")

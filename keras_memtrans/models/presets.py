@@ -1,8 +1,9 @@
-"""Architectures and recipe defaults, by name.
+"""Architectures, by name.
 
 `backbone` holds `MemorizingTransformerBackbone` arguments except the
-vocabulary size, which comes from the tokenizer (`vocabulary_size`).
-`training` holds the defaults of `recipes.train` for this preset.
+vocabulary size, which comes from the tokenizer (`vocabulary_size`). How
+long and how fast the recipes train each one is theirs to say
+(`recipes/common.py`).
 """
 
 # The CPU presets' model. Smeared keys and key projections that start as
@@ -17,7 +18,6 @@ _CPU_BACKBONE = dict(
     batch_size=8,
     segment_length=128,
     memory_layer_indices=(0,),
-    num_neighbors=32,
     smear_keys=True,
     tie_query_key_init=True,
 )
@@ -34,20 +34,15 @@ PRESETS = {
             batch_size=2,
             segment_length=32,
             memory_layer_indices=(-1,),
-            memory_size=256,
-            num_neighbors=8,
-        ),
-        "training": dict(
-            steps=20, learning_rate=3e-3, warmup_steps=5, max_documents=20
+            memory_options=dict(memory_size=256, num_neighbors=8),
         ),
     },
     # The README's main job: with and without memory in under 15 min on 2 CPU
     # cores.
     "quick": {
         "vocabulary_size": 2048,
-        "backbone": dict(_CPU_BACKBONE, memory_size=2048),
-        "training": dict(
-            steps=600, learning_rate=2e-3, warmup_steps=60, max_documents=300
+        "backbone": dict(
+            _CPU_BACKBONE, memory_options=dict(memory_size=2048, num_neighbors=32)
         ),
     },
     # The CPU recipe: the same model with a larger memory, trained longer on
@@ -55,9 +50,8 @@ PRESETS = {
     # hour.
     "small": {
         "vocabulary_size": 2048,
-        "backbone": dict(_CPU_BACKBONE, memory_size=4096),
-        "training": dict(
-            steps=2000, learning_rate=2e-3, warmup_steps=100, max_documents=None
+        "backbone": dict(
+            _CPU_BACKBONE, memory_options=dict(memory_size=4096, num_neighbors=32)
         ),
     },
     # The paper's model: 12 layers, d_model 1024, 8 heads of 128, memory at layer 9.
@@ -71,13 +65,7 @@ PRESETS = {
             batch_size=8,
             segment_length=512,
             memory_layer_indices=(8,),
-            memory_size=8192,
-            num_neighbors=32,
-        ),
-        # The paper trained 500K steps with Adafactor; the recipe's AdamW
-        # takes a smaller peak rate (not yet run at this scale).
-        "training": dict(
-            steps=500_000, learning_rate=1e-3, warmup_steps=1000, max_documents=None
+            memory_options=dict(memory_size=8192, num_neighbors=32),
         ),
     },
 }

@@ -1,8 +1,9 @@
+import contextlib
+
 import keras
 import numpy as np
 from keras import ops
 
-from keras_memtrans.memory.scann_memory import ScannMemory
 from keras_memtrans.validation import check_positive_ints
 
 
@@ -28,8 +29,9 @@ class SegmentGenerator:
     3. When the current segment is full it is read normally (committed to
        memory) and a new one starts with the latest token.
 
-    A host memory (`ScannMemory`) keeps its state outside the model's
-    variables, so it is set `read_only` for the read-only steps instead.
+    Every memory is also `frozen()` (read-only) for those steps: a host
+    memory (`ScannMemory`) keeps its state outside the model's variables,
+    where dropping updated values would not undo a write.
 
     Generation reads and writes the inference memories and caches only:
     the training state that `fit` streams into is never touched, so a
@@ -45,10 +47,8 @@ class SegmentGenerator:
     def __init__(self, causal_lm, temperature=0.0, seed=None):
         if temperature < 0:
             raise ValueError(f"`temperature` must be >= 0, got {temperature}.")
-        self.host_memories = [
-            layer.inference_memory
-            for layer in causal_lm.backbone.memory_layers
-            if isinstance(layer.inference_memory, ScannMemory)
+        self.memories = [
+            layer.inference_memory for layer in causal_lm.backbone.memory_layers
         ]
         self.causal_lm = causal_lm
         self.temperature = temperature
@@ -126,18 +126,15 @@ class SegmentGenerator:
     def _next_token(self, tokens, mask, document_start):
         """Next token of each lane after `tokens`, writing nothing."""
         model = self.causal_lm
-        for memory in self.host_memories:
-            memory.read_only = True
-        try:
+        with contextlib.ExitStack() as frozen:
+            for memory in self.memories:
+                frozen.enter_context(memory.frozen())
             logits, _ = model.stateless_call(
                 [v.value for v in model.trainable_variables],
                 [v.value for v in model.non_trainable_variables],
                 self._inputs(tokens, mask, document_start),
                 training=False,
             )
-        finally:
-            for memory in self.host_memories:
-                memory.read_only = False
         logits = ops.cast(logits[:, tokens.shape[1] - 1, :], "float32")
         if self.temperature == 0:
             chosen = ops.argmax(logits, axis=-1)

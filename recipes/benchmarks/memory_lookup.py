@@ -63,7 +63,7 @@ def text_queries_and_keys(tokens_per_lane):
     x = x + SegmentAttention(num_heads=4)(keras.layers.LayerNormalization()(x))
     x = keras.layers.LayerNormalization()(x)
     projection = KNNAttention(
-        num_heads=HEADS, head_dim=HEAD_DIM, batch_size=1, memory="exact"
+        num_heads=HEADS, head_dim=HEAD_DIM, batch_size=1, memory_kind="exact"
     )
     projection.build((1, *x.shape[1:]))  # only its projections are used
     queries, keys, _ = projection._project(x)

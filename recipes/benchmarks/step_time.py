@@ -19,9 +19,8 @@ import keras
 import numpy as np
 
 from keras_memtrans.models import PRESETS
-from keras_memtrans.models import MemorizingTransformerBackbone
-from keras_memtrans.models import MemorizingTransformerCausalLM
 from keras_memtrans.models import get_preset
+from recipes.common import build_causal_lm
 
 
 def parse_args(argv):
@@ -36,15 +35,18 @@ def parse_args(argv):
 
 def seconds_per_step(preset, memory_size, args):
     config = dict(preset["backbone"])
-    if memory_size is None:
-        config["memory_layer_indices"] = ()
-    else:
-        config["memory_size"] = memory_size
-    keras.utils.set_random_seed(0)
-    backbone = MemorizingTransformerBackbone(
-        vocabulary_size=preset["vocabulary_size"], dtype=args.dtype, **config
+    if memory_size is not None:
+        config["memory_options"] = dict(
+            config.get("memory_options") or {}, memory_size=memory_size
+        )
+    causal_lm = build_causal_lm(
+        config,
+        preset["vocabulary_size"],
+        preprocessor=None,
+        use_memory=memory_size is not None,
+        seed=0,
+        dtype=args.dtype,
     )
-    causal_lm = MemorizingTransformerCausalLM(backbone)
     causal_lm.compile(optimizer=keras.optimizers.AdamW(1e-4))
     lanes, length = config["batch_size"], config["segment_length"]
     rng = np.random.default_rng(0)
@@ -79,7 +81,7 @@ class StepStamps(keras.callbacks.Callback):
 def main(argv=None):
     args = parse_args(argv)
     preset = get_preset(args.preset)
-    sizes = args.memory_sizes or [preset["backbone"]["memory_size"]]
+    sizes = args.memory_sizes or [preset["backbone"]["memory_options"]["memory_size"]]
     print(
         f"preset {args.preset}, backend {keras.backend.backend()}, dtype {args.dtype}, "
         f"mean of {args.steps} fit steps after {args.warmup} warm-up steps\n"

@@ -14,9 +14,7 @@ def block(**overrides):
     config = dict(
         num_heads=2,
         intermediate_dim=32,
-        use_memory=True,
-        memory_size=32,
-        num_neighbors=4,
+        memory_options=dict(memory_size=32, num_neighbors=4),
         batch_size=BATCH,
     )
     config.update(overrides)
@@ -79,8 +77,8 @@ def test_neighbors_come_from_earlier_segments():
 
 
 def test_without_memory_return_neighbors_raises():
-    with pytest.raises(ValueError, match="use_memory=False"):
-        block(use_memory=False)(segments(1)[0], return_neighbors=True)
+    with pytest.raises(ValueError, match="without `memory_options`"):
+        block(memory_options=None)(segments(1)[0], return_neighbors=True)
 
 
 def test_symbolic_call_gives_output_and_neighbor_specs():

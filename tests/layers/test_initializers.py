@@ -15,9 +15,7 @@ def built_memory_block(**options):
     block = DecoderBlock(
         num_heads=2,
         intermediate_dim=16,
-        use_memory=True,
-        memory_size=32,
-        num_neighbors=4,
+        memory_options=dict(memory_size=32, num_neighbors=4),
         batch_size=2,
         **options,
     )

@@ -8,7 +8,7 @@ from keras import ops
 from keras_memtrans import ExactMemory
 from keras_memtrans import KNNAttention
 from keras_memtrans import ScannMemory
-from keras_memtrans.layers.knn_attention import SCANN_MIN_MEMORY_SIZE
+from keras_memtrans.memory.factory import SCANN_MIN_MEMORY_SIZE
 from tests.arrays import to_numpy
 
 BATCH, SEGMENT, HIDDEN, STEPS, MEMORY = 2, 8, 16, 6, 32
@@ -56,17 +56,21 @@ def test_memory_choice():
         return type(layer.train_memory), type(layer.inference_memory)
 
     assert memory_of(memory_size=MEMORY) == (ExactMemory, ExactMemory)
-    assert memory_of(memory_size=MEMORY, memory="scann") == (ScannMemory, ScannMemory)
+    assert memory_of(memory_size=MEMORY, memory_kind="scann") == (
+        ScannMemory,
+        ScannMemory,
+    )
     assert memory_of(memory_size=SCANN_MIN_MEMORY_SIZE) == (ScannMemory, ScannMemory)
     assert (
-        memory_of(memory_size=SCANN_MIN_MEMORY_SIZE, memory="exact")[0] is ExactMemory
+        memory_of(memory_size=SCANN_MIN_MEMORY_SIZE, memory_kind="exact")[0]
+        is ExactMemory
     )
 
 
 def test_compiled_fit_fills_the_scann_memory_like_the_exact_one():
     x, y = stream()
-    scann = build_model(memory="scann")
-    exact = build_model(memory="exact")
+    scann = build_model(memory_kind="scann")
+    exact = build_model(memory_kind="exact")
     for target, source in zip(exact.trainable_weights, scann.trainable_weights):
         target.assign(ops.convert_to_numpy(source))
     # Learning rate 0: both models compute the same keys, whatever they
@@ -83,22 +87,20 @@ def test_compiled_fit_fills_the_scann_memory_like_the_exact_one():
 
     host = scann.get_layer("knn_attention").train_memory
     state = exact.get_layer("knn_attention").train_memory
-    positions = to_numpy(state.positions).T  # [batch, slots]
-    np.testing.assert_array_equal(host._positions, positions)
+    positions = to_numpy(state.positions)  # [slots, batch]
+    np.testing.assert_array_equal(host.positions, positions)
     # 48 tokens through 32 slots: lane 0 holds 16..47, lane 1 (restarted at
     # step 3) holds 0..23.
-    assert sorted(host._positions[0]) == list(range(16, 48))
-    assert sorted(host._positions[1][host._positions[1] >= 0]) == list(range(24))
+    assert sorted(host.positions[:, 0]) == list(range(16, 48))
+    lane_1 = host.positions[:, 1]
+    assert sorted(lane_1[lane_1 >= 0]) == list(range(24))
     filled = positions >= 0
-    want = np.transpose(to_numpy(state.keys), (1, 2, 0, 3))  # [batch, heads, slots, d]
     np.testing.assert_allclose(
-        np.transpose(host._keys, (0, 2, 1, 3))[filled],
-        np.transpose(want, (0, 2, 1, 3))[filled],
-        atol=1e-5,
+        host.keys[filled], to_numpy(state.keys)[filled], atol=1e-5
     )
-    assert host._searchers[0] is not None  # lane 0 is searched with ScaNN
+    assert host.indexed_lanes[0]  # lane 0 is searched with ScaNN
     inference = scann.get_layer("knn_attention").inference_memory
-    assert np.all(inference._positions == -1)
+    assert np.all(inference.positions == -1)
 
 
 def test_a_lane_padded_after_its_document_ends_keeps_the_step_running():
@@ -119,9 +121,9 @@ def test_a_lane_padded_after_its_document_ends_keeps_the_step_running():
     }
     # Every leaf visited: the ScaNN model retrieves what the exact one does.
     scann = build_model(
-        padded=True, memory="scann", num_leaves=2, num_leaves_to_search=2
+        padded=True, memory_kind="scann", num_leaves=2, num_leaves_to_search=2
     )
-    exact = build_model(padded=True, memory="exact")
+    exact = build_model(padded=True, memory_kind="exact")
     for target, source in zip(exact.trainable_weights, scann.trainable_weights):
         target.assign(ops.convert_to_numpy(source))
     jit = keras.backend.backend() != "torch"
@@ -136,14 +138,14 @@ def test_a_lane_padded_after_its_document_ends_keeps_the_step_running():
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
     host = scann.get_layer("knn_attention").train_memory
     positions = to_numpy(exact.get_layer("knn_attention").train_memory.positions)
-    np.testing.assert_array_equal(host._positions, positions.T)
-    assert np.all(host._positions[1] == -1) and host._searchers[1] is None
+    np.testing.assert_array_equal(host.positions, positions)
+    assert np.all(host.positions[:, 1] == -1) and not host.indexed_lanes[1]
 
 
 def test_approx_top_k_matches_exact_top_k_on_cpu():
     x, _ = stream()
-    exact = build_model(memory="exact")
-    approx = build_model(memory="exact", top_k="approx", recall_target=0.9)
+    exact = build_model(memory_kind="exact")
+    approx = build_model(memory_kind="exact", top_k="approx", recall_target=0.9)
     approx.set_weights(exact.get_weights())
     for step in range(STEPS):
         rows = slice(step * BATCH, (step + 1) * BATCH)
@@ -154,9 +156,11 @@ def test_approx_top_k_matches_exact_top_k_on_cpu():
 
 
 def test_config_keeps_the_memory_options():
-    layer = KNNAttention(num_heads=2, memory="scann", top_k="approx", recall_target=0.8)
+    layer = KNNAttention(
+        num_heads=2, memory_kind="scann", top_k="approx", recall_target=0.8
+    )
     config = KNNAttention.from_config(layer.get_config()).get_config()
-    assert (config["memory"], config["top_k"], config["recall_target"]) == (
+    assert (config["memory_kind"], config["top_k"], config["recall_target"]) == (
         "scann",
         "approx",
         0.8,
@@ -166,7 +170,7 @@ def test_config_keeps_the_memory_options():
 def test_scann_search_settings_reach_the_searchers():
     layer = KNNAttention(
         num_heads=2,
-        memory="scann",
+        memory_kind="scann",
         memory_size=1024,
         num_neighbors=4,
         num_leaves=16,
@@ -178,15 +182,15 @@ def test_scann_search_settings_reach_the_searchers():
     config = KNNAttention.from_config(layer.get_config()).get_config()
     assert (config["num_leaves"], config["num_leaves_to_search"]) == (16, 4)
     with pytest.raises(ValueError, match="too small for 64 tree leaves"):
-        KNNAttention(num_heads=2, memory="scann", memory_size=256, num_leaves=64).build(
-            (2, 8, 16)
-        )
+        KNNAttention(
+            num_heads=2, memory_kind="scann", memory_size=256, num_leaves=64
+        ).build((2, 8, 16))
 
 
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"memory": "faiss"}, "memory"),
+        ({"memory_kind": "faiss"}, "memory_kind"),
         ({"top_k": "fast"}, "top_k"),
         ({"recall_target": 1.5}, "recall_target"),
     ],

@@ -8,6 +8,9 @@ from hypothesis import strategies as st
 from keras_memtrans import ExactMemory
 from keras_memtrans import ScannMemory
 from tests.arrays import to_numpy
+from tests.memory.memories import FifoReference
+from tests.memory.memories import clustered_keys
+from tests.memory.memories import rewrite_npz
 
 HEADS, DIM = 2, 8
 
@@ -23,13 +26,6 @@ def exhaustive(batch, memory_size):
         num_leaves=2,
         num_leaves_to_search=2,
     )
-
-
-def clustered_keys(rng, shape, num_clusters=4, noise=0.05):
-    centers = rng.normal(size=(num_clusters, shape[-1]))
-    keys = centers[rng.integers(0, num_clusters, size=shape[:-1])]
-    keys = keys + noise * rng.normal(size=shape)
-    return (keys / np.linalg.norm(keys, axis=-1, keepdims=True)).astype("float32")
 
 
 def test_clustered_keys_give_the_exact_neighbours():
@@ -48,7 +44,7 @@ def test_clustered_keys_give_the_exact_neighbours():
     exact.build()
     for memory in (scann, exact):
         memory.append(keys, keys)
-    assert all(searchers is not None for searchers in scann._searchers)
+    assert scann.indexed_lanes.all()
     queries = centers[:, :, 0].astype("float32")  # [batch, 32 queries, heads, dim]
     _, _, got = scann.search(queries, 8)
     _, _, want = exact.search(queries, 8)
@@ -58,68 +54,6 @@ def test_clustered_keys_give_the_exact_neighbours():
     np.testing.assert_array_equal(want, np.broadcast_to(members, want.shape))
 
 
-@st.composite
-def write_plans(draw):
-    batch = draw(st.integers(1, 3))
-    segment = draw(st.integers(1, 12))
-    memory_size = draw(st.integers(max(32, segment), 48))
-    steps = draw(st.integers(1, 8))
-    resets = draw(
-        st.lists(
-            st.lists(st.booleans(), min_size=batch, max_size=batch),
-            min_size=steps,
-            max_size=steps,
-        )
-    )
-    pads = draw(st.lists(st.booleans(), min_size=steps, max_size=steps))
-    return batch, segment, memory_size, resets, pads
-
-
-@settings(max_examples=15, deadline=None)
-@given(write_plans())
-def test_fifo_resets_and_padding_match_the_exact_memory(plan):
-    """Over any write/reset/padding pattern (index builds, upserts, deletes,
-    rebuilds included) the ScaNN memory holds and returns what the exact one
-    does; asking for every slot checks that no evicted entry survives."""
-    batch, segment, memory_size, resets, pads = plan
-    scann = exhaustive(batch, memory_size)
-    exact = ExactMemory(batch, HEADS, DIM, memory_size)
-    exact.build()
-    rng = np.random.default_rng(0)
-    for reset, pad in zip(resets, pads):
-        keys = clustered_keys(rng, (batch, segment, HEADS, DIM))
-        mask = rng.random((batch, segment)) > 0.3 if pad else None
-        for memory in (scann, exact):
-            memory.reset(np.array(reset))
-            memory.append(keys, keys, mask)
-    queries = clustered_keys(rng, (batch, 3, HEADS, DIM))
-    for k in (4, memory_size):
-        got, want = scann.search(queries, k), exact.search(queries, k)
-        np.testing.assert_array_equal(
-            np.sort(to_numpy(got[2]), -1), np.sort(to_numpy(want[2]), -1)
-        )
-    np.testing.assert_array_equal(
-        scann._document_length, to_numpy(exact.document_length)
-    )
-
-
-def fifo_top_k(keys, masks, memory_size, queries, k):
-    """NumPy reference: positions `[batch, query, heads, k]` (sorted, -1
-    first) of the exact top-k among each lane's last `memory_size` writes."""
-    keys = np.concatenate(keys, axis=1)[:, -memory_size:]  # [b, slots, h, d]
-    positions = np.cumsum(np.concatenate(masks, axis=1), axis=1) - 1
-    mask = np.concatenate(masks, axis=1)[:, -memory_size:]
-    positions = positions[:, -memory_size:]
-    batch, num_queries, heads, _ = queries.shape
-    want = np.full((batch, num_queries, heads, k), -1)
-    for lane in range(batch):
-        filled = np.flatnonzero(mask[lane])
-        scores = np.einsum("qhd,nhd->qhn", queries[lane], keys[lane, filled])
-        best = np.argsort(-scores, axis=-1)[..., :k]
-        want[lane, ..., : best.shape[-1]] = positions[lane, filled][best]
-    return np.sort(want, axis=-1)
-
-
 def test_a_lane_fed_only_padding_empties_and_searches_exactly():
     # Both lanes are indexed at 32 entries; lane 1's document then ends and
     # 80 padded tokens empty it. The rebuild due after 64 writes used to
@@ -127,22 +61,24 @@ def test_a_lane_fed_only_padding_empties_and_searches_exactly():
     # dataset").
     rng = np.random.default_rng(4)
     memory = ScannMemory(2, HEADS, DIM, 64, num_leaves=4, num_leaves_to_search=4)
-    keys = [rng.normal(size=(2, 32, HEADS, DIM)).astype("float32")]
-    masks = [np.ones((2, 32), bool)]
-    memory.append(keys[0], keys[0])
-    assert all(searchers is not None for searchers in memory._searchers)
+    reference = FifoReference(2, 64)
+    keys = rng.normal(size=(2, 32, HEADS, DIM)).astype("float32")
+    for target in (memory, reference):
+        target.append(keys, keys)
+    assert memory.indexed_lanes.all()
     for _ in range(5):
-        keys.append(rng.normal(size=(2, 16, HEADS, DIM)).astype("float32"))
-        masks.append(np.array([[True] * 16, [False] * 16]))
-        memory.append(keys[-1], keys[-1], masks[-1])
+        keys = rng.normal(size=(2, 16, HEADS, DIM)).astype("float32")
+        mask = np.array([[True] * 16, [False] * 16])
+        for target in (memory, reference):
+            target.append(keys, keys, mask)
     queries = rng.normal(size=(2, 3, HEADS, DIM)).astype("float32")
     for k in (4, 64):
         got = np.sort(to_numpy(memory.search(queries, k)[2]), axis=-1)
         np.testing.assert_array_equal(got[1], -1)
-        np.testing.assert_array_equal(got, fifo_top_k(keys, masks, 64, queries, k))
+        np.testing.assert_array_equal(got, reference.top_k_positions(queries, k))
     newest = np.broadcast_to(np.arange(48, 112), got[0].shape)  # 112 tokens
     np.testing.assert_array_equal(got[0], newest)
-    assert memory._searchers[1] is None and memory._searchers[0] is not None
+    np.testing.assert_array_equal(memory.indexed_lanes, [True, False])
 
 
 def test_a_lane_with_one_token_per_segment_searches_its_few_entries_exactly():
@@ -151,20 +87,22 @@ def test_a_lane_with_one_token_per_segment_searches_its_few_entries_exactly():
     # is less than the number of clusters (4)").
     rng = np.random.default_rng(5)
     memory = ScannMemory(2, HEADS, DIM, 64, num_leaves=4, num_leaves_to_search=4)
-    keys = [rng.normal(size=(2, 32, HEADS, DIM)).astype("float32")]
-    masks = [np.ones((2, 32), bool)]
-    memory.append(keys[0], keys[0])
+    reference = FifoReference(2, 64)
+    keys = rng.normal(size=(2, 32, HEADS, DIM)).astype("float32")
+    for target in (memory, reference):
+        target.append(keys, keys)
     for _ in range(4):
-        keys.append(rng.normal(size=(2, 32, HEADS, DIM)).astype("float32"))
-        masks.append(np.ones((2, 32), bool))
-        masks[-1][1] = np.arange(32) == rng.integers(32)
-        memory.append(keys[-1], keys[-1], masks[-1])
+        keys = rng.normal(size=(2, 32, HEADS, DIM)).astype("float32")
+        mask = np.ones((2, 32), bool)
+        mask[1] = np.arange(32) == rng.integers(32)
+        for target in (memory, reference):
+            target.append(keys, keys, mask)
         queries = rng.normal(size=(2, 5, HEADS, DIM)).astype("float32")
         for k in (1, 3, 64):
             got = np.sort(to_numpy(memory.search(queries, k)[2]), axis=-1)
-            want = fifo_top_k(keys, masks, 64, queries, k)
+            want = reference.top_k_positions(queries, k)
             np.testing.assert_array_equal(got, want)
-    assert memory._searchers[1] is None and memory._searchers[0] is not None
+    np.testing.assert_array_equal(memory.indexed_lanes, [True, False])
 
 
 FILLS = ("padding", "one", "random", "real")
@@ -198,90 +136,121 @@ def test_padded_and_real_lanes_match_a_fifo_brute_force(plan):
     memory = ScannMemory(
         batch, HEADS, DIM, memory_size, num_leaves=leaves, num_leaves_to_search=leaves
     )
+    reference = FifoReference(batch, memory_size)
     rng = np.random.default_rng(6)
-    keys, masks = [], []
     for step_fills in fills:
-        keys.append(rng.normal(size=(batch, segment, HEADS, DIM)).astype("float32"))
-        masks.append(
-            np.stack(
-                [
-                    {
-                        "padding": np.zeros(segment, bool),
-                        "one": np.arange(segment) == rng.integers(segment),
-                        "random": rng.random(segment) < 0.5,
-                        "real": np.ones(segment, bool),
-                    }[fill]
-                    for fill in step_fills
-                ]
-            )
+        keys = rng.normal(size=(batch, segment, HEADS, DIM)).astype("float32")
+        mask = np.stack(
+            [
+                {
+                    "padding": np.zeros(segment, bool),
+                    "one": np.arange(segment) == rng.integers(segment),
+                    "random": rng.random(segment) < 0.5,
+                    "real": np.ones(segment, bool),
+                }[fill]
+                for fill in step_fills
+            ]
         )
-        memory.append(keys[-1], keys[-1], masks[-1])
+        for target in (memory, reference):
+            target.append(keys, keys, mask)
     queries = rng.normal(size=(batch, 3, HEADS, DIM)).astype("float32")
     for k in (3, memory_size):
         got = np.sort(to_numpy(memory.search(queries, k)[2]), axis=-1)
-        np.testing.assert_array_equal(
-            got, fifo_top_k(keys, masks, memory_size, queries, k)
-        )
+        np.testing.assert_array_equal(got, reference.top_k_positions(queries, k))
 
 
-def test_evicted_entries_are_never_returned():
-    memory = ScannMemory(1, 1, DIM, 64, num_leaves=2)
+def test_evicted_entries_are_never_returned_by_a_partial_search():
+    memory = ScannMemory(1, 1, DIM, 64, num_leaves=2)  # visits 1 leaf of 2
     rng = np.random.default_rng(1)
     for _ in range(10):  # 160 tokens through 64 slots: builds and rebuilds
         keys = clustered_keys(rng, (1, 16, 1, DIM))
         memory.append(keys, keys)
         _, _, positions = memory.search(keys, 64)
         positions = to_numpy(positions)
-        newest = int(memory._document_length[0])
+        newest = int(memory.document_length[0])
         assert positions.min() >= newest - 64
         assert np.all(positions < newest)
 
 
-def test_reset_clears_only_flagged_lanes():
+def test_reset_drops_the_searchers_of_flagged_lanes():
     memory = exhaustive(3, 32)
     keys = clustered_keys(np.random.default_rng(2), (3, 20, HEADS, DIM))
     memory.append(keys, keys)
+    assert memory.indexed_lanes.all()
     memory.reset(np.array([False, True, False]))
-    _, _, positions = memory.search(keys[:, :2], 32)
-    filled = (to_numpy(positions) >= 0).sum(axis=-1)  # [batch, query, heads]
-    np.testing.assert_array_equal(filled[:, 0, 0], [20, 0, 20])
-    assert memory._searchers[1] is None and memory._searchers[0] is not None
+    np.testing.assert_array_equal(memory.indexed_lanes, [True, False, True])
 
 
-def test_save_and_load_give_the_same_retrievals(tmp_path):
+def test_save_packs_the_searchers_into_one_file_and_load_restores_them(tmp_path):
     rng = np.random.default_rng(3)
-    memory = ScannMemory(2, HEADS, DIM, 64, num_leaves=4)
+    memory = ScannMemory(2, HEADS, DIM, 64, num_leaves=4)  # a partial search
     for _ in range(3):  # indexed lanes with upserts
         keys = clustered_keys(rng, (2, 24, HEADS, DIM))
         memory.append(keys, keys)
-    memory.save_memory(tmp_path / "memory")
+    memory.reset(np.array([False, True]))
+    memory.save(tmp_path / "memory.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.npz"]
+    with np.load(tmp_path / "memory.npz") as data:
+        assert any(name.startswith("index/0/head1/") for name in data.files)
+        assert not any(name.startswith("index/1/") for name in data.files)
     queries = clustered_keys(rng, (2, 5, HEADS, DIM))
-    want = [to_numpy(x) for x in memory.search(queries, 6)]
-
     loaded = ScannMemory(2, HEADS, DIM, 64, num_leaves=4)
-    loaded.load_memory(tmp_path / "memory")
-    for got, expected in zip(loaded.search(queries, 6), want):
-        np.testing.assert_array_equal(to_numpy(got), expected)
-    keys = clustered_keys(rng, (2, 8, HEADS, DIM))
-    for m in (memory, loaded):
-        m.append(keys, keys)
-    np.testing.assert_array_equal(
-        to_numpy(loaded.search(queries, 6)[2]), to_numpy(memory.search(queries, 6)[2])
-    )
+    loaded.load(tmp_path / "memory.npz")
+    np.testing.assert_array_equal(loaded.indexed_lanes, [True, False])
+    for got, want in zip(loaded.search(queries, 6), memory.search(queries, 6)):
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+    for name in ("keys", "values", "positions", "document_length"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(memory, name))
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ({"index/0/head0/scann_docids.pkl": np.zeros(4, "uint8")}, "docids.pkl"),
+        ({"index/1/head0/scann_assets.pbtxt": None}, "head 0 does not load"),
+        ({"index/1/slots": np.array([0, 0])}, "invalid slots"),
+    ],
+    ids=["pickle", "no_assets", "bad_slots"],
+)
+def test_a_broken_searcher_fails_the_load_and_changes_nothing(tmp_path, damage, match):
+    rng = np.random.default_rng(10)
+    path = tmp_path / "memory.npz"
+    memory = exhaustive(2, 32)
+    memory.append(*[clustered_keys(rng, (2, 20, HEADS, DIM))] * 2)
+    memory.save(path)
+    rewrite_npz(path, **damage)
+    memory = exhaustive(2, 32)
+    memory.append(*[clustered_keys(rng, (2, 8, HEADS, DIM))] * 2)
+    queries = clustered_keys(rng, (2, 3, HEADS, DIM))
+    before = [to_numpy(x) for x in memory.search(queries, 32)]
+    with pytest.raises(ValueError, match=match):
+        memory.load(path)
+    for got, want in zip(memory.search(queries, 32), before):
+        np.testing.assert_array_equal(to_numpy(got), want)
+    assert not memory.indexed_lanes.any()
+
+
+def test_a_saved_exact_memory_does_not_load_into_a_scann_memory(tmp_path):
+    exact = ExactMemory(1, HEADS, DIM, 32)
+    exact.build()
+    exact.save(tmp_path / "memory.npz")
+    with pytest.raises(ValueError, match="ExactMemory, not ScannMemory"):
+        exhaustive(1, 32).load(tmp_path / "memory.npz")
+
+
+def test_properties_match_the_exact_memory_layout():
+    scann, exact = exhaustive(2, 32), ExactMemory(2, HEADS, DIM, 32)
+    exact.build()
+    keys = clustered_keys(np.random.default_rng(8), (2, 40, HEADS, DIM))
+    mask = np.random.default_rng(9).random((2, 40)) > 0.2
+    for memory in (scann, exact):
+        memory.append(keys, -keys, mask)
+    for name in ("keys", "values", "positions", "document_length"):
+        np.testing.assert_array_equal(
+            getattr(scann, name), to_numpy(getattr(exact, name))
+        )
 
 
 def test_rejects_a_memory_too_small_for_its_trees():
     with pytest.raises(ValueError, match="too small for 8 tree leaves"):
         ScannMemory(1, 1, DIM, 100, num_leaves=8)
-
-
-def test_rejects_more_neighbours_than_slots():
-    memory = ScannMemory(1, 1, DIM, 32)
-    with pytest.raises(ValueError, match="num_neighbors"):
-        memory.search(np.ones((1, 1, 1, DIM), "float32"), 33)
-
-
-def test_config_round_trip():
-    memory = ScannMemory(2, 1, DIM, 64, num_leaves=2, num_leaves_to_search=1)
-    clone = ScannMemory.from_config(memory.get_config())
-    assert clone.get_config() == memory.get_config()

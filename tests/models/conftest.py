@@ -24,7 +24,9 @@ def preprocessor(tokenizer):
     return MemorizingTransformerPreprocessor(tokenizer)
 
 
-def tiny_backbone(vocabulary_size=400, **overrides):
+def tiny_backbone(vocabulary_size=400, memory_options=None, **overrides):
+    """The `tiny` preset's backbone; `memory_options` update the preset's."""
     config = dict(get_preset("tiny")["backbone"])
+    config["memory_options"] = {**config["memory_options"], **(memory_options or {})}
     config.update(overrides)
     return MemorizingTransformerBackbone(vocabulary_size=vocabulary_size, **config)

@@ -54,27 +54,32 @@ def test_memory_changes_later_segments_only():
 
 
 @pytest.mark.parametrize(
-    "memory, kind", [("exact", ExactMemory), ("scann", ScannMemory)]
+    "memory_kind, kind", [("exact", ExactMemory), ("scann", ScannMemory)]
 )
-def test_memory_kind_reaches_the_memory_layers(memory, kind):
-    backbone = tiny_backbone(memory=memory)
+def test_memory_kind_reaches_the_memory_layers(memory_kind, kind):
+    backbone = tiny_backbone(memory_options={"memory_kind": memory_kind})
     (layer,) = backbone.memory_layers
     assert isinstance(layer.train_memory, kind)
     assert isinstance(layer.inference_memory, kind)
 
 
 def test_scann_leaf_settings_reach_the_searchers():
-    backbone = tiny_backbone(memory="scann", num_leaves=4, num_leaves_to_search=2)
+    backbone = tiny_backbone(
+        memory_options=dict(memory_kind="scann", num_leaves=4, num_leaves_to_search=2)
+    )
     (layer,) = backbone.memory_layers
     for memory in (layer.train_memory, layer.inference_memory):
         assert (memory.num_leaves, memory.num_leaves_to_search) == (4, 2)
-    config = backbone.get_config()
-    assert (config["num_leaves"], config["num_leaves_to_search"]) == (4, 2)
+    options = backbone.get_config()["memory_options"]
+    assert (options["num_leaves"], options["num_leaves_to_search"]) == (4, 2)
 
 
 def test_config_round_trip():
     backbone = tiny_backbone(
-        memory_layer_indices=(-1,), dropout=0.1, memory="exact", smear_keys=True
+        memory_layer_indices=(-1,),
+        dropout=0.1,
+        memory_options={"memory_kind": "exact"},
+        smear_keys=True,
     )
     config = backbone.get_config()
     clone = MemorizingTransformerBackbone.from_config(config)
@@ -100,8 +105,7 @@ def test_default_memory_layer_is_the_9th_of_12():
         intermediate_dim=8,
         batch_size=1,
         segment_length=4,
-        memory_size=16,
-        num_neighbors=2,
+        memory_options=dict(memory_size=16, num_neighbors=2),
     )
     memory_blocks = [
         i for i, b in enumerate(backbone.transformer_layers) if b.use_memory
@@ -117,7 +121,8 @@ def test_rejects_a_batch_other_than_its_lanes():
 
 def test_every_memory_option_of_the_layer_reaches_it_through_the_backbone():
     backbone = tiny_backbone(
-        head_dim=8, memory="exact", top_k="approx", recall_target=0.9
+        head_dim=8,
+        memory_options=dict(memory_kind="exact", top_k="approx", recall_target=0.9),
     )
     (layer,) = backbone.memory_layers
     assert (layer.head_dim, layer.top_k, layer.recall_target) == (8, "approx", 0.9)
@@ -127,10 +132,16 @@ def test_every_memory_option_of_the_layer_reaches_it_through_the_backbone():
     )
     assert all(block.attention.head_dim == 8 for block in backbone.transformer_layers)
     config = backbone.get_config()
-    assert (config["head_dim"], config["top_k"], config["recall_target"]) == (
+    options = config["memory_options"]
+    assert (config["head_dim"], options["top_k"], options["recall_target"]) == (
         8,
         "approx",
         0.9,
     )
     clone = MemorizingTransformerBackbone.from_config(config)
     assert clone.memory_layers[0].get_config() == layer.get_config()
+
+
+def test_rejects_an_unknown_memory_option():
+    with pytest.raises(ValueError, match=r"Unknown memory option\(s\) \['memory'\]"):
+        tiny_backbone(memory_options={"memory": "exact"})

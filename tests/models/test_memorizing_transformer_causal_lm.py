@@ -165,12 +165,12 @@ class GenerateMidway(keras.callbacks.Callback):
             self.after = self.snapshot(model)
 
 
-@pytest.mark.parametrize("memory", ["exact", "scann"])
+@pytest.mark.parametrize("memory_kind", ["exact", "scann"])
 def test_generating_during_fit_leaves_the_training_state_alone(
-    preprocessor, documents, memory
+    preprocessor, documents, memory_kind
 ):
     causal_lm = MemorizingTransformerCausalLM(
-        tiny_backbone(memory=memory), preprocessor
+        tiny_backbone(memory_options={"memory_kind": memory_kind}), preprocessor
     )
     causal_lm.compile(optimizer=keras.optimizers.Adam(1e-3))
     (layer,) = causal_lm.backbone.memory_layers
@@ -245,7 +245,7 @@ def test_weight_decay_applies_to_kernels_and_embeddings_only(preprocessor):
 
 
 def test_a_continuation_does_not_depend_on_the_other_prompts(preprocessor):
-    backbone = tiny_backbone(smear_keys=True, memory="exact")
+    backbone = tiny_backbone(smear_keys=True, memory_options={"memory_kind": "exact"})
     causal_lm = MemorizingTransformerCausalLM(backbone)
     rng = np.random.default_rng(0)
     for variable in backbone.trainable_variables:  # a model far from its init
@@ -272,3 +272,86 @@ def test_tied_query_key_init_trains_the_two_apart(preprocessor, documents):
         stream(preprocessor, documents), steps_per_epoch=2, shuffle=False, verbose=0
     )
     assert not np.allclose(to_numpy(key), to_numpy(query))
+
+
+def segments(count, seed=0, vocabulary=400):
+    """`count` consecutive segment batches of the tiny model (2 lanes of 32
+    tokens): lane 1 starts a new document at the third, and its last
+    segment is half padding."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for step in range(count):
+        padding_mask = np.ones((2, 32), bool)
+        if step == count - 1:
+            padding_mask[1, 16:] = False
+        batches.append(
+            {
+                "token_ids": rng.integers(1, vocabulary, (2, 32)).astype("int32"),
+                "document_start": np.array([step == 0, step in (0, 2)]),
+                "padding_mask": padding_mask,
+            }
+        )
+    return batches
+
+
+def test_score_gives_the_models_own_logits_and_losses_segment_after_segment():
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone())
+    batches = segments(4)
+    targets = [np.roll(batch["token_ids"], -1, axis=1) for batch in batches]
+    expected = [causal_lm.predict_on_batch(batch) for batch in batches]
+    causal_lm.reset_state()
+    for batch, logits in zip(batches, expected):
+        scored = causal_lm.score(**batch)
+        assert scored.shape == (2, 32, 400) and scored.dtype == np.float32
+        np.testing.assert_allclose(scored, logits, rtol=1e-5, atol=1e-5)
+    causal_lm.reset_state()
+    for batch, target, logits in zip(batches, targets, expected):
+        losses = causal_lm.score(**batch, scoring_mode="loss", target_ids=target)
+        # Float64 cross-entropy of the predicted logits, every position.
+        logits = logits.astype("float64")
+        shifted = logits - logits.max(-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
+        np.testing.assert_allclose(losses, nll, rtol=1e-4, atol=1e-4)
+
+
+def test_score_returns_what_each_memory_layer_retrieved():
+    causal_lm = MemorizingTransformerCausalLM(
+        tiny_backbone(memory_layer_indices=(0, 1))
+    )
+    for step, batch in enumerate(segments(3)):
+        logits, neighbors = causal_lm.score(**batch, return_neighbors=True)
+        assert logits.shape == (2, 32, 400) and len(neighbors) == 2
+        for positions in neighbors:
+            assert positions.shape == (2, 32, 2, 8)
+            # Memory holds this lane's earlier segments of its document only.
+            for lane, first in enumerate((32 * step, 32 * (step % 2))):
+                found = positions[lane][positions[lane] >= 0]
+                assert found.size == (positions[lane].size if first else 0)
+                assert found.size == 0 or found.max() < first
+    no_memory = MemorizingTransformerCausalLM(tiny_backbone(memory_layer_indices=()))
+    assert no_memory.score(**segments(1)[0], return_neighbors=True)[1] == []
+
+
+def test_score_reads_the_inference_state_only(tmp_path):
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone())
+    (layer,) = causal_lm.backbone.memory_layers
+    training_state = [to_numpy(v) for v in layer.train_memory.weights]
+    causal_lm.score(**segments(1)[0])
+    for variable, value in zip(layer.train_memory.weights, training_state):
+        np.testing.assert_array_equal(to_numpy(variable), value)
+    # Lane 0's 32 tokens and lane 1's 16 real ones.
+    assert (to_numpy(layer.inference_memory.positions) >= 0).sum() == 32 + 16
+    # The compiled scoring step is not part of the model: saving is unchanged.
+    causal_lm.save(tmp_path / "causal_lm.keras")
+    loaded = keras.saving.load_model(tmp_path / "causal_lm.keras")
+    assert [v.path for v in loaded.weights] == [v.path for v in causal_lm.weights]
+
+
+def test_score_rejects_bad_requests():
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone())
+    token_ids = segments(1)[0]["token_ids"]
+    with pytest.raises(ValueError, match="scoring_mode"):
+        causal_lm.score(token_ids, scoring_mode="perplexity")
+    with pytest.raises(ValueError, match="target_ids"):
+        causal_lm.score(token_ids, scoring_mode="loss")

@@ -16,12 +16,12 @@ def test_cpu_presets_build_and_hold_a_memory(name):
     )
     assert backbone.get_config()["num_layers"] == preset["backbone"]["num_layers"]
     assert len(backbone.memory_layers) == 1
-    assert set(preset["training"]) == {
-        "steps",
-        "learning_rate",
-        "warmup_steps",
-        "max_documents",
-    }
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_a_preset_is_an_architecture_only(name):
+    # Training defaults are the recipes' (recipes/common.py).
+    assert set(get_preset(name)) == {"vocabulary_size", "backbone"}
 
 
 def test_paper_preset_is_the_papers_model():
@@ -33,8 +33,8 @@ def test_paper_preset_is_the_papers_model():
     )
     assert config["intermediate_dim"] == 4096
     assert config["memory_layer_indices"] == (8,)  # the 9th of 12
-    assert (config["segment_length"], config["num_neighbors"]) == (512, 32)
-    assert config["memory_size"] == 8192
+    assert config["segment_length"] == 512
+    assert config["memory_options"] == {"memory_size": 8192, "num_neighbors": 32}
     assert get_preset("paper")["vocabulary_size"] == 32000
 
 
@@ -49,7 +49,10 @@ def test_no_two_initial_weights_are_copies(name):
     preset = get_preset(name)
     # The memory's size plays no part in the initial weights: a small one
     # keeps the `paper` model cheap to build.
-    config = dict(preset["backbone"], memory_size=preset["backbone"]["segment_length"])
+    config = dict(preset["backbone"])
+    config["memory_options"] = dict(
+        config["memory_options"], memory_size=config["segment_length"]
+    )
     backbone = MemorizingTransformerBackbone(
         vocabulary_size=preset["vocabulary_size"], **config
     )

@@ -19,7 +19,7 @@ from keras_memtrans.models import MemorizingTransformerCausalLM
 VOCAB, SEGMENT = 16, 8
 
 
-def induction_model(memory_gate_bias, memory="exact"):
+def induction_model(memory_gate_bias, memory_kind="exact"):
     backbone = MemorizingTransformerBackbone(
         vocabulary_size=VOCAB,
         num_layers=2,
@@ -29,13 +29,15 @@ def induction_model(memory_gate_bias, memory="exact"):
         batch_size=1,
         segment_length=SEGMENT,
         memory_layer_indices=(1,),
-        memory_size=64,
-        num_neighbors=4,
-        memory=memory,
-        # A ScaNN search that visits every leaf scores every key exactly:
-        # the test is about generate()'s memory path, not ScaNN's recall.
-        num_leaves=4,
-        num_leaves_to_search=4,
+        memory_options=dict(
+            memory_size=64,
+            num_neighbors=4,
+            memory_kind=memory_kind,
+            # A ScaNN search that visits every leaf scores every key exactly:
+            # the test is about generate()'s memory path, not ScaNN's recall.
+            num_leaves=4,
+            num_leaves_to_search=4,
+        ),
         use_xl_cache=True,
     )
     centre = np.eye(VOCAB) - 1.0 / VOCAB  # removes layer-norm offsets
@@ -80,19 +82,21 @@ def prompt(seed=0):
     return np.concatenate([filler[:3], [12, 13, 14, 15], filler[3:48], [12]])
 
 
-@pytest.mark.parametrize("seed, memory", [(0, "exact"), (1, "exact"), (0, "scann")])
-def test_generate_copies_a_sequence_seen_beyond_the_local_context(seed, memory):
+@pytest.mark.parametrize(
+    "seed, memory_kind", [(0, "exact"), (1, "exact"), (0, "scann")]
+)
+def test_generate_copies_a_sequence_seen_beyond_the_local_context(seed, memory_kind):
     tokens = prompt(seed)
     # The run ends 45 tokens before the query: beyond the segment (8) and
     # the XL cache (8 more), so only the memory can bring it back.
     assert len(tokens) - 1 - 6 > 2 * SEGMENT
-    model = induction_model(memory_gate_bias=20.0, memory=memory)
+    model = induction_model(memory_gate_bias=20.0, memory_kind=memory_kind)
     continuation = model.generate(tokens, 3)
     np.testing.assert_array_equal(continuation, [13, 14, 15])
     # Only complete segments were written: the prompt's 53 tokens, left-
     # padded to 7 whole segments; the 3 new tokens do not complete the 8th.
     (layer,) = model.backbone.memory_layers
-    if memory == "scann":
+    if memory_kind == "scann":
         assert layer.inference_memory.num_leaves_to_search == 4
     memory_positions = np.asarray(
         keras.ops.convert_to_numpy(layer.inference_memory.positions)

@@ -1,4 +1,3 @@
-import inspect
 import json
 import math
 
@@ -7,8 +6,12 @@ import numpy as np
 import pytest
 
 from keras_memtrans import KNNAttention
+from keras_memtrans.data import LaneStreamer
+from keras_memtrans.models import MemorizingTransformerCausalLM
 from keras_memtrans.models import get_preset
+from recipes import common
 from recipes import train
+from recipes.reporting import held_out_scores
 from tests.arrays import to_numpy
 
 
@@ -59,12 +62,47 @@ def test_compare_trains_both_models_and_reports_perplexity(tmp_path):
         model = keras.saving.load_model(r["checkpoint"])
         assert len(model.backbone.memory_layers) == len(r["memory_layers"])
         assert int(model.optimizer.iterations) == 3  # resumable checkpoint
-        run_dir = tmp_path / "out" / r["run"]
-        assert len((run_dir / "log.csv").read_text().splitlines()) == 3  # 2 epochs
-        assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+        log_dir = tmp_path / "out" / "training" / r["run"]
+        assert len((log_dir / "log.csv").read_text().splitlines()) == 3  # 2 epochs
+        assert any((log_dir / "tensorboard").rglob("events.out.tfevents.*"))
+        assert r["preset_dir"] == str((tmp_path / "out" / r["run"]).resolve())
+        assert (tmp_path / "out" / r["run"] / "config.json").exists()
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| memory |" in table and "| no_memory |" in table
     assert "| step | perplexity, memory | perplexity, no_memory | ratio |" in table
+
+
+def test_the_trained_model_loads_from_its_preset(tmp_path):
+    run(tmp_path)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    (result,) = results["results"]
+    loaded = MemorizingTransformerCausalLM.from_preset(tmp_path / "out" / "memory")
+    # The same held-out score as the trained model's, on the run's own split.
+    _, _, validation = common.split_corpus(results["corpus"])
+    backbone = loaded.backbone
+    stream = LaneStreamer(
+        loaded.preprocessor(validation.texts),
+        backbone.batch_size,
+        backbone.segment_length,
+        shuffle=False,
+    )
+    common.compile_for_training(loaded, results["training"])
+    scores = held_out_scores(loaded, stream)
+    assert scores["validation_nll"] == pytest.approx(result["validation_nll"], rel=1e-5)
+    assert scores["gates"] == result["gates"]
+    # The same logits as the final checkpoint's (the model as trained).
+    checkpoint = keras.saving.load_model(result["checkpoint"])
+    inputs, _, _ = stream[0]
+    np.testing.assert_array_equal(
+        loaded.predict_on_batch(inputs), checkpoint.predict_on_batch(inputs)
+    )
+    # Only the finished preset: no partial directory beside it.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "memory",
+        "results.json",
+        "results.md",
+        "training",
+    ]
 
 
 def test_existing_results_are_never_overwritten(tmp_path):
@@ -98,16 +136,20 @@ def test_trains_exactly_the_steps_asked_for_across_epochs(tmp_path, capsys):
     assert result["steps"] == 13
     assert result["jit_compile"] == (jit == "true")
     assert int(keras.saving.load_model(result["checkpoint"]).optimizer.iterations) == 13
-    epochs = len((tmp_path / "out" / "memory" / "log.csv").read_text().splitlines())
+    log = tmp_path / "out" / "training" / "memory" / "log.csv"
+    epochs = len(log.read_text().splitlines())
     assert epochs - 1 > 1  # the 13 steps span more than one epoch
     # Lanes never idle: the padding is the documents' partial last segments.
     assert "% of training token slots" in capsys.readouterr().out
 
 
 def test_flags_take_precedence_over_the_preset():
-    args = train.parse_args(["--preset", "tiny", "--memory", "scann", "--steps", "7"])
+    args = train.parse_args(
+        ["--preset", "tiny", "--memory-kind", "scann", "--steps", "7"]
+    )
     backbone, training, vocabulary_size = train.resolve_config(args)
-    assert backbone["memory"] == "scann" and training["steps"] == 7
+    assert backbone["memory_options"]["memory_kind"] == "scann"
+    assert training["steps"] == 7
     assert vocabulary_size == 512
 
 
@@ -129,35 +171,24 @@ def test_memory_placement_smeared_keys_and_tied_init_are_flags():
 
 def test_every_memory_option_of_the_layer_is_a_flag():
     flags = {
-        "--head-dim": ("head_dim", "8", 8),
         "--memory-size": ("memory_size", "128", 128),
         "--num-neighbors": ("num_neighbors", "4", 4),
-        "--memory": ("memory", "exact", "exact"),
+        "--memory-kind": ("memory_kind", "exact", "exact"),
         "--top-k": ("top_k", "approx", "approx"),
         "--recall-target": ("recall_target", "0.9", 0.9),
         "--num-leaves": ("num_leaves", "4", 4),
         "--num-leaves-to-search": ("num_leaves_to_search", "2", 2),
     }
-    argv = ["--preset", "tiny"]
+    argv = ["--preset", "tiny", "--head-dim", "8"]
     for flag, (_, text, _) in flags.items():
         argv += [flag, text]
     backbone, _, _ = train.resolve_config(train.parse_args(argv))
     for name, _, value in flags.values():
-        assert backbone[name] == value
-    layer_options = set(inspect.signature(KNNAttention).parameters) - {
-        "num_heads",  # the model's shape, not a memory option
-        "batch_size",
-        "use_xl_cache",
-        "num_buckets",
-        "max_distance",
-        "kernel_initializer",
-        "smear_keys",
-        "tie_query_key_init",
-        "kwargs",
-    }
-    assert layer_options == {name for name, _, _ in flags.values()}
-    model = train.build_causal_lm(backbone, 300, None, True, 0)
+        assert backbone["memory_options"][name] == value
+    assert set(KNNAttention.memory_options()) == {name for name, _, _ in flags.values()}
+    model = common.build_causal_lm(backbone, 300, None, True, 0)
     (layer,) = model.backbone.memory_layers
+    assert layer.head_dim == 8
     for name, _, value in flags.values():
         assert getattr(layer, name) == value
 
@@ -174,7 +205,7 @@ def test_non_positive_sizes_are_rejected(flags, capsys):
 def test_the_model_without_memory_starts_from_the_same_weights():
     config = dict(get_preset("tiny")["backbone"])
     with_memory, without = (
-        {w.path: w for w in train.build_causal_lm(config, 300, None, m, 0).weights}
+        {w.path: w for w in common.build_causal_lm(config, 300, None, m, 0).weights}
         for m in (True, False)
     )
     assert set(without) < set(with_memory)
@@ -185,7 +216,7 @@ def test_the_model_without_memory_starts_from_the_same_weights():
     assert {"gate_bias", "keys", "values", "positions"} <= extra
     trainable = {
         w.path
-        for w in train.build_causal_lm(config, 300, None, True, 0).trainable_weights
+        for w in common.build_causal_lm(config, 300, None, True, 0).trainable_weights
     }
     assert {p for p in set(with_memory) - set(without) if p in trainable} == {
         "transformer_layer_1/attention/gate_bias"

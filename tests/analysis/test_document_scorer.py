@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from keras_memtrans.models import DocumentScorer
+from keras_memtrans.analysis import DocumentScorer
 from keras_memtrans.models import MemorizingTransformerCausalLM
 from tests.models.conftest import tiny_backbone
 
@@ -9,7 +9,9 @@ SEGMENT = 8
 
 
 def causal_lm(memory=True, **overrides):
-    config = dict(segment_length=SEGMENT, memory_size=64, num_neighbors=16)
+    config = dict(
+        segment_length=SEGMENT, memory_options=dict(memory_size=64, num_neighbors=16)
+    )
     config.update(overrides)
     if not memory:
         config["memory_layer_indices"] = ()
@@ -91,7 +93,8 @@ def test_leaves_the_training_memory_untouched():
 
 def test_scores_strings_through_the_preprocessor(preprocessor, documents):
     model = MemorizingTransformerCausalLM(
-        tiny_backbone(memory_size=64, num_neighbors=4), preprocessor
+        tiny_backbone(memory_options=dict(memory_size=64, num_neighbors=4)),
+        preprocessor,
     )
     (score,) = DocumentScorer(model)([documents[0][:500]])
     np.testing.assert_array_equal(score["token_ids"], preprocessor(documents[0][:500]))

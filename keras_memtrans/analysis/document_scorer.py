@@ -1,4 +1,3 @@
-import keras
 import numpy as np
 
 from keras_memtrans.data.lane_streamer import LaneStreamer
@@ -8,15 +7,16 @@ class DocumentScorer:
     """Per-token losses and memory retrievals of a causal LM over documents.
 
     Reads documents exactly as evaluation does: in lanes of consecutive
-    segments, with the inference memory and XL cache, each lane's memory
-    emptied where its document starts. For every token it records the
-    negative log-likelihood the model gave it and, for every memory layer,
-    the document positions each head retrieved while predicting it.
+    segments (a `LaneStreamer`), each lane's memory emptied where its
+    document starts, one `MemorizingTransformerCausalLM.score` call per
+    batch of segments. For every token it records the negative
+    log-likelihood the model gave it and, for every memory layer, the
+    document positions each head retrieved while predicting it.
 
     Subtracting the losses of a model with memory from those of one without
     shows which tokens memory helps; the retrieved positions show what those
-    tokens looked up (the two analyses of Wu et al., Sec. 5). Only the
-    inference memory is used, so a model's training memory is untouched.
+    tokens looked up (the two analyses of Wu et al., Sec. 5). `score` reads
+    the inference memory only, so a model's training memory is untouched.
 
     Args:
         causal_lm: a `MemorizingTransformerCausalLM`, with or without
@@ -43,7 +43,8 @@ class DocumentScorer:
     >>> backbone = MemorizingTransformerBackbone(
     ...     vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16,
     ...     intermediate_dim=32, batch_size=2, segment_length=8,
-    ...     memory_layer_indices=(-1,), memory_size=64, num_neighbors=4)
+    ...     memory_layer_indices=(-1,),
+    ...     memory_options={"memory_size": 64, "num_neighbors": 4})
     >>> scorer = DocumentScorer(MemorizingTransformerCausalLM(backbone))
     >>> scores = scorer([np.arange(1, 30), np.arange(5, 17)])
     >>> scores[0]["losses"].shape, scores[0]["neighbors"][0].shape
@@ -56,10 +57,8 @@ class DocumentScorer:
 
     def __init__(self, causal_lm):
         self.causal_lm = causal_lm
-        backbone = causal_lm.backbone
-        self.batch_size = backbone.batch_size
-        self.segment_length = backbone.segment_length
-        self._scoring_model = _ScoringModel(backbone, name="document_scorer")
+        self.batch_size = causal_lm.backbone.batch_size
+        self.segment_length = causal_lm.backbone.segment_length
 
     def __call__(self, documents):
         documents = list(documents)
@@ -99,8 +98,13 @@ class DocumentScorer:
         ]
         for index in range(len(streamer)):
             inputs, targets, _ = streamer[index]
-            losses, *neighbors = self._scoring_model.predict_on_batch(
-                {**inputs, "targets": targets}
+            losses, neighbors = self.causal_lm.score(
+                inputs["token_ids"],
+                padding_mask=inputs["padding_mask"],
+                scoring_mode="loss",
+                target_ids=targets,
+                document_start=inputs["document_start"],
+                return_neighbors=True,
             )
             lane_documents, lane_segments = streamer.batch_contents(index)
             widths = inputs["padding_mask"].sum(axis=1)
@@ -114,38 +118,3 @@ class DocumentScorer:
                 for layer, positions in enumerate(neighbors):
                     score["neighbors"][layer][span] = positions[lane, : widths[lane]]
         return scores
-
-
-class _ScoringModel(keras.Model):
-    """The backbone's own layers (shared weights and memories), run to give
-    per-token losses and each memory layer's retrieved positions.
-
-    A subclassed model: a functional one cannot reuse a block with a
-    different number of outputs (`return_neighbors`).
-    """
-
-    def __init__(self, backbone, **kwargs):
-        super().__init__(**kwargs)
-        self.backbone = backbone
-
-    def call(self, inputs):
-        backbone = self.backbone
-        options = dict(
-            document_start=inputs["document_start"],
-            padding_mask=inputs["padding_mask"],
-        )
-        x = backbone.token_embedding(inputs["token_ids"])  # [batch, segment, hidden]
-        neighbors = []
-        for block in backbone.transformer_layers:
-            if block.use_memory:
-                # positions: [batch, segment, heads, k]
-                x, positions = block(x, return_neighbors=True, **options)
-                neighbors.append(positions)
-            else:
-                x = block(x, **options)
-        x = backbone.layer_norm(x)
-        logits = backbone.token_embedding(x, reverse=True)  # [batch, segment, vocab]
-        losses = keras.losses.sparse_categorical_crossentropy(
-            inputs["targets"], keras.ops.cast(logits, "float32"), from_logits=True
-        )  # [batch, segment]
-        return [losses, *neighbors]

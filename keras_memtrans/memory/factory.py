@@ -1,0 +1,97 @@
+"""`make_memory`: the one place that turns a memory kind into a memory.
+
+A new memory is a `KNNMemory` subclass in its own module, one entry in
+`MEMORY_CLASSES` and one line in the contract tests
+(`tests/memory/test_memory_contract.py`).
+"""
+
+import warnings
+
+from keras_memtrans.memory.exact_memory import ExactMemory
+from keras_memtrans.memory.scann_memory import ScannMemory
+
+# Smallest `memory_size` at which `memory_kind="auto"` picks ScaNN: the
+# measured crossover of docs/memory_lookup.md.
+SCANN_MIN_MEMORY_SIZE = 32768
+
+MEMORY_CLASSES = {"exact": ExactMemory, "scann": ScannMemory}
+MEMORY_KINDS = ("auto", *MEMORY_CLASSES)
+
+
+def check_memory_kind(memory_kind):
+    """Raises a ValueError unless `memory_kind` is one of `MEMORY_KINDS`."""
+    if memory_kind not in MEMORY_KINDS:
+        kinds = ", ".join(repr(kind) for kind in MEMORY_KINDS)
+        raise ValueError(f"`memory_kind` must be one of {kinds}, got {memory_kind!r}.")
+
+
+def make_memory(
+    memory_kind,
+    batch_size,
+    num_heads,
+    head_dim,
+    memory_size,
+    top_k="exact",
+    recall_target=0.95,
+    num_leaves=None,
+    num_leaves_to_search=None,
+    **kwargs,
+):
+    """A `KNNMemory` of the given kind.
+
+    Args:
+        memory_kind: `"exact"` (`ExactMemory`: in-graph ring buffer, exact
+            top-k, compiles with XLA), `"scann"` (`ScannMemory`: host memory
+            searched with ScaNN) or `"auto"`: `"scann"` from
+            `memory_size >= SCANN_MIN_MEMORY_SIZE` (32768, the crossover
+            measured in docs/memory_lookup.md) when `scann` is installed,
+            else `"exact"`.
+        batch_size, num_heads, head_dim, memory_size: the memory's sizes
+            (see `KNNMemory`).
+        top_k, recall_target: the exact memory's top-k (see `ExactMemory`);
+            ignored by ScaNN.
+        num_leaves, num_leaves_to_search: the ScaNN trees (see
+            `ScannMemory`); ignored by the exact memory.
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`).
+
+    Returns:
+        An `ExactMemory` or a `ScannMemory`, built.
+
+    Example:
+    >>> memory = make_memory("auto", batch_size=2, num_heads=1, head_dim=4,
+    ...                      memory_size=64)
+    >>> type(memory).__name__
+    'ExactMemory'
+    """
+    check_memory_kind(memory_kind)
+    sizes = dict(
+        batch_size=batch_size,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        memory_size=memory_size,
+        **kwargs,
+    )
+    use_scann = memory_kind == "scann" or (
+        memory_kind == "auto" and memory_size >= SCANN_MIN_MEMORY_SIZE
+    )
+    memory = None
+    if use_scann:
+        try:
+            memory = ScannMemory(
+                num_leaves=num_leaves,
+                num_leaves_to_search=num_leaves_to_search,
+                **sizes,
+            )
+        except ImportError:
+            if memory_kind == "scann":
+                raise
+            warnings.warn(
+                f"`memory_size={memory_size}` selects ScannMemory, but `scann` "
+                "is not installed (`pip install keras-memtrans[scann]`): using "
+                "ExactMemory.",
+                stacklevel=2,
+            )
+    if memory is None:
+        memory = ExactMemory(top_k=top_k, recall_target=recall_target, **sizes)
+    memory.build()
+    return memory

@@ -1,0 +1,157 @@
+"""The ring buffer of a kNN memory: a FIFO of (key, value, position) per lane.
+
+A memory of `memory_size` slots is shared by all lanes: every write fills
+one slot per token in every lane at once, so each lane holds the entries of
+the last `memory_size` tokens it was fed, and each slot records the position
+of its token in its document (`-1`: empty). The arithmetic of a write is
+written once, against an array namespace `xp`: `numpy` for `RingBuffer`, the
+host-side buffer of `ScannMemory`, and `keras.ops` for the in-graph
+`ExactMemory` (both namespaces share `arange`, `cumsum`, `where` and `sum`).
+"""
+
+import numpy as np
+
+
+def written_slots(next_slot, segment_length, memory_size, xp=np):
+    """The int32 slots `[segment]` a segment is written to, oldest first."""
+    return (next_slot + xp.arange(segment_length, dtype="int32")) % memory_size
+
+
+def next_slot_after(next_slot, segment_length, memory_size):
+    """The slot the segment after one of `segment_length` tokens starts at."""
+    return (next_slot + segment_length) % memory_size
+
+
+def document_positions(document_length, padding_mask, xp=np):
+    """Document positions `[batch, segment]` of a segment's tokens.
+
+    Args:
+        document_length: int `[batch]`, the tokens each lane's document has
+            had before the segment.
+        padding_mask: int `[batch, segment]`, 1 for a real token, 0 for
+            padding.
+        xp: the array namespace, `numpy` or `keras.ops`.
+
+    Returns:
+        The position of each real token in its document, `-1` on padding.
+    """
+    positions = document_length[:, None] + xp.cumsum(padding_mask, axis=1) - 1
+    return xp.where(padding_mask > 0, positions, -1)
+
+
+def document_lengths_after(document_length, padding_mask, xp=np):
+    """Each lane's document length `[batch]` after the segment: padded tokens
+    (0 in the int `padding_mask` `[batch, segment]`) do not count."""
+    return document_length + xp.sum(padding_mask, axis=1)
+
+
+class RingBuffer:
+    """A NumPy FIFO of (key, value, document position) per lane and head.
+
+    The host-side storage of a kNN memory: `write` fills the next slots of
+    the ring (shared by all lanes), overwriting the oldest entries; a
+    padded token takes its slot but is stored as empty (position `-1`) and
+    does not advance its lane's document position; `reset` empties lanes.
+
+    Args:
+        batch_size: int. Number of lanes.
+        num_heads: int. Number of attention heads.
+        head_dim: int. Size of each key and value vector.
+        memory_size: int. Number of slots per lane.
+
+    Example:
+    >>> import numpy as np
+    >>> buffer = RingBuffer(batch_size=1, num_heads=1, head_dim=2, memory_size=3)
+    >>> keys = np.ones((1, 4, 1, 2), "float32")  # [batch, segment, heads, dim]
+    >>> buffer.write(keys, keys, np.array([[True, False, True, True]])).tolist()
+    [0, 1, 2, 0]
+    >>> buffer.positions.tolist()  # token 0 overwritten, token 1 padded
+    [[2, -1, 1]]
+    """
+
+    def __init__(self, batch_size, num_heads, head_dim, memory_size):
+        self.memory_size = memory_size
+        vectors = (batch_size, num_heads, memory_size, head_dim)
+        self.keys = np.zeros(vectors, "float32")  # [batch, heads, slots, dim]
+        self.values = np.zeros(vectors, "float32")
+        self.positions = np.full((batch_size, memory_size), -1, "int32")
+        self.next_slot = 0
+        self.document_length = np.zeros((batch_size,), "int32")
+
+    @classmethod
+    def from_state(cls, arrays):
+        """A buffer holding `arrays`, as returned by `state_arrays`."""
+        batch_size, num_heads, memory_size, head_dim = arrays["keys"].shape
+        buffer = cls(batch_size, num_heads, head_dim, memory_size)
+        for name in ("keys", "values", "positions", "document_length"):
+            getattr(buffer, name)[...] = arrays[name]
+        buffer.next_slot = int(arrays["next_slot"])
+        return buffer
+
+    def state_arrays(self):
+        """The contents as a dict of NumPy arrays (copies): `keys` and
+        `values` `[batch, heads, memory_size, head_dim]`, `positions`
+        `[batch, memory_size]`, `next_slot` `()` and `document_length`
+        `[batch]`."""
+        return {
+            "keys": self.keys.copy(),
+            "values": self.values.copy(),
+            "positions": self.positions.copy(),
+            "next_slot": np.array(self.next_slot, "int32"),
+            "document_length": self.document_length.copy(),
+        }
+
+    def reset(self, lanes):
+        """Empties the lanes flagged in the bool `lanes` `[batch]`."""
+        lanes = np.asarray(lanes, bool)
+        self.positions[lanes] = -1
+        self.document_length[lanes] = 0
+
+    def write(self, keys, values, padding_mask):
+        """Writes one segment into the next slots, oldest first.
+
+        Args:
+            keys: `[batch, segment, heads, head_dim]`.
+            values: `[batch, segment, heads, head_dim]`.
+            padding_mask: bool `[batch, segment]`, `False` on padding.
+
+        Returns:
+            The int32 slots `[segment]` written.
+        """
+        segment_length = keys.shape[1]
+        slots = written_slots(self.next_slot, segment_length, self.memory_size)
+        mask = np.asarray(padding_mask, bool).astype("int32")  # [batch, segment]
+        # [batch, segment, heads, dim] -> [batch, heads, segment, dim]
+        self.keys[:, :, slots] = np.swapaxes(keys, 1, 2)
+        self.values[:, :, slots] = np.swapaxes(values, 1, 2)
+        self.positions[:, slots] = document_positions(self.document_length, mask)
+        self.next_slot = int(
+            next_slot_after(self.next_slot, segment_length, self.memory_size)
+        )
+        self.document_length[...] = document_lengths_after(self.document_length, mask)
+        return slots
+
+    def filled_slots(self, lane):
+        """The slots of `lane` that hold an entry, in slot order."""
+        return np.flatnonzero(self.positions[lane] >= 0)
+
+    def entries(self):
+        """The number of entries `[batch]` each lane holds."""
+        return np.count_nonzero(self.positions >= 0, axis=1)
+
+    def gather(self, slots):
+        """The entries at `slots` `[batch, query, heads, k]` of each lane.
+
+        Returns:
+            `(keys, values, positions)`: `[batch, query, heads, k, head_dim]`
+            twice and `[batch, query, heads, k]`; where a slot is `-1` (none)
+            the position is `-1` and the key and value are arbitrary.
+        """
+        batch_size, num_heads = self.keys.shape[:2]
+        lanes = np.arange(batch_size)[:, None, None, None]
+        heads = np.arange(num_heads)[None, None, :, None]
+        clipped = np.maximum(slots, 0)
+        keys = self.keys[lanes, heads, clipped]  # [batch, query, heads, k, dim]
+        values = self.values[lanes, heads, clipped]
+        positions = np.where(slots >= 0, self.positions[lanes, clipped], -1)
+        return keys, values, positions

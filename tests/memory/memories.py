@@ -1,0 +1,78 @@
+"""Shared helpers of the memory tests: test keys, a FIFO reference and
+damaged saved memories."""
+
+import collections
+
+import numpy as np
+
+
+def clustered_keys(rng, shape, num_clusters=4, noise=0.05):
+    """Unit keys of `shape` (`[..., dim]`) around a few random centres."""
+    centers = rng.normal(size=(num_clusters, shape[-1]))
+    keys = centers[rng.integers(0, num_clusters, size=shape[:-1])]
+    keys = keys + noise * rng.normal(size=shape)
+    return (keys / np.linalg.norm(keys, axis=-1, keepdims=True)).astype("float32")
+
+
+def rewrite_npz(path, **changes):
+    """Rewrites the `.npz` file `path` with arrays changed (`None`: removed)."""
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    for name, value in changes.items():
+        if value is None:
+            del arrays[name]
+        else:
+            arrays[name] = value
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+
+
+class FifoReference:
+    """An independent kNN memory: a `collections.deque` per lane.
+
+    Each lane's deque holds its last `memory_size` writes since its last
+    reset: `(position, key, value)` for a real token (`[heads, dim]` key and
+    value), `None` for a padded one, which takes a place but holds nothing.
+    """
+
+    def __init__(self, batch_size, memory_size):
+        self.lanes = [collections.deque(maxlen=memory_size) for _ in range(batch_size)]
+        self.lengths = [0] * batch_size
+
+    def reset(self, document_start):
+        for lane, start in enumerate(document_start):
+            if start:
+                self.lanes[lane].clear()
+                self.lengths[lane] = 0
+
+    def append(self, keys, values, padding_mask=None):
+        batch_size, segment_length = keys.shape[:2]
+        if padding_mask is None:
+            padding_mask = np.ones((batch_size, segment_length), bool)
+        for lane in range(batch_size):
+            for token in range(segment_length):
+                entry = None
+                if padding_mask[lane, token]:
+                    entry = (self.lengths[lane], keys[lane, token], values[lane, token])
+                    self.lengths[lane] += 1
+                self.lanes[lane].append(entry)
+
+    def entries(self, lane):
+        """`{position: (key, value)}` of the tokens `lane` holds."""
+        return {entry[0]: entry[1:] for entry in self.lanes[lane] if entry is not None}
+
+    def top_k_positions(self, queries, num_neighbors):
+        """Positions `[batch, query, heads, k]` of each lane's exact top-k by
+        inner product, sorted along `k` (`-1`, for missing ones, first)."""
+        batch_size, num_queries, num_heads, _ = queries.shape
+        found = np.full((batch_size, num_queries, num_heads, num_neighbors), -1)
+        for lane in range(batch_size):
+            entries = self.entries(lane)
+            if not entries:
+                continue
+            positions = np.array(list(entries))
+            keys = np.stack([key for key, _ in entries.values()])  # [n, heads, dim]
+            scores = np.einsum("qhd,nhd->qhn", queries[lane], keys)
+            best = np.argsort(-scores, axis=-1)[..., :num_neighbors]  # [q, heads, k]
+            found[lane, ..., : best.shape[-1]] = positions[best]
+        return np.sort(found, axis=-1)

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from keras_memtrans.memory.scann_lane_index import ScannLaneIndex
+from keras_memtrans.memory.scann_lane_index import delete_slots
+from keras_memtrans.memory.scann_lane_index import exact_top_slots
+from keras_memtrans.memory.scann_lane_index import min_index_entries
+
+
+def test_min_index_entries():
+    assert [min_index_entries(n) for n in (1, 2, 3, 8)] == [16, 16, 24, 64]
+
+
+def test_exact_top_slots_searches_the_filled_slots_only():
+    keys = np.eye(4, dtype="float32")[None]  # [heads, slots, dim]
+    queries = np.array([[[1, 2, 3, 4]]], "float32")  # [query, heads, dim]
+    slots = np.array([0, 1, 2])
+    found = exact_top_slots(queries, keys, slots, 2)
+    assert sorted(found[0, 0]) == [1, 2]
+    assert sorted(exact_top_slots(queries, keys, slots, 4)[0, 0]) == [-1, 0, 1, 2]
+    assert np.all(exact_top_slots(queries, keys, slots[:0], 2) == -1)
+
+
+def test_delete_slots_moves_the_last_id_into_each_deleted_one():
+    # ScaNN's delete(id) moves its last document into id.
+    index_slots = np.array([5, 2, 7, 0], "int64")
+    remaining, slot_index, deleted = delete_slots(index_slots, [2, 3, 0], 8)
+    # Slot 2 (id 1) is deleted and slot 0 moves into id 1; slot 3 is not
+    # indexed; slot 0 (now id 1) is deleted and slot 7 moves into id 1.
+    assert deleted == [1, 1]
+    np.testing.assert_array_equal(remaining, [5, 7])
+    np.testing.assert_array_equal(index_slots, [5, 2, 7, 0])  # not modified
+    indexed = slot_index >= 0
+    np.testing.assert_array_equal(np.flatnonzero(indexed), sorted(remaining))
+    np.testing.assert_array_equal(
+        remaining[slot_index[indexed]], np.flatnonzero(indexed)
+    )
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ({"writes_since_build": np.array(0)}, "slots"),
+        ({"slots": np.array([0, 0]), "writes_since_build": np.array(0)}, "slots"),
+        ({"slots": np.array([0, 9]), "writes_since_build": np.array(0)}, "slots"),
+        ({"slots": np.array([0, 1]), "writes_since_build": np.array(0)}, "head 0"),
+    ],
+)
+def test_restore_rejects_inconsistent_arrays_and_changes_nothing(arrays, match):
+    index = ScannLaneIndex(None, 1, 8, 1, 1, 16)
+    with pytest.raises(ValueError, match=match):
+        index.restore(arrays)
+    assert not index.indexed
