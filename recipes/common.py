@@ -35,16 +35,6 @@ TRAINING = {
 }
 
 
-def fresh_directory(path):
-    """`path`, or `path-2`, `path-3`, ...: never one that already has files."""
-    candidate, n = path, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
-    candidate.mkdir(parents=True, exist_ok=True)
-    return candidate
-
-
 def split_corpus(settings):
     """The corpus a run reads and its training and validation parts.
 

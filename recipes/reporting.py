@@ -6,6 +6,26 @@ import keras
 from keras import ops
 
 
+def perplexity(nll):
+    """`exp(nll)`, or `None` where it is not a finite number (a diverged
+    model: JSON has no infinity, and `exp` overflows past ~709 nats)."""
+    if not math.isfinite(nll) or nll > 700:
+        return None
+    return math.exp(nll)
+
+
+def json_safe(value):
+    """`value` with every non-finite float replaced by `None`, for
+    `json.dumps(..., allow_nan=False)`."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def held_out_scores(causal_lm, stream):
     """Perplexity and accuracy on `stream`, and each memory layer's gates."""
     scores = causal_lm.evaluate(stream, return_dict=True, verbose=0)
@@ -15,31 +35,35 @@ def held_out_scores(causal_lm, stream):
     ]
     return {
         "validation_nll": scores["token_nll"],
-        "validation_perplexity": math.exp(scores["token_nll"]),
+        "validation_perplexity": perplexity(scores["token_nll"]),
         "validation_accuracy": scores["accuracy"],
         "gates": gates,
     }
 
 
 class HeldOutCurve(keras.callbacks.Callback):
-    """Held-out perplexity and memory gates at the end of every epoch.
+    """Held-out perplexity and memory gates every `every` steps and at the end.
 
-    With one epoch every `steps_per_epoch` steps this is a learning curve;
-    the gates are `sigmoid(b)` of each memory layer's heads, the share of
-    memory in each head's output.
+    A learning curve, evaluated at the end of the epochs (of
+    `steps_per_epoch` steps) that reach a multiple of `every`; the gates
+    are `sigmoid(b)` of each memory layer's heads, the share of memory in
+    each head's output.
     """
 
-    def __init__(self, stream, steps_per_epoch, steps):
+    def __init__(self, stream, steps_per_epoch, steps, every):
         super().__init__()
         self.stream, self.steps_per_epoch, self.steps = stream, steps_per_epoch, steps
+        self.every = every
         self.rows = []
 
     def on_epoch_end(self, epoch, logs=None):
         step = min((epoch + 1) * self.steps_per_epoch, self.steps)
+        if step % self.every and step < self.steps:
+            return
         row = {"step": step, **held_out_scores(self.model, self.stream)}
         self.rows.append(row)
         print(
-            f"step {step}: held-out perplexity {row['validation_perplexity']:.3f}, "
+            f"step {step}: held-out NLL {row['validation_nll']:.4f}, "
             f"gates {row['gates']}",
             flush=True,
         )
@@ -56,7 +80,7 @@ def markdown_table(results, header):
     for r in results:
         memory = f"{r['memory_size']} tokens" if r["memory_layers"] else "none"
         lines.append(
-            f"| {r['run']} | {memory} | {r['validation_perplexity']:.3f} | "
+            f"| {r['run']} | {memory} | {_number(r['validation_perplexity'])} | "
             f"{r['validation_accuracy']:.3f} | {r['train_seconds']} |"
         )
     curves = [r for r in results if r["curve"]]
@@ -67,9 +91,10 @@ def markdown_table(results, header):
         lines.append("|---" * (len(curves) + 2 + bool(ratio)) + "|")
         for rows in zip(*(r["curve"] for r in curves)):
             values = [row["validation_perplexity"] for row in rows]
-            cells = " | ".join(f"{v:.3f}" for v in values)
+            cells = " | ".join(_number(v) for v in values)
             if ratio:
-                cells += f" | {values[0] / values[1]:.3f}"
+                finite = None not in values
+                cells += f" | {_number(values[0] / values[1] if finite else None)}"
             gates = "; ".join(
                 " ".join(f"{g:.2f}" for g in layer)
                 for row in rows
@@ -77,3 +102,8 @@ def markdown_table(results, header):
             )
             lines.append(f"| {rows[0]['step']} | {cells} | {gates} |")
     return "\n".join(lines) + "\n"
+
+
+def _number(value):
+    """A table cell: 3 decimals, or "diverged" for a missing perplexity."""
+    return "diverged" if value is None else f"{value:.3f}"

@@ -20,7 +20,6 @@ never overwritten (a new `-N` suffix is chosen instead), gets:
 - `results.json` and `results.md`.
 """
 
-import argparse
 import json
 import math
 import os
@@ -31,153 +30,21 @@ import time
 
 import keras
 
-from keras_memtrans import KNNAttention
 from keras_memtrans.data import LaneStreamer
-from keras_memtrans.memory.factory import MEMORY_KINDS
-from keras_memtrans.models import PRESETS
-from keras_memtrans.models import get_preset
-from recipes.common import TRAINING
+from keras_memtrans.models import MemorizingTransformerCausalLM
+from keras_memtrans.models import MemorizingTransformerPreprocessor
+from keras_memtrans.models import MemorizingTransformerTokenizer
+from recipes import checkpointing
 from recipes.common import build_causal_lm
 from recipes.common import compile_for_training
-from recipes.common import fresh_directory
-from recipes.common import prepare_documents
 from recipes.common import save_preset
 from recipes.common import split_corpus
+from recipes.flags import parse_args
+from recipes.flags import resolve_config
 from recipes.reporting import HeldOutCurve
 from recipes.reporting import held_out_scores
+from recipes.reporting import json_safe
 from recipes.reporting import markdown_table
-
-
-def positive_int(text):
-    """argparse type: an int of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-    parser.add_argument(
-        "--corpus",
-        default=None,
-        help="directory, glob, file or JSONL of documents "
-        "(default: the Python standard library's source files)",
-    )
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--no-memory", action="store_true", help="train without memory")
-    group.add_argument(
-        "--compare", action="store_true", help="train with and without memory"
-    )
-    parser.add_argument(
-        "--steps", type=positive_int, help="training steps (preset default)"
-    )
-    parser.add_argument(
-        "--memory-kind",
-        choices=MEMORY_KINDS,
-        help="memory kind (preset default: auto, ScaNN from 32K tokens)",
-    )
-    parser.add_argument(
-        "--jit-compile",
-        default="auto",
-        choices=("auto", "true", "false"),
-        help="XLA (TensorFlow, JAX): auto uses it on accelerators where the "
-        "memory allows",
-    )
-    parser.add_argument(
-        "--memory-size", type=positive_int, help="tokens per memory lane"
-    )
-    parser.add_argument(
-        "--num-neighbors", type=positive_int, help="k of the kNN lookup"
-    )
-    parser.add_argument(
-        "--top-k",
-        choices=("exact", "approx"),
-        help="the exact memory's top-k (approx: approx_max_k, fast on TPU)",
-    )
-    parser.add_argument(
-        "--recall-target", type=float, help="recall target of --top-k approx"
-    )
-    parser.add_argument(
-        "--num-leaves", type=positive_int, help="ScaNN tree partitions per searcher"
-    )
-    parser.add_argument(
-        "--num-leaves-to-search",
-        type=positive_int,
-        help="ScaNN partitions a search visits",
-    )
-    parser.add_argument("--head-dim", type=positive_int, help="size of each head")
-    parser.add_argument(
-        "--memory-layers",
-        type=int,
-        nargs="+",
-        help="indices of the memory layers (negative: from the top)",
-    )
-    parser.add_argument(
-        "--smear-keys",
-        choices=("true", "false"),
-        help="mix each key with the previous token's key (preset default)",
-    )
-    parser.add_argument(
-        "--tie-query-key-init",
-        choices=("true", "false"),
-        help="start each key projection as a copy of the query projection "
-        "(preset default)",
-    )
-    parser.add_argument("--batch-size", type=positive_int, help="number of lanes")
-    parser.add_argument(
-        "--segment-length", type=positive_int, help="tokens per segment"
-    )
-    parser.add_argument(
-        "--vocabulary-size", type=positive_int, help="SentencePiece vocabulary"
-    )
-    parser.add_argument("--learning-rate", type=float, help="peak learning rate")
-    parser.add_argument(
-        "--eval-every",
-        type=positive_int,
-        help="also evaluate on the held-out documents every this many steps "
-        "(a learning curve, with the memory gates, in the results)",
-    )
-    parser.add_argument(
-        "--max-documents", type=positive_int, help="cap on corpus documents"
-    )
-    parser.add_argument("--min-chars", type=int, default=2000)
-    parser.add_argument("--validation-fraction", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=pathlib.Path, default=None)
-    parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
-    return parser.parse_args(argv)
-
-
-def resolve_config(args):
-    """The preset and its training defaults, with every flag that was given
-    taking precedence."""
-    preset = get_preset(args.preset)
-    backbone = dict(preset["backbone"])
-    backbone["memory_options"] = dict(backbone.get("memory_options") or {})
-    training = dict(TRAINING[args.preset])
-    for flag in KNNAttention.memory_options():
-        if getattr(args, flag) is not None:
-            backbone["memory_options"][flag] = getattr(args, flag)
-    for flag in ("head_dim", "batch_size", "segment_length"):
-        if getattr(args, flag) is not None:
-            backbone[flag] = getattr(args, flag)
-    if args.memory_layers is not None:
-        backbone["memory_layer_indices"] = tuple(args.memory_layers)
-    for flag in ("smear_keys", "tie_query_key_init"):
-        if getattr(args, flag) is not None:
-            backbone[flag] = getattr(args, flag) == "true"
-    for flag in ("steps", "learning_rate", "max_documents"):
-        if getattr(args, flag) is not None:
-            training[flag] = getattr(args, flag)
-    vocabulary_size = args.vocabulary_size
-    if vocabulary_size is None:
-        vocabulary_size = preset["vocabulary_size"]
-    return backbone, training, vocabulary_size
 
 
 class StopAfterSteps(keras.callbacks.Callback):
@@ -193,13 +60,29 @@ class StopAfterSteps(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def train_and_evaluate(
-    name, causal_lm, training, train_docs, validation_docs, args, output_dir
-):
-    """Trains one model, scores it on the held-out documents and saves it as
-    the preset `output_dir / name` (logs and checkpoint under `training/`)."""
+def epoch_length(args, steps):
+    """Steps per `fit` epoch: epochs end where checkpoints and held-out
+    evaluations fall (and reporting happens)."""
+    intervals = [args.checkpoint_every, args.eval_every or args.checkpoint_every]
+    return min(steps, math.gcd(*intervals))
+
+
+def train_and_evaluate(name, causal_lm, training, documents, args, output_dir):
+    """Trains one model (from its latest checkpoint, if any), scores it on
+    the held-out documents and saves it as the preset `output_dir / name`.
+
+    Returns:
+        The run's results, or `None` when training diverged (the last good
+        checkpoint is kept).
+    """
     log_dir = output_dir / "training" / name
-    log_dir.mkdir(parents=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    state = {"step": 0, "curve": [], "train_seconds": 0.0}
+    checkpoint = checkpointing.latest_checkpoint(log_dir)
+    if checkpoint is not None:
+        causal_lm, state = checkpointing.load_checkpoint(checkpoint)
+        print(f"\n[{name}] resuming from {checkpoint}", flush=True)
+    train_docs, validation_docs = documents
     lanes = causal_lm.backbone.batch_size
     length = causal_lm.backbone.segment_length
     memory_layers = causal_lm.backbone.memory_layers
@@ -209,125 +92,217 @@ def train_and_evaluate(
         train_docs, lanes, length, shuffle=True, repeat=True, seed=args.seed
     )
     validation_stream = LaneStreamer(validation_docs, lanes, length, shuffle=False)
-    steps = training["steps"]
-    steps_per_epoch = min(steps, args.eval_every or train_stream.steps_per_pass)
-    epochs = math.ceil(steps / steps_per_epoch)
-    stop = StopAfterSteps(steps)
-    curve = HeldOutCurve(validation_stream, steps_per_epoch, steps)
+    steps, first_step = training["steps"], state["step"]
+    steps_per_epoch = epoch_length(args, steps)
+    curve = HeldOutCurve(validation_stream, steps_per_epoch, steps, args.eval_every)
+    curve.rows = state["curve"]
+    started = time.perf_counter()
+
+    def checkpoint_state(logs):
+        seconds = state["train_seconds"] + time.perf_counter() - started
+        loss = logs.get("token_nll", state.get("train_loss"))
+        return {"curve": curve.rows, "train_seconds": seconds, "train_loss": loss}
+
+    stop = StopAfterSteps(steps - first_step)
     callbacks = [
         stop,
+        keras.callbacks.TerminateOnNaN(),
         *([curve] if args.eval_every else []),
-        keras.callbacks.ModelCheckpoint(log_dir / "checkpoint.keras"),
-        keras.callbacks.CSVLogger(str(log_dir / "log.csv")),
+        checkpointing.StepCheckpoint(
+            log_dir, args.checkpoint_every, steps, first_step, checkpoint_state
+        ),
+        keras.callbacks.CSVLogger(str(log_dir / "log.csv"), append=first_step > 0),
         keras.callbacks.TensorBoard(str(log_dir / "tensorboard")),
     ]
     print(
-        f"\n[{name}] {steps} steps: {epochs} epoch(s) of at most {steps_per_epoch}; "
-        f"padding: {train_stream.padding_fraction(steps):.1%} of training token slots",
+        f"\n[{name}] steps {first_step + 1}-{steps} in epochs of at most "
+        f"{steps_per_epoch}; padding: {train_stream.padding_fraction(steps):.1%} "
+        "of training token slots",
         flush=True,
     )
-    start = time.perf_counter()
-    history = causal_lm.fit(
-        train_stream,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        shuffle=False,  # a PyDataset shuffled by fit would break the lanes
-        callbacks=callbacks,
-        verbose=args.verbose,
-    )
-    train_seconds = time.perf_counter() - start
+    if first_step < steps:
+        causal_lm.fit(
+            checkpointing.StreamFrom(train_stream, first_step),
+            initial_epoch=first_step // steps_per_epoch,
+            epochs=math.ceil(steps / steps_per_epoch),
+            steps_per_epoch=steps_per_epoch,
+            shuffle=False,  # a PyDataset shuffled by fit would break the lanes
+            callbacks=callbacks,
+            verbose=args.verbose,
+        )
+    latest = checkpointing.latest_checkpoint(log_dir)
+    if (
+        latest is None
+        or json.loads((latest / "state.json").read_text())["step"] < steps
+    ):
+        return None  # diverged: TerminateOnNaN stopped it before the end
+    final_state = json.loads((latest / "state.json").read_text())
     if args.eval_every:  # the curve's last point is the trained model's
         final = curve.rows[-1]
     else:
         final = held_out_scores(causal_lm, validation_stream)
-    save_preset(causal_lm, output_dir / name)
+    if not (output_dir / name).exists():  # saved before an interruption
+        save_preset(causal_lm, output_dir / name)
     return {
         "run": name,
         "memory_layers": list(causal_lm.backbone.memory_layer_indices),
         "memory_size": memory_layers[0].memory_size if memory_layers else None,
-        "train_loss": history.history["token_nll"][-1],
-        "validation_nll": final["validation_nll"],
-        "validation_perplexity": final["validation_perplexity"],
-        "validation_accuracy": final["validation_accuracy"],
-        "gates": final["gates"],
+        "train_loss": final_state["train_loss"],
+        **final,
         "curve": curve.rows,
-        "train_seconds": round(train_seconds, 1),
-        "steps": stop.done,
+        "train_seconds": round(final_state["train_seconds"], 1),
+        "steps": final_state["step"],
         "jit_compile": bool(causal_lm.jit_compile),
         "preset_dir": str((output_dir / name).resolve()),
-        "checkpoint": str((log_dir / "checkpoint.keras").resolve()),
+        "checkpoint": str((latest / "model.keras").resolve()),
     }
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    backbone_config, training, vocabulary_size = resolve_config(args)
-    backend = keras.backend.backend()
-    output_dir = fresh_directory(
-        args.output_dir or pathlib.Path("runs") / f"{args.preset}-{backend}"
-    )
+def load_trained_model(path):
+    """A trained `MemorizingTransformerCausalLM` from a preset directory, a
+    checkpoint directory (`model.keras` inside) or a `.keras` file."""
+    path = pathlib.Path(path)
+    if (path / "model.keras").exists():
+        path = path / "model.keras"
+    if path.suffix == ".keras":
+        return keras.saving.load_model(path)
+    return MemorizingTransformerCausalLM.from_preset(path)
+
+
+def initialised_from(causal_lm, source):
+    """Copies every weight of the trained `source` into `causal_lm` (matched
+    by path); weights `source` lacks (the memory's gates) keep their init."""
+    weights = {w.path: w for w in causal_lm.weights}
+    for weight in source.weights:
+        if weight.path not in weights:
+            raise ValueError(
+                f"--init-from: the new model has no weight {weight.path!r}; "
+                "build it with the same architecture as the trained model."
+            )
+        target = weights[weight.path]
+        if tuple(target.shape) != tuple(weight.shape):
+            raise ValueError(
+                f"--init-from: {weight.path!r} has shape {tuple(weight.shape)} "
+                f"in the trained model and {tuple(target.shape)} in the new one."
+            )
+        target.assign(weight.value)
+    return causal_lm
+
+
+def prepare_run(args, output_dir, vocabulary_size, max_documents):
+    """The run's corpus, tokenizer and documents. The tokenizer is learnt once
+    and kept in `training/vocabulary.spm` (a resumed run reads it back); with
+    `--init-from` it is the trained model's."""
     corpus_settings = {
         "source": args.corpus and os.path.abspath(args.corpus),
         "python": platform.python_version(),
         "min_chars": args.min_chars,
-        "max_documents": training["max_documents"],
+        "max_documents": max_documents,
         "validation_fraction": args.validation_fraction,
         "seed": args.seed,
     }
     corpus, train_corpus, validation_corpus = split_corpus(corpus_settings)
     print(corpus.summary())
-    preprocessor, train_docs, validation_docs = prepare_documents(
-        train_corpus, validation_corpus, vocabulary_size, args.seed
+    vocabulary = output_dir / "training" / "vocabulary.spm"
+    if vocabulary.exists():
+        tokenizer = MemorizingTransformerTokenizer(proto=vocabulary.read_bytes())
+    elif args.init_from is not None:
+        tokenizer = load_trained_model(args.init_from).preprocessor.tokenizer
+    else:
+        tokenizer = MemorizingTransformerTokenizer.from_documents(
+            train_corpus.texts, vocabulary_size, seed=args.seed
+        )
+    vocabulary.parent.mkdir(parents=True, exist_ok=True)
+    checkpointing.atomic_write(vocabulary, tokenizer.proto)
+    preprocessor = MemorizingTransformerPreprocessor(tokenizer)
+    documents = (
+        preprocessor(train_corpus.texts),
+        preprocessor(validation_corpus.texts),
     )
-    tokenizer = preprocessor.tokenizer
+    return corpus, corpus_settings, preprocessor, documents
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv, __doc__.splitlines()[0])
+    output_dir = args.resume
+    if output_dir is not None:
+        run = json.loads((output_dir / "run.json").read_text())
+        argv = run["argv"]
+        args = parse_args(argv, __doc__.splitlines()[0])
+        print(f"Resuming {output_dir}: recipes.train {' '.join(argv)}")
+    backbone_config, training, vocabulary_size = resolve_config(args)
+    if args.init_from is not None and args.no_memory:
+        raise SystemExit("--init-from starts a memory model: drop --no-memory.")
+    backend = keras.backend.backend()
+    if output_dir is None:
+        output_dir = checkpointing.claim_directory(
+            args.output_dir or pathlib.Path("runs") / f"{args.preset}-{backend}"
+        )
+        checkpointing.atomic_write(
+            output_dir / "run.json", json.dumps({"argv": argv, "backend": backend})
+        )
+    corpus, corpus_settings, preprocessor, documents = prepare_run(
+        args, output_dir, vocabulary_size, training["max_documents"]
+    )
+    vocabulary_size = preprocessor.tokenizer.vocabulary_size()
+    train_docs, validation_docs = documents
     print(
         f"{len(train_docs)} training / {len(validation_docs)} validation documents, "
         f"{sum(map(len, train_docs))} / {sum(map(len, validation_docs))} tokens, "
-        f"vocabulary {tokenizer.vocabulary_size()}, backend {backend}"
+        f"vocabulary {vocabulary_size}, backend {backend}"
     )
     runs = [("memory", True), ("no_memory", False)]
     if args.no_memory:
         runs = runs[1:]
     elif not args.compare:
         runs = runs[:1]
+    results_path = output_dir / "results.json"
     results = []
+    if results_path.exists():
+        results = json.loads(results_path.read_text())["results"]
     jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
-    for name, use_memory in runs:
-        causal_lm = build_causal_lm(
-            backbone_config,
-            tokenizer.vocabulary_size(),
-            preprocessor,
-            use_memory,
-            args.seed,
-        )
-        compile_for_training(causal_lm, training, jit_compile)
-        results.append(
-            train_and_evaluate(
-                name, causal_lm, training, train_docs, validation_docs, args, output_dir
-            )
-        )
     header = (
         f"Preset `{args.preset}`, backend {backend}, corpus: {corpus.summary()}\n\n"
-        f"Command: `KERAS_BACKEND={backend} python -m recipes.train "
-        f"{' '.join(sys.argv[1:] if argv is None else argv)}`"
+        f"Command: `KERAS_BACKEND={backend} python -m recipes.train {' '.join(argv)}`"
     )
-    table = markdown_table(results, header)
-    (output_dir / "results.md").write_text(table)
-    (output_dir / "results.json").write_text(
-        json.dumps(
-            {
-                "preset": args.preset,
-                "backend": backend,
-                "backbone": backbone_config,
-                "training": training,
-                "vocabulary_size": tokenizer.vocabulary_size(),
-                "corpus": corpus_settings,
-                "results": results,
-            },
-            indent=2,
+    for name, use_memory in runs:
+        if any(result["run"] == name for result in results):
+            continue  # finished before the run was interrupted
+        causal_lm = build_causal_lm(
+            backbone_config, vocabulary_size, preprocessor, use_memory, args.seed
         )
-    )
-    print("\n" + table)
+        if args.init_from is not None and use_memory:
+            initialised_from(causal_lm, load_trained_model(args.init_from))
+        compile_for_training(causal_lm, training, jit_compile)
+        result = train_and_evaluate(
+            name, causal_lm, training, documents, args, output_dir
+        )
+        if result is None:
+            print(
+                f"[{name}] training diverged (a non-finite loss): stopped; the "
+                f"last good checkpoint is in {output_dir / 'training' / name}."
+            )
+            return 1
+        results.append(result)
+        # Each model's results are written as soon as it is evaluated.
+        report = {
+            "preset": args.preset,
+            "backend": backend,
+            "backbone": backbone_config,
+            "training": training,
+            "vocabulary_size": vocabulary_size,
+            "corpus": corpus_settings,
+            "init_from": args.init_from and str(args.init_from.resolve()),
+            "results": results,
+        }
+        checkpointing.atomic_write(
+            results_path, json.dumps(json_safe(report), indent=2, allow_nan=False)
+        )
+        checkpointing.atomic_write(
+            output_dir / "results.md", markdown_table(results, header)
+        )
+    print("\n" + markdown_table(results, header))
     print(f"Results in {output_dir}")
     return 0
 

@@ -1,4 +1,5 @@
-import glob
+import fnmatch
+import hashlib
 import json
 import numbers
 import os
@@ -11,7 +12,14 @@ from keras_memtrans.validation import is_int
 _TEST_DIRECTORIES = frozenset({"test", "tests", "idle_test"})
 _INSTALLED_PACKAGE_DIRECTORIES = frozenset({"site-packages", "dist-packages"})
 _GLOB_CHARACTERS = frozenset("*?[")
-_SKIP_REASONS = ("unreadable", "binary", "not_utf8", "too_short", "bad_json_lines")
+_SKIP_REASONS = (
+    "unreadable",
+    "binary",
+    "not_utf8",
+    "too_short",
+    "bad_json_lines",
+    "duplicate",
+)
 
 
 class TextCorpus:
@@ -26,19 +34,25 @@ class TextCorpus:
 
     `source` may instead name a directory (every regular file below it,
     recursively), a glob pattern (`**` matches across directories), a single
-    file, or a list of in-memory documents. A file whose name ends in
-    `.jsonl` is read as JSON Lines, one document per line: the text under
-    `text_field`, the name under `"name"` or `"id"` (default
-    `"<file>:<line>"`). Every other file is one document, named by its path
-    relative to the directory (or as matched by the glob).
+    file, or a list of in-memory documents. Links to files are read; links
+    to directories below the directory (or below the fixed part of the
+    pattern) are not followed, so a link loop cannot repeat the tree. A
+    file whose name ends in `.jsonl`, in any case, is read as JSON Lines,
+    one document per line: the text under `text_field`, the name under
+    `"name"` or `"id"` (default `"<file>:<line>"`). Every other file is one
+    document, named by its path relative to the directory (or as matched by
+    the glob).
 
     Nothing unusable stops the load: files the OS will not read
     (`"unreadable"`), files with NUL bytes (`"binary"`),
     files or lines that are not UTF-8 (`"not_utf8"`), documents shorter than
-    `min_chars` (`"too_short"`) and JSONL lines that are not a JSON object
-    with a string under `text_field` (`"bad_json_lines"`) are skipped and
-    counted in `skipped`. Files are read in sorted path order, so the corpus
-    is deterministic.
+    `min_chars` (`"too_short"`), JSONL lines that are not a JSON object
+    with a string under `text_field` (`"bad_json_lines"`), and a file
+    reached again through a link or a text equal to one already kept
+    (`"duplicate"`) are skipped and counted in `skipped`. Files are read in
+    sorted path order, so the corpus is deterministic, each text is kept
+    once, under its first name, and no text can fall on both sides of a
+    `split`.
 
     Args:
         source: `None` for the standard library, a path or glob pattern
@@ -91,6 +105,7 @@ class TextCorpus:
         self.max_documents = max_documents
         self.documents = []
         self.skipped = dict.fromkeys(_SKIP_REASONS, 0)
+        self._text_hashes = set()
 
         if source is None:
             stdlib = sysconfig.get_paths()["stdlib"]
@@ -146,7 +161,8 @@ class TextCorpus:
 
         Documents are drawn at random (seeded) but each part keeps corpus
         order. The validation part holds `round(validation_fraction * n)`
-        documents, at least 1 and at most `n - 1`.
+        documents, at least 1 and at most `n - 1`. The corpus holds each
+        text once, so no validation text is also a training text.
 
         Args:
             validation_fraction: float in `(0, 1)`.
@@ -198,9 +214,13 @@ class TextCorpus:
         )
 
     def _keep(self, name, text):
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
         if len(text) < self.min_chars:
             self.skipped["too_short"] += 1
+        elif digest in self._text_hashes:
+            self.skipped["duplicate"] += 1
         else:
+            self._text_hashes.add(digest)
             self.documents.append((name, text))
 
     def _read_in_memory(self, items):
@@ -222,9 +242,15 @@ class TextCorpus:
                 )
 
     def _read_files(self, named_paths):
+        real_paths = set()
         for name, path in named_paths:
             if self._is_full():
                 return
+            real_path = os.path.realpath(path)
+            if real_path in real_paths:
+                self.skipped["duplicate"] += 1
+                continue
+            real_paths.add(real_path)
             try:
                 with open(path, "rb") as file:
                     data = file.read()
@@ -233,7 +259,7 @@ class TextCorpus:
                 continue
             if b"\x00" in data:
                 self.skipped["binary"] += 1
-            elif path.endswith(".jsonl"):
+            elif path.lower().endswith(".jsonl"):
                 self._read_json_lines(name, data)
             else:
                 try:
@@ -288,7 +314,7 @@ def _files_of(source):
     """`(name, path)` of the regular files a path or glob pattern names."""
     if os.path.isdir(source):
         named_paths = []
-        for directory, subdirectories, file_names in os.walk(source):
+        for directory, subdirectories, file_names in os.walk(source, followlinks=False):
             subdirectories.sort()
             for file_name in file_names:
                 path = os.path.join(directory, file_name)
@@ -298,12 +324,55 @@ def _files_of(source):
     if os.path.isfile(source):
         return [(source, source)]
     if _GLOB_CHARACTERS.intersection(source):
-        return sorted(
-            (path, path)
-            for path in glob.glob(source, recursive=True)
-            if os.path.isfile(path)
-        )
+        return sorted((path, path) for path in _glob_files(source))
     raise FileNotFoundError(f"Corpus source {source!r} does not exist.")
+
+
+def _glob_files(pattern):
+    """The regular files that match the glob `pattern`, in no order.
+
+    As `glob.glob(pattern, recursive=True)` (a wildcard does not match a
+    leading `.`; `**` matches any number of directories), except that links
+    to directories below the pattern's fixed leading directories are not
+    followed: `glob` follows them, around a link loop as deep as the OS
+    allows.
+    """
+    parts = pattern.split(os.sep)
+    fixed = 0
+    while fixed < len(parts) - 1 and not _GLOB_CHARACTERS.intersection(parts[fixed]):
+        fixed += 1
+    root, wild = os.sep.join(parts[:fixed]), parts[fixed:]
+    matches = []
+    walk = os.walk(root or os.curdir, followlinks=False)
+    for directory, subdirectories, file_names in walk:
+        below = os.path.relpath(directory, root or os.curdir).split(os.sep)
+        below = [] if below == [os.curdir] else below
+        if "**" not in wild and len(below) + 1 >= len(wild):
+            subdirectories.clear()  # deeper files cannot match
+        for file_name in file_names:
+            path = os.path.join(directory, file_name)
+            if _glob_match(wild, [*below, file_name]) and os.path.isfile(path):
+                matches.append(os.path.join(root, *below, file_name))
+    return matches
+
+
+def _glob_match(pattern_parts, names):
+    """Whether the path components `names` match the glob components."""
+    if not pattern_parts:
+        return not names
+    first, rest = pattern_parts[0], pattern_parts[1:]
+    if first == "**":
+        return _glob_match(rest, names) or (
+            bool(names)
+            and not names[0].startswith(".")
+            and _glob_match(pattern_parts, names[1:])
+        )
+    return (
+        bool(names)
+        and fnmatch.fnmatchcase(names[0], first)
+        and (first.startswith(".") or not names[0].startswith("."))
+        and _glob_match(rest, names[1:])
+    )
 
 
 def _relative_name(path, root):

@@ -2,6 +2,7 @@
 and the checks of a segment's inputs."""
 
 from keras import ops
+from keras.backend import standardize_dtype
 
 _MASKED_LOGIT = -1e9
 
@@ -29,20 +30,60 @@ def check_hidden_rank(shape):
 
 
 def check_lane_inputs(shape, document_start, padding_mask):
-    """Raises a ValueError naming `document_start` or `padding_mask` when
-    its shape is not `[batch]` or `[batch, segment]` of `shape`."""
-    for name, value, expected in (
-        ("document_start", document_start, tuple(shape[:1])),
-        ("padding_mask", padding_mask, tuple(shape[:2])),
-    ):
-        if value is None:
-            continue
-        shape_ok = len(value.shape) == len(expected) and all(
-            got is None or want is None or got == want
-            for got, want in zip(value.shape, expected)
-        )
-        if not shape_ok:
+    """Checks a segment's lane inputs and returns them as bool arrays.
+
+    `document_start` must be bool `[batch]` and `padding_mask` bool
+    `[batch, segment]` of `shape`: a bool array or tensor (a symbolic one
+    inside a compiled step), a list of Python bools, or one Python bool,
+    which stands for every lane (and token). `None` stays `None`.
+
+    Args:
+        shape: the `[batch, segment, hidden_dim]` shape of the segment.
+        document_start: the lanes' document starts, or `None`.
+        padding_mask: the tokens' padding mask, or `None`.
+
+    Returns:
+        `(document_start, padding_mask)`: a Python bool or list as a bool
+        tensor of the full shape, any other value unchanged.
+
+    Raises:
+        ValueError: naming `document_start` or `padding_mask` when its dtype
+            is not bool (a float or int flag is not read as a bool), or its
+            shape is not `[batch]` or `[batch, segment]`.
+    """
+    return (
+        _lane_input("document_start", document_start, tuple(shape[:1])),
+        _lane_input("padding_mask", padding_mask, tuple(shape[:2])),
+    )
+
+
+def _lane_input(name, value, expected):
+    """`value` checked as the bool lane input `name` of shape `expected`."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        if None in expected:
             raise ValueError(
-                f"`{name}` must have shape {expected} (rank {len(expected)}), "
-                f"got {tuple(value.shape)}."
+                f"`{name}={value}` stands for every lane, but the shape "
+                f"{expected} is not static: pass a bool array instead."
             )
+        return ops.full(expected, value, dtype="bool")
+    if isinstance(value, (list, tuple)):
+        value = ops.convert_to_tensor(value)
+    dtype = getattr(value, "dtype", None)
+    dtype = type(value).__name__ if dtype is None else standardize_dtype(dtype)
+    if dtype != "bool":
+        raise ValueError(
+            f"`{name}` must be bool (a bool array of shape {expected} or a "
+            f"Python bool), got {dtype}."
+        )
+    shape_ok = len(value.shape) == len(expected) and all(
+        got is None or want is None or got == want
+        for got, want in zip(value.shape, expected)
+    )
+    if not shape_ok:
+        raise ValueError(
+            f"`{name}` must have shape {expected} (rank {len(expected)}), "
+            f"got {tuple(value.shape)}."
+        )
+    return value

@@ -169,13 +169,14 @@ class KNNAttention(SegmentAttention):
         self.built = True
 
     def _check_inputs(self, hidden_states, document_start, padding_mask):
-        super()._check_inputs(hidden_states, document_start, padding_mask)
+        lane_inputs = super()._check_inputs(hidden_states, document_start, padding_mask)
         segment_length = hidden_states.shape[1]
         if segment_length is not None and segment_length > self.memory_size:
             raise ValueError(
                 f"The segment length ({segment_length}) exceeds `memory_size` "
                 f"({self.memory_size}): a segment would overwrite itself."
             )
+        return lane_inputs
 
     def call(
         self,
@@ -203,15 +204,18 @@ class KNNAttention(SegmentAttention):
             queries, self.num_neighbors
         )  # [batch, seg, heads, k, dim] twice, [batch, seg, heads, k]
         found = positions >= 0
+        # An empty slot's key and value are arbitrary (a stale NaN, say);
+        # zeroed, they add exactly nothing where masked weights of 0 meet them.
+        filled = found[..., None]  # [batch, seg, heads, k, 1]
+        memory_keys = ops.where(filled, ops.cast(memory_keys, queries.dtype), 0)
+        memory_values = ops.where(filled, ops.cast(memory_values, local.dtype), 0)
         scores = ops.einsum(
-            "bqhd,bqhkd->bqhk", queries, ops.cast(memory_keys, queries.dtype)
+            "bqhd,bqhkd->bqhk", queries, memory_keys
         )  # [batch, query, heads, k]
         scale = ops.cast(self.attention_scale, queries.dtype)[:, None]
         weights = masked_softmax(scores * scale, found)
         retrieved = ops.einsum(
-            "bqhk,bqhkd->bqhd",
-            ops.cast(weights, local.dtype),
-            ops.cast(memory_values, local.dtype),
+            "bqhk,bqhkd->bqhd", ops.cast(weights, local.dtype), memory_values
         )  # [batch, query, heads, head_dim]
         gate = ops.cast(ops.sigmoid(self.gate_bias), local.dtype)[:, None]
         mixed = gate * retrieved + (1.0 - gate) * local
@@ -237,6 +241,62 @@ class KNNAttention(SegmentAttention):
             return outputs
         neighbor_shape = (*hidden_states.shape[:2], self.num_heads, self.num_neighbors)
         return outputs, keras.KerasTensor(neighbor_shape, dtype="int32")
+
+    def save_memory(self, path, training=False):
+        """Saves the kNN memory of one mode to the `.npz` file `path`.
+
+        `KNNMemory.save`: the ring buffer of every lane and, for a ScaNN
+        memory, its searchers, written atomically (an existing file is
+        replaced only once the new one is complete; missing directories are
+        created). `load_memory` restores it, to go on reading long
+        documents later. `save_lane_states` saves the XL cache and last
+        keys too.
+
+        Args:
+            path: the file to write.
+            training: bool. `False` (the default) saves the inference
+                memory (`evaluate`, `predict`, generation), `True` the one
+                `fit` reads.
+
+        Example:
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from keras import ops
+        >>> options = dict(num_heads=2, memory_size=64, num_neighbors=4,
+        ...                memory_kind="exact")
+        >>> layer = KNNAttention(**options)
+        >>> segment = np.random.rand(2, 16, 8).astype("float32")
+        >>> _ = layer(segment, document_start=np.array([True, True]))
+        >>> restored = KNNAttention(**options)
+        >>> restored.build(segment.shape)
+        >>> with tempfile.TemporaryDirectory() as directory:
+        ...     path = os.path.join(directory, "memory.npz")
+        ...     layer.save_memory(path)
+        ...     restored.load_memory(path)
+        >>> positions = restored.lane_states()["memory"].positions
+        >>> int((ops.convert_to_numpy(positions) >= 0).sum())  # 2 lanes x 16
+        32
+        """
+        self._built_lane_states(training)["memory"].save(path)
+
+    def load_memory(self, path, training=False):
+        """Restores the kNN memory of one mode saved by `save_memory`.
+
+        The whole file is checked before the memory changes: a load that
+        fails leaves it as it was. A ScaNN memory gets its searchers back
+        from the file, not rebuilt.
+
+        Args:
+            path: the file to read.
+            training: bool. `False` (the default) restores the inference
+                memory, `True` the one `fit` reads.
+
+        Raises:
+            FileNotFoundError: there is no file at `path`.
+            ValueError: the file is unreadable, or holds another kind of
+                memory or other sizes (the message names what differs).
+        """
+        self._built_lane_states(training)["memory"].load(path)
 
     def get_config(self):
         config = super().get_config()

@@ -8,6 +8,7 @@ from keras_memtrans.layers.attention_functions import check_lane_inputs
 from keras_memtrans.layers.attention_functions import l2_normalize
 from keras_memtrans.layers.attention_functions import masked_softmax
 from keras_memtrans.layers.initializers import clone_initializer
+from keras_memtrans.layers.lane_state_mixin import LaneStateMixin
 from keras_memtrans.layers.relative_position_bias import RelativePositionBias
 from keras_memtrans.memory.last_key import LastKey
 from keras_memtrans.memory.last_key import previous_real_keys
@@ -16,7 +17,7 @@ from keras_memtrans.validation import check_positive_ints
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
-class SegmentAttention(keras.layers.Layer):
+class SegmentAttention(LaneStateMixin, keras.layers.Layer):
     """Causal multi-head attention over a segment, optionally Transformer-XL.
 
     The local attention of the Memorizing Transformer, used on its own in
@@ -200,45 +201,6 @@ class SegmentAttention(keras.layers.Layer):
             self._add_lane_state(LastKey, "last_key")
         self.built = True
 
-    def _add_lane_state(self, make_state, name, **options):
-        """Builds `train_<name>` and `inference_<name>`, per-lane state layers.
-
-        Args:
-            make_state: a state class or factory, called with the lane and
-                head sizes, `dtype`, `name` and `options`.
-            name: the state's name in `lane_states()`.
-            **options: further arguments of `make_state`.
-        """
-        for mode in ("train", "inference"):
-            state = make_state(
-                batch_size=self.batch_size,
-                num_heads=self.num_heads,
-                head_dim=self.head_dim,
-                dtype=self.dtype_policy,
-                name=f"{mode}_{name}",
-                **options,
-            )
-            if not state.built:
-                state.build()
-            setattr(self, f"{mode}_{name}", state)
-        self._lane_state_names.append(name)
-
-    def lane_states(self, training=False):
-        """The per-lane state layers of one mode, by name.
-
-        Args:
-            training: bool. `True` gives the state `fit` reads and writes,
-                `False` the one of `evaluate`, `predict` and generation.
-
-        Returns:
-            A dict from name (`"cache"`, `"last_key"`, and `"memory"` in
-            `KNNAttention`) to state layer; empty for a stateless layer.
-        """
-        mode = "train" if training else "inference"
-        return {
-            name: getattr(self, f"{mode}_{name}") for name in self._lane_state_names
-        }
-
     def _check_batch(self, batch_size):
         if (
             self.batch_size is not None
@@ -252,6 +214,8 @@ class SegmentAttention(keras.layers.Layer):
             )
 
     def _check_inputs(self, hidden_states, document_start, padding_mask):
+        """Checks a segment's inputs; returns `(document_start, padding_mask)`
+        as bool tensors (see `check_lane_inputs`)."""
         shape = tuple(hidden_states.shape)
         check_hidden_rank(shape)
         self._check_batch(shape[0])
@@ -260,7 +224,7 @@ class SegmentAttention(keras.layers.Layer):
                 f"With `use_xl_cache=True` every segment must have the length "
                 f"the layer was built with ({self.cache_length}), got {shape[1]}."
             )
-        check_lane_inputs(shape, document_start, padding_mask)
+        return check_lane_inputs(shape, document_start, padding_mask)
 
     def _project(self, hidden_states, padding_mask=None, last_key=None):
         """Normalised queries and keys, and values: `[batch, seg, heads, dim]`.
@@ -327,7 +291,9 @@ class SegmentAttention(keras.layers.Layer):
             `(outputs, extra)`: `[batch, segment, hidden_dim]` and what
             `_mix_extra_attention` returned beside the mixed attention.
         """
-        self._check_inputs(hidden_states, document_start, padding_mask)
+        document_start, padding_mask = self._check_inputs(
+            hidden_states, document_start, padding_mask
+        )
         states = self.lane_states(training)
         if document_start is not None:
             for state in states.values():
@@ -360,19 +326,6 @@ class SegmentAttention(keras.layers.Layer):
         """Hook: records this segment's keys and values (here: the XL cache)."""
         if "cache" in states:
             states["cache"].write(keys, values, padding_mask)
-
-    def reset_state(self, training=None):
-        """Empties per-lane state: both modes by default, else one.
-
-        Args:
-            training: `None` empties the training and the inference state;
-                `True` only the training state (what `fit` reads), `False`
-                only the inference state (`evaluate`, `predict`, generation).
-        """
-        modes = (True, False) if training is None else (bool(training),)
-        for mode in modes:
-            for state in self.lane_states(mode).values():
-                state.reset_state()
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)

@@ -7,6 +7,7 @@ from keras_memtrans.memory.knn_memory import KNNMemory
 from keras_memtrans.memory.ring_buffer import document_lengths_after
 from keras_memtrans.memory.ring_buffer import document_positions
 from keras_memtrans.memory.ring_buffer import next_slot_after
+from keras_memtrans.memory.ring_buffer import stored_tokens
 from keras_memtrans.memory.ring_buffer import written_slots
 
 
@@ -22,6 +23,9 @@ class ExactMemory(KNNMemory):
     the memory persists across `model.fit` steps on every backend and
     compiles under XLA. Resetting a lane only marks its slots empty, so a
     reset costs `O(memory_size)` integers, not a rewrite of the buffer.
+    A token whose key or value has a non-finite element is stored as padding
+    is: an empty slot (zero key and value) that does not advance its lane's
+    document position, so a NaN or inf never reaches a later search.
 
     `read_only` is read in Python when `reset` or `append` is called: it
     takes effect for the calls made, or traced, while it is set (a function
@@ -159,19 +163,22 @@ class ExactMemory(KNNMemory):
         segment_length = ops.shape(keys)[1]
         if padding_mask is None:
             padding_mask = ops.ones(ops.shape(keys)[:2], dtype="bool")
-        padding_mask = ops.cast(padding_mask, "int32")
+        keys, values = (  # in the memory's dtype, where a float16 may overflow
+            ops.stop_gradient(ops.convert_to_tensor(update, variable.dtype))
+            for update, variable in ((keys, self.keys), (values, self.values))
+        )
+        # [batch, segment]: padded and non-finite tokens are stored empty
+        stored = stored_tokens(keys, values, ops.cast(padding_mask, "bool"), xp=ops)
+        mask = ops.cast(stored, "int32")
         document_length = self.document_length.value
         # [batch, segment]
-        positions = document_positions(document_length, padding_mask, xp=ops)
+        positions = document_positions(document_length, mask, xp=ops)
         slots = written_slots(
             self.next_slot.value, segment_length, self.memory_size, xp=ops
         )
         slots = slots[:, None]  # [segment, 1]: scatter whole lane/head rows
-        for variable, update in (
-            (self.keys, keys),
-            (self.values, values),
-        ):
-            update = ops.stop_gradient(ops.convert_to_tensor(update, variable.dtype))
+        for variable, update in ((self.keys, keys), (self.values, values)):
+            update = ops.where(stored[:, :, None, None], update, 0)
             update = ops.transpose(update, (1, 0, 2, 3))  # [seg, batch, h, d]
             variable.assign(ops.scatter_update(variable.value, slots, update))
         self.positions.assign(
@@ -181,7 +188,7 @@ class ExactMemory(KNNMemory):
             next_slot_after(self.next_slot.value, segment_length, self.memory_size)
         )
         self.document_length.assign(
-            document_lengths_after(document_length, padding_mask, xp=ops)
+            document_lengths_after(document_length, mask, xp=ops)
         )
 
     def reset_state(self):

@@ -1,81 +1,10 @@
 import contextlib
-import errno
 import os
-import tempfile
-import zipfile
 
-import keras
-import numpy as np
-
-from keras_memtrans.validation import check_positive_ints
-
-SIZE_NAMES = ("batch_size", "num_heads", "head_dim", "memory_size")
+from keras_memtrans.memory.lane_state import LaneState
 
 
-def atomic_save_npz(path, arrays):
-    """Writes the NumPy `arrays` (a dict) to the `.npz` file `path` atomically.
-
-    The arrays go to a temporary file in the same directory, which is
-    flushed to disk and then renamed onto `path`: a reader sees the old
-    file or the complete new one, never a partial write, and a failed write
-    leaves no temporary file behind. The file is written at `path` exactly
-    (no `.npz` suffix is added).
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
-    )
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(temporary, 0o666 & ~umask)  # an ordinary file, not mkstemp's 0600
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.remove(temporary)
-        raise
-
-
-def read_npz(path):
-    """All arrays of the `.npz` file `path`, as a dict.
-
-    Raises:
-        FileNotFoundError: there is no file at `path`.
-        ValueError: the file is not a readable `.npz` (e.g. truncated).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(errno.ENOENT, "No saved memory at", path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{path!r} is not a readable .npz file: {error}") from error
-
-
-def checked_array(arrays, name, shape, dtype):
-    """`arrays[name]` as `dtype`, checked against `shape`.
-
-    Raises a ValueError naming `name` if the array is missing, has another
-    shape or a dtype of another kind.
-    """
-    if name not in arrays:
-        raise ValueError(f"The saved memory has no `{name}` array.")
-    array = np.asarray(arrays[name])
-    if array.shape != tuple(shape):
-        raise ValueError(
-            f"The saved `{name}` has shape {array.shape}, this memory's {tuple(shape)}."
-        )
-    if not np.can_cast(array.dtype, dtype, casting="same_kind"):
-        raise ValueError(f"The saved `{name}` is {array.dtype}, not {dtype}.")
-    return array.astype(dtype)
-
-
-class KNNMemory(keras.layers.Layer):
+class KNNMemory(LaneState):
     """The contract of a kNN memory: a FIFO of (key, value) pairs per lane.
 
     Each of the `batch_size` lanes (one document stream of the fixed
@@ -101,16 +30,21 @@ class KNNMemory(keras.layers.Layer):
       returned, and does not advance its lane's document position.
     - `reset_state()` empties every lane and rewinds.
 
-    The contents are runtime state, not weights: a saved model loads with
-    empty memories, and `save(path)` / `load(path)` store and restore them
-    to resume long documents. While `read_only` is `True` (for instance
-    inside `with memory.frozen():`), `reset` and `append` change nothing
-    and `search` works as usual; when the flag is read (at call, trace or
-    host-call time) is up to each memory.
+    The contents are runtime state, not weights (a `LaneState`): a saved
+    model loads with empty memories, and `save(path)` / `load(path)` store
+    and restore them to resume long documents. The file holds the memory's
+    class name (`memory_class`), its four sizes (`batch_size`, ...) and the
+    ring buffer of every lane: `keys` and `values`
+    `[batch, heads, memory_size, head_dim]` float32, `positions`
+    `[batch, memory_size]`, `next_slot` `()` and `document_length`
+    `[batch]`, int32, plus the subclass's own arrays. While `read_only` is
+    `True` (for instance inside `with memory.frozen():`), `reset` and
+    `append` change nothing and `search` works as usual; when the flag is
+    read (at call, trace or host-call time) is up to each memory.
 
     Subclasses implement `reset`, `search`, `append` and `reset_state`, and
-    the two hooks of `save`/`load`: `_state_arrays()` and
-    `_restore_state(arrays)`.
+    the two hooks of `save`/`load` for the ring-buffer layout above:
+    `_state_arrays()` and `_restore_state(arrays)`.
 
     Args:
         batch_size: int. Number of lanes (the fixed batch size).
@@ -148,23 +82,18 @@ class KNNMemory(keras.layers.Layer):
         (https://arxiv.org/abs/2203.08913).
     """
 
+    SIZE_NAMES = ("batch_size", "num_heads", "head_dim", "memory_size")
+    CLASS_ARRAY = "memory_class"
+
     def __init__(self, batch_size, num_heads, head_dim, memory_size, **kwargs):
-        super().__init__(**kwargs)
-        check_positive_ints(
+        super().__init__(
             batch_size=batch_size,
             num_heads=num_heads,
             head_dim=head_dim,
             memory_size=memory_size,
+            **kwargs,
         )
-        self.batch_size = batch_size
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.memory_size = memory_size
         self.read_only = False
-
-    def reset(self, document_start):
-        """Empties the lanes whose `document_start` flag `[batch]` is set."""
-        raise NotImplementedError
 
     def search(self, queries, num_neighbors):
         """Top-`num_neighbors` inner-product search in each lane's memory.
@@ -193,10 +122,6 @@ class KNNMemory(keras.layers.Layer):
         """
         raise NotImplementedError
 
-    def reset_state(self):
-        """Empties every lane and rewinds the ring buffer."""
-        raise NotImplementedError
-
     def _check_num_neighbors(self, num_neighbors):
         if num_neighbors > self.memory_size:
             raise ValueError(
@@ -218,85 +143,21 @@ class KNNMemory(keras.layers.Layer):
         finally:
             self.read_only = previous
 
-    def save(self, path):
-        """Saves the contents to the single `.npz` file `path`, atomically.
-
-        The file holds the memory's class name (`memory_class`), its four
-        sizes (`batch_size`, ...), the ring buffer of every lane (`keys` and
-        `values` `[batch, heads, memory_size, head_dim]` float32,
-        `positions` `[batch, memory_size]`, `next_slot` and
-        `document_length` `[batch]`, int32) and the subclass's own arrays.
-        An existing file is replaced only once the new one is complete.
-        """
-        arrays = {"memory_class": np.array(type(self).__name__)}
-        arrays.update(
-            {name: np.array(getattr(self, name), "int64") for name in SIZE_NAMES}
-        )
-        arrays.update(self._state_arrays())
-        atomic_save_npz(path, arrays)
-
-    def load(self, path):
-        """Restores the contents saved by `save(path)`.
-
-        The whole file is read and checked before the memory changes: if
-        loading fails the memory is left as it was.
-
-        Raises:
-            FileNotFoundError: there is no file at `path`.
-            ValueError: the file is unreadable, or holds another kind of
-                memory, other sizes or inconsistent contents (the message
-                names what differs).
-        """
-        arrays = read_npz(path)
-        saved_class = str(arrays.get("memory_class", "no memory"))
-        if saved_class != type(self).__name__:
-            raise ValueError(
-                f"{os.fspath(path)!r} holds {saved_class}, not {type(self).__name__}."
-            )
-        for name in SIZE_NAMES:
-            saved = int(checked_array(arrays, name, (), "int64"))
-            if saved != getattr(self, name):
-                raise ValueError(
-                    f"The memory saved in {os.fspath(path)!r} has `{name}` "
-                    f"{saved}, this one {getattr(self, name)}."
-                )
+    def _state_specs(self):
         vectors = (self.batch_size, self.num_heads, self.memory_size, self.head_dim)
-        specs = {
+        return {
             "keys": (vectors, "float32"),
             "values": (vectors, "float32"),
             "positions": ((self.batch_size, self.memory_size), "int32"),
             "next_slot": ((), "int32"),
             "document_length": ((self.batch_size,), "int32"),
         }
-        for name, (shape, dtype) in specs.items():
-            arrays[name] = checked_array(arrays, name, shape, dtype)
+
+    def _read_saved(self, path):
+        arrays = super()._read_saved(path)
         if not 0 <= arrays["next_slot"] < self.memory_size:
-            raise ValueError(f"The saved `next_slot` {arrays['next_slot']} is invalid.")
-        self._restore_state(arrays)
-
-    def _state_arrays(self):
-        """The contents as a dict of NumPy arrays.
-
-        The ring buffer in the layout `save` documents, plus any arrays of
-        the subclass.
-        """
-        raise NotImplementedError
-
-    def _restore_state(self, arrays):
-        """Replaces the contents with `arrays`, as `_state_arrays` made them.
-
-        The ring buffer arrays are already checked and cast; the subclass
-        checks its own and raises a ValueError before changing anything.
-        """
-        raise NotImplementedError
-
-    def save_own_variables(self, store):
-        """Saves nothing: memory contents are runtime state, not weights."""
-
-    def load_own_variables(self, store):
-        """Loads nothing: a loaded memory starts empty."""
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({name: getattr(self, name) for name in SIZE_NAMES})
-        return config
+            raise ValueError(
+                f"The saved `next_slot` {arrays['next_slot']} in "
+                f"{os.fspath(path)!r} is outside [0, {self.memory_size})."
+            )
+        return arrays

@@ -1,11 +1,11 @@
 import keras
 from keras import ops
 
-from keras_memtrans.validation import check_positive_ints
+from keras_memtrans.memory.lane_state import LaneState
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
-class LastKey(keras.layers.Layer):
+class LastKey(LaneState):
     """Smeared-keys state: the key of each lane's last real token so far.
 
     With `smear_keys=True` a key is mixed with the key of the previous real
@@ -16,9 +16,11 @@ class LastKey(keras.layers.Layer):
     in the new segment is emptied first; a segment without a real token
     keeps the carried key.
 
-    Like `SegmentCache`, this is a state container of fixed shape driven by
-    the attention layer through `reset`, `read` and `write`; its contents
-    are not saved with the model.
+    Like `SegmentCache`, this is a `LaneState` of fixed shape driven by the
+    attention layer through `reset`, `read` and `write`; its contents are
+    not saved with the model's weights, but `save(path)` / `load(path)`
+    keep them in one `.npz` file (`keys` `[batch, heads, head_dim]`
+    float32, `present` `[batch]` bool, the sizes and `state_class`).
 
     Args:
         batch_size: int. Number of lanes (the fixed batch size).
@@ -36,14 +38,12 @@ class LastKey(keras.layers.Layer):
     [True, False]
     """
 
+    SIZE_NAMES = ("batch_size", "num_heads", "head_dim")
+
     def __init__(self, batch_size, num_heads, head_dim, **kwargs):
-        super().__init__(**kwargs)
-        check_positive_ints(
-            batch_size=batch_size, num_heads=num_heads, head_dim=head_dim
+        super().__init__(
+            batch_size=batch_size, num_heads=num_heads, head_dim=head_dim, **kwargs
         )
-        self.batch_size = batch_size
-        self.num_heads = num_heads
-        self.head_dim = head_dim
 
     def build(self, input_shape=None):
         self.keys = self.add_weight(
@@ -89,22 +89,11 @@ class LastKey(keras.layers.Layer):
         self.keys.assign(ops.zeros(self.keys.shape, self.keys.dtype))
         self.present.assign(ops.zeros(self.present.shape, "bool"))
 
-    def save_own_variables(self, store):
-        """Saves nothing: the carried keys are runtime state, not weights."""
-
-    def load_own_variables(self, store):
-        """Loads nothing: a loaded state starts empty."""
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "batch_size": self.batch_size,
-                "num_heads": self.num_heads,
-                "head_dim": self.head_dim,
-            }
-        )
-        return config
+    def _state_specs(self):
+        return {
+            "keys": ((self.batch_size, self.num_heads, self.head_dim), "float32"),
+            "present": ((self.batch_size,), "bool"),
+        }
 
 
 def previous_real_keys(keys, padding_mask=None, carried=None):

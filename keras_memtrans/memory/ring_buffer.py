@@ -6,7 +6,8 @@ the last `memory_size` tokens it was fed, and each slot records the position
 of its token in its document (`-1`: empty). The arithmetic of a write is
 written once, against an array namespace `xp`: `numpy` for `RingBuffer`, the
 host-side buffer of `ScannMemory`, and `keras.ops` for the in-graph
-`ExactMemory` (both namespaces share `arange`, `cumsum`, `where` and `sum`).
+`ExactMemory` (both namespaces share `all`, `arange`, `cumsum`, `isfinite`,
+`logical_and`, `where` and `sum`).
 """
 
 import numpy as np
@@ -20,6 +21,25 @@ def written_slots(next_slot, segment_length, memory_size, xp=np):
 def next_slot_after(next_slot, segment_length, memory_size):
     """The slot the segment after one of `segment_length` tokens starts at."""
     return (next_slot + segment_length) % memory_size
+
+
+def stored_tokens(keys, values, padding_mask, xp=np):
+    """Which tokens of a segment a memory stores: bool `[batch, segment]`.
+
+    A padded token is not stored, nor is one whose key or value has a
+    non-finite element: it would spoil every later search of its lane (and
+    ScaNN refuses to index it). Both take their slot as empty and do not
+    advance the lane's document position.
+
+    Args:
+        keys: `[batch, segment, heads, head_dim]`.
+        values: `[batch, segment, heads, head_dim]`.
+        padding_mask: bool `[batch, segment]`, `False` on padding.
+        xp: the array namespace, `numpy` or `keras.ops`.
+    """
+    finite_keys = xp.all(xp.isfinite(keys), axis=(2, 3))  # [batch, segment]
+    finite_values = xp.all(xp.isfinite(values), axis=(2, 3))
+    return xp.logical_and(padding_mask, xp.logical_and(finite_keys, finite_values))
 
 
 def document_positions(document_length, padding_mask, xp=np):
@@ -50,8 +70,10 @@ class RingBuffer:
 
     The host-side storage of a kNN memory: `write` fills the next slots of
     the ring (shared by all lanes), overwriting the oldest entries; a
-    padded token takes its slot but is stored as empty (position `-1`) and
-    does not advance its lane's document position; `reset` empties lanes.
+    padded token, and one whose key or value is not finite
+    (`stored_tokens`), takes its slot but is stored as empty (position
+    `-1`, zero key and value) and does not advance its lane's document
+    position; `reset` empties lanes.
 
     Args:
         batch_size: int. Number of lanes.
@@ -116,14 +138,16 @@ class RingBuffer:
             padding_mask: bool `[batch, segment]`, `False` on padding.
 
         Returns:
-            The int32 slots `[segment]` written.
+            The int32 slots `[segment]` written (stored or not).
         """
         segment_length = keys.shape[1]
         slots = written_slots(self.next_slot, segment_length, self.memory_size)
-        mask = np.asarray(padding_mask, bool).astype("int32")  # [batch, segment]
-        # [batch, segment, heads, dim] -> [batch, heads, segment, dim]
-        self.keys[:, :, slots] = np.swapaxes(keys, 1, 2)
-        self.values[:, :, slots] = np.swapaxes(values, 1, 2)
+        stored = stored_tokens(keys, values, np.asarray(padding_mask, bool))
+        mask = stored.astype("int32")  # [batch, segment]
+        for buffer, update in ((self.keys, keys), (self.values, values)):
+            update = np.where(stored[:, :, None, None], update, 0)
+            # [batch, segment, heads, dim] -> [batch, heads, segment, dim]
+            buffer[:, :, slots] = np.swapaxes(update, 1, 2)
         self.positions[:, slots] = document_positions(self.document_length, mask)
         self.next_slot = int(
             next_slot_after(self.next_slot, segment_length, self.memory_size)

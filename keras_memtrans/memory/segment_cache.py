@@ -1,11 +1,11 @@
 import keras
 from keras import ops
 
-from keras_memtrans.validation import check_positive_ints
+from keras_memtrans.memory.lane_state import LaneState
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
-class SegmentCache(keras.layers.Layer):
+class SegmentCache(LaneState):
     """Transformer-XL cache: the previous segment's keys and values per lane.
 
     Holds the keys and values one attention layer produced for the last
@@ -13,9 +13,12 @@ class SegmentCache(keras.layers.Layer):
     attend to them as a prefix of its local context. A lane whose document
     starts in the new segment is emptied first.
 
-    Like `ExactMemory`, this is a state container of fixed shape driven by
-    `KNNAttention` through `reset`, `read` and `write`; its contents are not
-    saved with the model.
+    Like `ExactMemory`, this is a `LaneState` of fixed shape driven by the
+    attention layer through `reset`, `read` and `write`; its contents are
+    not saved with the model's weights, but `save(path)` / `load(path)`
+    keep them in one `.npz` file (`keys` and `values`
+    `[batch, cache_length, heads, head_dim]` float32, `mask`
+    `[batch, cache_length]` bool, the sizes and `state_class`).
 
     Args:
         batch_size: int. Number of lanes (the fixed batch size).
@@ -38,18 +41,16 @@ class SegmentCache(keras.layers.Layer):
         Fixed-Length Context", ACL 2019 (https://arxiv.org/abs/1901.02860).
     """
 
+    SIZE_NAMES = ("batch_size", "cache_length", "num_heads", "head_dim")
+
     def __init__(self, batch_size, cache_length, num_heads, head_dim, **kwargs):
-        super().__init__(**kwargs)
-        check_positive_ints(
+        super().__init__(
             batch_size=batch_size,
             cache_length=cache_length,
             num_heads=num_heads,
             head_dim=head_dim,
+            **kwargs,
         )
-        self.batch_size = batch_size
-        self.cache_length = cache_length
-        self.num_heads = num_heads
-        self.head_dim = head_dim
 
     def build(self, input_shape=None):
         vectors = (self.batch_size, self.cache_length, self.num_heads, self.head_dim)
@@ -105,20 +106,10 @@ class SegmentCache(keras.layers.Layer):
             variable.assign(ops.zeros(variable.shape, variable.dtype))
         self.mask.assign(ops.zeros(self.mask.shape, "bool"))
 
-    def save_own_variables(self, store):
-        """Saves nothing: the cache is runtime state, not weights."""
-
-    def load_own_variables(self, store):
-        """Loads nothing: a loaded cache starts empty."""
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "batch_size": self.batch_size,
-                "cache_length": self.cache_length,
-                "num_heads": self.num_heads,
-                "head_dim": self.head_dim,
-            }
-        )
-        return config
+    def _state_specs(self):
+        vectors = (self.batch_size, self.cache_length, self.num_heads, self.head_dim)
+        return {
+            "keys": (vectors, "float32"),
+            "values": (vectors, "float32"),
+            "mask": ((self.batch_size, self.cache_length), "bool"),
+        }

@@ -3,6 +3,8 @@ import keras_hub
 
 from keras_memtrans.layers.decoder_block import DecoderBlock
 from keras_memtrans.layers.knn_attention import check_memory_options
+from keras_memtrans.memory.lane_state import load_states
+from keras_memtrans.memory.lane_state import save_states
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -212,6 +214,80 @@ class MemorizingTransformerBackbone(keras_hub.models.Backbone):
         """
         for block in self.transformer_layers:
             block.reset_state(training)
+
+    def _lane_states(self, training):
+        """Every block's per-lane states of one mode, by `<block>/<name>`."""
+        return {
+            f"{block.name}/{name}": state
+            for block in self.transformer_layers
+            for name, state in block.attention.lane_states(training).items()
+        }
+
+    def save_lane_states(self, directory, training=True):
+        """Saves every block's per-lane state of one mode to `directory`.
+
+        What a checkpoint needs, beside the weights, to resume in the
+        middle of documents: each block's XL cache, last keys and memory,
+        one file each, `<block name>/<state name>.npz` (e.g.
+        `transformer_layer_0/cache.npz`; see each state's `save`) in a new
+        save directory, which the manifest `lane_states.json` then names
+        (`save_states`). A save that stops half-way leaves the previous one
+        in force. The directory is created if missing.
+
+        Args:
+            directory: path of the directory.
+            training: bool. `True` (the default) saves the state `fit`
+                reads, `False` the inference state.
+
+        Example:
+        >>> import json, os, tempfile
+        >>> import numpy as np
+        >>> config = dict(
+        ...     vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16,
+        ...     intermediate_dim=32, batch_size=2, segment_length=8,
+        ...     memory_layer_indices=(-1,),
+        ...     memory_options={"memory_size": 64, "num_neighbors": 4})
+        >>> backbone = MemorizingTransformerBackbone(**config)
+        >>> _ = backbone({
+        ...     "token_ids": np.ones((2, 8), "int32"),
+        ...     "document_start": np.array([True, True]),
+        ...     "padding_mask": np.ones((2, 8), bool),
+        ... }, training=True)
+        >>> restored = MemorizingTransformerBackbone(**config)
+        >>> with tempfile.TemporaryDirectory() as directory:
+        ...     backbone.save_lane_states(directory)
+        ...     restored.load_lane_states(directory)
+        ...     with open(os.path.join(directory, "lane_states.json")) as file:
+        ...         manifest = json.load(file)
+        >>> for name in manifest["states"]:
+        ...     print(name)
+        transformer_layer_0/cache
+        transformer_layer_1/cache
+        transformer_layer_1/memory
+        """
+        save_states(self._lane_states(training), directory)
+
+    def load_lane_states(self, directory, training=True):
+        """Restores every block's per-lane state saved by `save_lane_states`.
+
+        Every file is checked before any state changes (`load_states`): a
+        load that fails, e.g. into a model of another shape, leaves the
+        model's state as it was. With the same weights, the model then
+        continues its documents as the saved one would.
+
+        Args:
+            directory: path of the directory.
+            training: bool. `True` (the default) restores the state `fit`
+                reads, `False` the inference state.
+
+        Raises:
+            FileNotFoundError: `directory` holds no complete save.
+            ValueError: the save does not fit this model (the message
+                names the blocks' states missing on either side, or the
+                file and the size or kind of state that differs) or a file
+                is unreadable.
+        """
+        load_states(self._lane_states(training), directory)
 
     def get_config(self):
         config = super().get_config()

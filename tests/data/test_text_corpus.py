@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from hypothesis import assume
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,6 +41,7 @@ def test_directory_keeps_usable_files_and_counts_the_rest(tmp_path):
         "not_utf8": 1,
         "too_short": 1,
         "bad_json_lines": 0,
+        "duplicate": 0,
     }
     summary = corpus.summary()
     assert "\n" not in summary
@@ -64,6 +66,7 @@ def test_glob_reads_only_matching_files(tmp_path):
         "not_utf8": 1,
         "too_short": 1,
         "bad_json_lines": 0,
+        "duplicate": 0,
     }
     recursive = TextCorpus(str(tmp_path / "**" / "*.txt"))
     assert recursive.names == [
@@ -105,6 +108,7 @@ def test_jsonl_reads_one_document_per_line(tmp_path):
         "not_utf8": 1,
         "too_short": 1,
         "bad_json_lines": 3,
+        "duplicate": 0,
     }
 
 
@@ -223,7 +227,7 @@ def test_split_is_a_seeded_partition_by_document(count, validation_fraction, see
 
 
 def test_split_depends_on_the_seed():
-    corpus = TextCorpus([(f"doc{i}", "text") for i in range(40)], min_chars=0)
+    corpus = TextCorpus([(f"doc{i}", f"text {i}") for i in range(40)], min_chars=0)
     splits = {tuple(corpus.split(0.25, seed=seed)[1].names) for seed in range(4)}
     assert len(splits) == 4
 
@@ -262,3 +266,72 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path, monkeypatch):
     assert corpus.names == ["nested/deeper.txt"]
     assert corpus.skipped["unreadable"] == 1
     assert "1 unreadable" in corpus.summary()
+
+
+def write_seven_files(directory):
+    directory.mkdir()
+    for index in range(7):
+        (directory / f"{index}.txt").write_text(LONG_TEXT + str(index), "utf-8")
+
+
+@pytest.mark.parametrize("pattern", ["**", "**/*.txt"])
+def test_glob_does_not_follow_a_directory_link_loop(tmp_path, pattern):
+    # d/sub -> d: following it read every file 41 times (up to the OS's
+    # limit on nested links), and the copies landed on both sides of a split.
+    directory = tmp_path / "d"
+    write_seven_files(directory)
+    (directory / "sub").symlink_to(".", target_is_directory=True)
+    corpus = TextCorpus(str(directory / pattern))
+    assert corpus.names == [str(directory / f"{index}.txt") for index in range(7)]
+    training, validation = corpus.split(0.3)
+    assert not set(training.texts) & set(validation.texts)
+
+
+def test_directory_reads_a_linked_file_once(tmp_path):
+    directory = tmp_path / "d"
+    write_seven_files(directory)
+    (directory / "sub").symlink_to(".", target_is_directory=True)
+    (directory / "link.txt").symlink_to("0.txt")
+    corpus = TextCorpus(directory)
+    assert corpus.names == [f"{index}.txt" for index in range(7)]
+    assert corpus.skipped["duplicate"] == 1
+
+
+def test_identical_texts_are_kept_once_under_their_first_name(tmp_path):
+    for name in ("b.txt", "a.txt", "c.txt"):
+        (tmp_path / name).write_text(LONG_TEXT, "utf-8")
+    (tmp_path / "d.txt").write_text(LONG_TEXT + "!", "utf-8")
+    (tmp_path / "e.jsonl").write_text(
+        "\n".join(json.dumps({"text": text}) for text in (LONG_TEXT, "z" * 2000)),
+        "utf-8",
+    )
+    corpus = TextCorpus(tmp_path)
+    assert corpus.names == ["a.txt", "d.txt", "e.jsonl:2"]
+    assert corpus.skipped["duplicate"] == 3
+    assert "3 duplicate" in corpus.summary()
+    in_memory = TextCorpus([("x", "same"), ("y", "other"), ("z", "same")], min_chars=0)
+    assert in_memory.documents == [("x", "same"), ("y", "other")]
+    assert in_memory.skipped["duplicate"] == 1
+
+
+@given(
+    texts=st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), min_size=2),
+    seed=st.integers(0, 2**16),
+)
+def test_split_parts_share_no_text(texts, seed):
+    # Duplicate texts under different names: each text is one document,
+    # so no validation text is also trained on.
+    assume(len(set(texts)) >= 2)
+    documents = [(f"doc{i}", text) for i, text in enumerate(texts)]
+    corpus = TextCorpus(documents, min_chars=0)
+    assert sorted(corpus.texts) == sorted(set(texts))
+    training, validation = corpus.split(0.5, seed=seed)
+    assert not set(training.texts) & set(validation.texts)
+    assert set(training.texts) | set(validation.texts) == set(texts)
+
+
+@pytest.mark.parametrize("suffix", [".JSONL", ".Jsonl"])
+def test_jsonl_suffix_matches_in_any_case(tmp_path, suffix):
+    path = tmp_path / f"data{suffix}"
+    path.write_text(json.dumps({"text": "a" * 2000, "name": "first"}), "utf-8")
+    assert TextCorpus(path).documents == [("first", "a" * 2000)]

@@ -185,6 +185,27 @@ def test_lane_state_changes_the_output_only_after_a_document_start(case):
         np.testing.assert_allclose(continued, first, atol=1e-6)
 
 
+@cases()
+def test_lane_inputs_may_be_python_bools_and_lists(case):
+    # A Python bool flags every lane; lists of bools are arrays.
+    x = segments(3, seed=10)
+    given = [
+        (True, MIXED_PADDING.tolist()),
+        (False, None),
+        ([False, True, False], None),
+    ]
+    arrays = [(np.ones(BATCH, bool), MIXED_PADDING), (np.zeros(BATCH, bool), None)]
+    arrays.append((np.array([False, True, False]), None))
+    runs = []
+    for steps in (given, arrays):
+        layer = make_layer(case)
+        runs.append(
+            [attend(layer, segment, *step)[0] for segment, step in zip(x, steps)]
+        )
+    for got, want in zip(*runs):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 # Smeared keys and padding (issue 8): a key mixes with the previous *real*
 # token's key, carried across the segments of a lane when the layer keeps
 # lane state (XL cache or memory).
@@ -309,6 +330,26 @@ class TestBadInput:
     def test_lane_input_wrong_shape(self, case, name, value):
         x = np.zeros((BATCH, SEGMENT, HIDDEN), "float32")
         with pytest.raises(ValueError, match=name):
+            make_layer(case)(x, **{name: value})
+
+    @cases()
+    @pytest.mark.parametrize(
+        "name, value, dtype",
+        [
+            ("document_start", np.full((BATCH,), 0.5, "float32"), "float32"),
+            ("document_start", np.ones((BATCH,), "int32"), "int32"),
+            ("document_start", [1, 0, 1], "int32"),
+            ("document_start", 1, "int"),
+            ("document_start", 0.5, "float"),
+            ("padding_mask", np.ones((BATCH, SEGMENT), "float32"), "float32"),
+            ("padding_mask", np.ones((BATCH, SEGMENT), "int64"), "int64"),
+        ],
+    )
+    def test_lane_input_not_bool(self, case, name, value, dtype):
+        # A float flag of 0.5 used to reset its lanes; a Python bool or
+        # number raised an AttributeError.
+        x = np.zeros((BATCH, SEGMENT, HIDDEN), "float32")
+        with pytest.raises(ValueError, match=f"`{name}` must be bool.*got {dtype}"):
             make_layer(case)(x, **{name: value})
 
     @cases()

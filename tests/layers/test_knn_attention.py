@@ -5,6 +5,8 @@ with retrieval over a wrapping memory, smeared keys, padding, lane state,
 gradients, bad inputs, config) is in `test_attention_contract`.
 """
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -12,9 +14,33 @@ from keras import ops
 
 from keras_memtrans import KNNAttention
 from tests.arrays import to_numpy
+from tests.layers.test_attention_contract import BATCH
 from tests.layers.test_attention_contract import HEADS
+from tests.layers.test_attention_contract import SEGMENT
 from tests.layers.test_attention_contract import STARTS
+from tests.layers.test_attention_contract import attend
+from tests.layers.test_attention_contract import make_layer
 from tests.layers.test_attention_contract import segments
+from tests.memory.memories import rewrite_npz
+
+MEMORY_KINDS = {
+    "exact": dict(memory_kind="exact"),
+    # Every leaf visited: ScaNN's results are exact, as ExactMemory's.
+    "scann": dict(memory_kind="scann", num_leaves=2, num_leaves_to_search=2),
+}
+each_memory_kind = pytest.mark.parametrize(
+    "memory_options", list(MEMORY_KINDS.values()), ids=list(MEMORY_KINDS)
+)
+
+
+def memory_layer(memory_options, num_neighbors=5):
+    """A built `KNNAttention` of 32 memory slots with the contract tests'
+    weights (the same for every call)."""
+    return make_layer(
+        functools.partial(
+            KNNAttention, memory_size=32, num_neighbors=num_neighbors, **memory_options
+        )
+    )
 
 
 def test_gate_starts_at_one_half():
@@ -52,6 +78,66 @@ def test_symbolic_call_gives_neighbor_positions():
     assert outputs.shape == (2, 8, 12)
     assert neighbors.shape == (2, 8, 2, 4)
     assert neighbors.dtype == "int32"
+
+
+@each_memory_kind
+def test_a_non_finite_token_is_dropped_like_padding(memory_options):
+    """A NaN hidden state (lane 0 of segment 1; lane 2 of segment 3, once
+    ScaNN lanes are indexed) spoils its own lane's segment (local attention
+    weighs its NaN value by 0) and nothing else: the other lanes and every
+    later segment are finite and equal to a run where that token is
+    padding. Its NaN key used to reach every later query of its lane
+    through the memory."""
+    inputs = segments(6, seed=7)
+    broken = inputs.copy()
+    padding = np.ones((len(inputs), BATCH, SEGMENT), bool)
+    spoiled = np.zeros((len(inputs), BATCH, SEGMENT), bool)
+    for step, lane, token in ((1, 0, 3), (3, 2, 6)):
+        broken[step, lane, token, 0] = np.nan
+        padding[step, lane, token] = False
+        spoiled[step, lane] = True
+    layer, padded_layer = memory_layer(memory_options), memory_layer(memory_options)
+    for step in range(len(inputs)):
+        start = np.full((BATCH,), step == 0)
+        got, got_positions = attend(layer, broken[step], start)
+        want, want_positions = attend(padded_layer, inputs[step], start, padding[step])
+        clean = ~spoiled[step]
+        assert np.isfinite(got[clean]).all(), step
+        np.testing.assert_allclose(got[clean], want[clean], atol=1e-5)
+        np.testing.assert_array_equal(
+            np.sort(got_positions, axis=-1)[clean],
+            np.sort(want_positions, axis=-1)[clean],
+        )
+
+
+@each_memory_kind
+def test_empty_slots_contribute_nothing_even_when_stale_slots_hold_nan(
+    memory_options, tmp_path
+):
+    """A lane holding fewer than `k` entries retrieves empty slots too;
+    their stale contents (here NaN, from a memory saved before non-finite
+    tokens were refused) used to turn weight 0 times NaN into NaN outputs
+    after the lane's reset. The next document reads as in a fresh layer."""
+    layer = memory_layer(memory_options, num_neighbors=16)
+    for step, x in enumerate(segments(3, seed=8)):
+        layer(x, document_start=np.full((BATCH,), step == 0))
+    memory = layer.lane_states()["memory"]
+    path = tmp_path / "memory.npz"
+    memory.save(path)
+    with np.load(path) as saved:
+        nan = np.full(saved["keys"].shape, np.nan, "float32")
+    rewrite_npz(path, keys=nan, values=nan)
+    memory.load(path)
+    fresh = memory_layer(memory_options, num_neighbors=16)
+    for step, x in enumerate(segments(3, seed=9)):
+        start = np.full((BATCH,), step == 0)
+        got, got_positions = attend(layer, x, start)
+        want, want_positions = attend(fresh, x, start)
+        assert np.isfinite(got).all(), step
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_array_equal(
+            np.sort(got_positions, axis=-1), np.sort(want_positions, axis=-1)
+        )
 
 
 class TestBadMemoryOptions:

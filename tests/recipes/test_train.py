@@ -10,35 +10,11 @@ from keras_memtrans.data import LaneStreamer
 from keras_memtrans.models import MemorizingTransformerCausalLM
 from keras_memtrans.models import get_preset
 from recipes import common
+from recipes import flags
 from recipes import train
 from recipes.reporting import held_out_scores
 from tests.arrays import to_numpy
-
-
-def run(tmp_path, *flags):
-    corpus = tmp_path / "corpus"
-    if not corpus.exists():
-        corpus.mkdir()
-        source = keras.__file__.rsplit("/", 1)[0] + "/src/ops/numpy.py"
-        text = open(source).read()
-        for i in range(4):
-            (corpus / f"doc{i}.py").write_text(text[i * 20000 : (i + 1) * 20000])
-    args = [
-        "--preset",
-        "tiny",
-        "--corpus",
-        str(corpus),
-        "--steps",
-        "3",
-        "--output-dir",
-        str(tmp_path / "out"),
-        "--verbose",
-        "0",
-        "--validation-fraction",
-        "0.25",
-        *flags,
-    ]
-    assert train.main(args) == 0
+from tests.recipes.runs import run
 
 
 def test_compare_trains_both_models_and_reports_perplexity(tmp_path):
@@ -101,6 +77,7 @@ def test_the_trained_model_loads_from_its_preset(tmp_path):
         "memory",
         "results.json",
         "results.md",
+        "run.json",
         "training",
     ]
 
@@ -129,6 +106,8 @@ def test_trains_exactly_the_steps_asked_for_across_epochs(tmp_path, capsys):
         "128",
         "--steps",
         "13",
+        "--checkpoint-every",
+        "5",
         "--jit-compile",
         jit,
     )
@@ -144,25 +123,25 @@ def test_trains_exactly_the_steps_asked_for_across_epochs(tmp_path, capsys):
 
 
 def test_flags_take_precedence_over_the_preset():
-    args = train.parse_args(
+    args = flags.parse_args(
         ["--preset", "tiny", "--memory-kind", "scann", "--steps", "7"]
     )
-    backbone, training, vocabulary_size = train.resolve_config(args)
+    backbone, training, vocabulary_size = flags.resolve_config(args)
     assert backbone["memory_options"]["memory_kind"] == "scann"
     assert training["steps"] == 7
     assert vocabulary_size == 512
 
 
 def test_memory_placement_smeared_keys_and_tied_init_are_flags():
-    args = train.parse_args(
+    args = flags.parse_args(
         ["--preset", "quick", "--memory-layers", "2", "-1", "--smear-keys", "false"]
         + ["--tie-query-key-init", "true"]
     )
-    backbone, _, _ = train.resolve_config(args)
+    backbone, _, _ = flags.resolve_config(args)
     assert backbone["memory_layer_indices"] == (2, -1)
     assert backbone["smear_keys"] is False
     assert backbone["tie_query_key_init"] is True
-    backbone, _, _ = train.resolve_config(train.parse_args(["--preset", "quick"]))
+    backbone, _, _ = flags.resolve_config(flags.parse_args(["--preset", "quick"]))
     assert (
         backbone["memory_layer_indices"]
         == get_preset("quick")["backbone"]["memory_layer_indices"]
@@ -170,7 +149,7 @@ def test_memory_placement_smeared_keys_and_tied_init_are_flags():
 
 
 def test_every_memory_option_of_the_layer_is_a_flag():
-    flags = {
+    options = {
         "--memory-size": ("memory_size", "128", 128),
         "--num-neighbors": ("num_neighbors", "4", 4),
         "--memory-kind": ("memory_kind", "exact", "exact"),
@@ -180,25 +159,27 @@ def test_every_memory_option_of_the_layer_is_a_flag():
         "--num-leaves-to-search": ("num_leaves_to_search", "2", 2),
     }
     argv = ["--preset", "tiny", "--head-dim", "8"]
-    for flag, (_, text, _) in flags.items():
+    for flag, (_, text, _) in options.items():
         argv += [flag, text]
-    backbone, _, _ = train.resolve_config(train.parse_args(argv))
-    for name, _, value in flags.values():
+    backbone, _, _ = flags.resolve_config(flags.parse_args(argv))
+    for name, _, value in options.values():
         assert backbone["memory_options"][name] == value
-    assert set(KNNAttention.memory_options()) == {name for name, _, _ in flags.values()}
+    assert set(KNNAttention.memory_options()) == {
+        name for name, _, _ in options.values()
+    }
     model = common.build_causal_lm(backbone, 300, None, True, 0)
     (layer,) = model.backbone.memory_layers
     assert layer.head_dim == 8
-    for name, _, value in flags.values():
+    for name, _, value in options.values():
         assert getattr(layer, name) == value
 
 
 @pytest.mark.parametrize(
-    "flags", [["--steps", "0"], ["--memory-size", "-4"], ["--vocabulary-size", "0"]]
+    "argv", [["--steps", "0"], ["--memory-size", "-4"], ["--vocabulary-size", "0"]]
 )
-def test_non_positive_sizes_are_rejected(flags, capsys):
+def test_non_positive_sizes_are_rejected(argv, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(flags)
+        flags.parse_args(argv)
     assert "must be at least 1" in capsys.readouterr().err
 
 

@@ -1,0 +1,38 @@
+"""Recipe runs on the `tiny` preset, for the recipe tests."""
+
+import keras
+
+from recipes import train
+
+
+def recipe_args(tmp_path, *flags, output="out"):
+    """`recipes.train` arguments: the tiny preset for 3 steps on a corpus of
+    four 20,000-character documents (made once under `tmp_path`), writing to
+    `tmp_path / output`; later `flags` take precedence."""
+    corpus = tmp_path / "corpus"
+    if not corpus.exists():
+        corpus.mkdir()
+        source = keras.__file__.rsplit("/", 1)[0] + "/src/ops/numpy.py"
+        text = open(source).read()
+        for i in range(4):
+            (corpus / f"doc{i}.py").write_text(text[i * 20000 : (i + 1) * 20000])
+    return [
+        "--preset",
+        "tiny",
+        "--corpus",
+        str(corpus),
+        "--steps",
+        "3",
+        "--output-dir",
+        str(tmp_path / output),
+        "--verbose",
+        "0",
+        "--validation-fraction",
+        "0.25",
+        *flags,
+    ]
+
+
+def run(tmp_path, *flags, output="out"):
+    """Runs `recipes.train` in this process; it must succeed."""
+    assert train.main(recipe_args(tmp_path, *flags, output=output)) == 0

@@ -1,0 +1,255 @@
+import csv
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from recipes import checkpointing
+from recipes import common
+from recipes import flags
+from recipes import reporting
+from recipes import train
+from tests.arrays import to_numpy
+from tests.recipes.runs import recipe_args
+from tests.recipes.runs import run
+
+REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
+
+
+class Interrupted(Exception):
+    """Stands for a kill right after a checkpoint was written."""
+
+
+def epoch_losses(output_dir, name="memory"):
+    log = output_dir / "training" / name / "log.csv"
+    with open(log) as file:
+        return {int(row["epoch"]): float(row["loss"]) for row in csv.DictReader(file)}
+
+
+def results(output_dir):
+    return json.loads((output_dir / "results.json").read_text())["results"]
+
+
+def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(
+    tmp_path, monkeypatch
+):
+    schedule = ("--steps", "12", "--checkpoint-every", "4", "--eval-every", "4")
+    run(tmp_path, *schedule, output="whole")
+    save = checkpointing.save_checkpoint
+
+    def save_then_stop(causal_lm, directory, step, state):
+        save(causal_lm, directory, step, state)
+        if step == 8:
+            raise Interrupted
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        train.main(recipe_args(tmp_path, *schedule, output="parts"))
+    assert not (tmp_path / "parts" / "results.json").exists()
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save)
+    assert train.main(["--resume", str(tmp_path / "parts")]) == 0
+
+    whole, parts = (tmp_path / "whole", tmp_path / "parts")
+    # Steps 9-12 (epoch 2) from the checkpoint of step 8: the same losses.
+    np.testing.assert_allclose(epoch_losses(parts)[2], epoch_losses(whole)[2], 1e-5)
+    (want,), (got,) = results(whole), results(parts)
+    assert got["steps"] == want["steps"] == 12
+    for key in ("validation_nll", "train_loss"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
+    assert [row["step"] for row in got["curve"]] == [4, 8, 12]
+    for row, want_row in zip(got["curve"], want["curve"]):
+        np.testing.assert_allclose(
+            row["validation_nll"], want_row["validation_nll"], rtol=1e-5
+        )
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_result(tmp_path):
+    schedule = ("--steps", "40", "--checkpoint-every", "2")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "recipes.train", *recipe_args(tmp_path, *schedule)],
+        cwd=REPOSITORY,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    latest = tmp_path / "out" / "training" / "memory" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    try:
+        while not (latest.exists() and int(latest.read_text()[5:]) >= 4):
+            assert child.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert train.main(["--resume", str(tmp_path / "out")]) == 0
+    run(tmp_path, *schedule, output="whole")
+    (got,), (want,) = results(tmp_path / "out"), results(tmp_path / "whole")
+    assert got["steps"] == 40
+    np.testing.assert_allclose(got["validation_nll"], want["validation_nll"], 1e-5)
+
+
+KILLED_SAVER = """
+import sys
+from recipes import checkpointing
+from tests.models.conftest import tiny_backbone
+from keras_memtrans.models import MemorizingTransformerCausalLM
+
+causal_lm = MemorizingTransformerCausalLM(tiny_backbone())
+causal_lm.compile()
+step = 0
+while True:
+    step += 1
+    checkpointing.save_checkpoint(causal_lm, sys.argv[1], step, {})
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
+def test_a_kill_during_a_checkpoint_save_leaves_a_complete_checkpoint(tmp_path, delay):
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SAVER, str(tmp_path)],
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "1"  # one complete save
+        time.sleep(delay)  # then a kill somewhere in the next saves
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    checkpoint = checkpointing.latest_checkpoint(tmp_path)
+    causal_lm, state = checkpointing.load_checkpoint(checkpoint)
+    assert checkpoint.name == f"step-{state['step']}" and state["step"] >= 1
+    assert len(causal_lm.backbone.memory_layers) == 1
+
+
+def test_two_runs_never_claim_the_same_directory(tmp_path):
+    claimed, start = [], threading.Barrier(8)
+
+    def claim():
+        start.wait()
+        claimed.append(checkpointing.claim_directory(tmp_path / "runs" / "quick"))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(claimed)) == 8
+    assert {path.name for path in claimed} == {"quick"} | {
+        f"quick-{n}" for n in range(2, 9)
+    }
+
+
+def test_compare_writes_each_model_as_soon_as_it_is_evaluated(tmp_path, monkeypatch):
+    build = common.build_causal_lm
+
+    def no_second_model(config, vocabulary_size, preprocessor, use_memory, seed):
+        if not use_memory:
+            raise Interrupted
+        return build(config, vocabulary_size, preprocessor, use_memory, seed)
+
+    monkeypatch.setattr(train, "build_causal_lm", no_second_model)
+    with pytest.raises(Interrupted):
+        train.main(recipe_args(tmp_path, "--compare"))
+    (memory,) = results(tmp_path / "out")
+    assert memory["run"] == "memory"
+    assert "| memory |" in (tmp_path / "out" / "results.md").read_text()
+    monkeypatch.setattr(train, "build_causal_lm", build)
+    assert train.main(["--resume", str(tmp_path / "out")]) == 0
+    assert [r["run"] for r in results(tmp_path / "out")] == ["memory", "no_memory"]
+    assert results(tmp_path / "out")[0] == memory
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--learning-rate", "nan", "finite"),
+        ("--learning-rate", "inf", "finite"),
+        ("--recall-target", "nan", "finite"),
+        ("--validation-fraction", "1e400", "finite"),
+        ("--seed", "-1", "at least 0"),
+    ],
+)
+def test_non_finite_and_negative_flags_are_refused(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        flags.parse_args([flag, value])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (["--memory-size", str(10**9)], "GiB"),
+        (["--memory-size", "64", "--segment-length", "128"], "exceeds"),
+        (["--memory-size", "256", "--num-neighbors", "300"], "num_neighbors"),
+    ],
+)
+def test_impossible_model_settings_fail_before_the_corpus_is_read(
+    tmp_path, settings, message
+):
+    argv = ["--preset", "tiny", "--corpus", str(tmp_path / "missing"), *settings]
+    with pytest.raises(ValueError, match=message):
+        train.main([*argv, "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, capsys):
+    argv = recipe_args(tmp_path, "--steps", "8", "--checkpoint-every", "1")
+    assert train.main([*argv, "--learning-rate", "1e30"]) == 1
+    assert "training diverged" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "results.json").exists()
+    checkpoint = checkpointing.latest_checkpoint(
+        tmp_path / "out" / "training" / "memory"
+    )
+    causal_lm, state = checkpointing.load_checkpoint(checkpoint)
+    assert 1 <= state["step"] < 8
+    for weight in causal_lm.weights:
+        assert np.all(np.isfinite(to_numpy(weight))), weight.path
+
+
+def test_an_infinite_perplexity_is_reported_as_null():
+    assert reporting.perplexity(2.0) == pytest.approx(np.exp(2.0))
+    assert reporting.perplexity(800.0) is None
+    assert reporting.perplexity(float("nan")) is None
+    report = reporting.json_safe({"a": [1.0, float("inf")], "b": float("nan")})
+    assert json.loads(json.dumps(report, allow_nan=False)) == {
+        "a": [1.0, None],
+        "b": None,
+    }
+
+
+def test_init_from_copies_every_trained_weight_and_leaves_the_memory_at_init(
+    tmp_path,
+):
+    run(tmp_path, "--no-memory")
+    source = train.load_trained_model(tmp_path / "out" / "no_memory")
+    args = flags.parse_args(recipe_args(tmp_path))
+    backbone_config, _, _ = flags.resolve_config(args)
+    vocabulary_size = source.backbone.vocabulary_size
+    fresh = common.build_causal_lm(backbone_config, vocabulary_size, None, True, 7)
+    started = train.initialised_from(
+        common.build_causal_lm(backbone_config, vocabulary_size, None, True, 7),
+        source,
+    )
+    trained = {w.path: to_numpy(w) for w in source.weights}
+    for weight, initial in zip(started.weights, fresh.weights):
+        want = trained.get(weight.path, to_numpy(initial))
+        np.testing.assert_array_equal(to_numpy(weight), want, err_msg=weight.path)
+    assert set(trained) < {w.path for w in started.weights}
+    # The recipe fine-tunes the memory model from it, with its tokenizer.
+    run(tmp_path, "--init-from", str(tmp_path / "out" / "no_memory"), output="tuned")
+    report = json.loads((tmp_path / "tuned" / "results.json").read_text())
+    assert report["init_from"] == str((tmp_path / "out" / "no_memory").resolve())
+    assert report["vocabulary_size"] == vocabulary_size
+    assert os.path.isdir(tmp_path / "tuned" / "memory")
