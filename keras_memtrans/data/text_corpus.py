@@ -342,10 +342,12 @@ def _glob_files(pattern):
     while fixed < len(parts) - 1 and not _GLOB_CHARACTERS.intersection(parts[fixed]):
         fixed += 1
     root, wild = os.sep.join(parts[:fixed]), parts[fixed:]
+    if fixed and not root:  # "/*.txt": the fixed part is the root directory
+        root = os.sep
+    top = root or os.curdir
     matches = []
-    walk = os.walk(root or os.curdir, followlinks=False)
-    for directory, subdirectories, file_names in walk:
-        below = os.path.relpath(directory, root or os.curdir).split(os.sep)
+    for directory, subdirectories, file_names in os.walk(top, followlinks=False):
+        below = os.path.relpath(directory, top).split(os.sep)
         below = [] if below == [os.curdir] else below
         if "**" not in wild and len(below) + 1 >= len(wild):
             subdirectories.clear()  # deeper files cannot match

@@ -34,8 +34,9 @@ def check_lane_inputs(shape, document_start, padding_mask):
 
     `document_start` must be bool `[batch]` and `padding_mask` bool
     `[batch, segment]` of `shape`: a bool array or tensor (a symbolic one
-    inside a compiled step), a list of Python bools, or one Python bool,
-    which stands for every lane (and token). `None` stays `None`.
+    inside a compiled step), a list of Python bools, or one bool (Python,
+    NumPy or a 0-d tensor), which stands for every lane (and token).
+    `None` stays `None`.
 
     Args:
         shape: the `[batch, segment, hidden_dim]` shape of the segment.
@@ -43,7 +44,7 @@ def check_lane_inputs(shape, document_start, padding_mask):
         padding_mask: the tokens' padding mask, or `None`.
 
     Returns:
-        `(document_start, padding_mask)`: a Python bool or list as a bool
+        `(document_start, padding_mask)`: one bool or a list as a bool
         tensor of the full shape, any other value unchanged.
 
     Raises:
@@ -61,22 +62,22 @@ def _lane_input(name, value, expected):
     """`value` checked as the bool lane input `name` of shape `expected`."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        if None in expected:
-            raise ValueError(
-                f"`{name}={value}` stands for every lane, but the shape "
-                f"{expected} is not static: pass a bool array instead."
-            )
-        return ops.full(expected, value, dtype="bool")
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (bool, list, tuple)):
         value = ops.convert_to_tensor(value)
     dtype = getattr(value, "dtype", None)
     dtype = type(value).__name__ if dtype is None else standardize_dtype(dtype)
     if dtype != "bool":
         raise ValueError(
-            f"`{name}` must be bool (a bool array of shape {expected} or a "
-            f"Python bool), got {dtype}."
+            f"`{name}` must be bool (a bool array of shape {expected} or one "
+            f"bool), got {dtype}."
         )
+    if len(value.shape) == 0:  # one flag for every lane (and token)
+        if None in expected:
+            raise ValueError(
+                f"`{name}` is one bool, to broadcast to the shape {expected}, "
+                "which is not static here: pass a bool array instead."
+            )
+        return ops.broadcast_to(value, expected)
     shape_ok = len(value.shape) == len(expected) and all(
         got is None or want is None or got == want
         for got, want in zip(value.shape, expected)

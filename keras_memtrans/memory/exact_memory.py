@@ -23,9 +23,9 @@ class ExactMemory(KNNMemory):
     the memory persists across `model.fit` steps on every backend and
     compiles under XLA. Resetting a lane only marks its slots empty, so a
     reset costs `O(memory_size)` integers, not a rewrite of the buffer.
-    A token whose key or value has a non-finite element is stored as padding
-    is: an empty slot (zero key and value) that does not advance its lane's
-    document position, so a NaN or inf never reaches a later search.
+    A token whose key or value has a non-finite element is stored like a
+    padded token: an empty slot (zero key and value) that does not advance
+    its lane's document position, so a NaN or inf never reaches a search.
 
     `read_only` is read in Python when `reset` or `append` is called: it
     takes effect for the calls made, or traced, while it is set (a function

@@ -78,9 +78,11 @@ class LastKey(LaneState):
 
     def write(self, keys, found):
         """Carries `keys` `[batch, heads, head_dim]` of the lanes where the
-        bool `found` `[batch]` is set; the other lanes keep theirs."""
-        found = ops.cast(found, "bool")
+        bool `found` `[batch]` is set and the key is finite; the other lanes
+        keep theirs."""
         keys = ops.stop_gradient(ops.convert_to_tensor(keys, self.keys.dtype))
+        finite = ops.all(ops.isfinite(keys), axis=(1, 2))  # [batch]
+        found = ops.logical_and(ops.cast(found, "bool"), finite)
         self.keys.assign(ops.where(found[:, None, None], keys, self.keys.value))
         self.present.assign(ops.logical_or(self.present.value, found))
 

@@ -86,8 +86,8 @@ class ScannLaneIndex:
     """The ScaNN searchers of one lane (one per head) and their upkeep.
 
     A lane is searched exactly until it holds `memory_size // 2` entries,
-    then its searchers are built from its entries (on one thread, so that
-    the same entries give the same trees); from then on every write
+    then its searchers are built from its entries (the same entries always
+    give the same trees); from then on every write
     `upsert`s its slot in place (the evicted entry is replaced, never
     returned) and an empty one (padding) `delete`s it. Once the lane has been
     rewritten `memory_size` times since the build, its trees are rebuilt on
@@ -143,9 +143,9 @@ class ScannLaneIndex:
                 num_leaves=self.num_leaves,
                 num_leaves_to_search=self.num_leaves_to_search,
                 training_sample_size=min(len(slots), self.training_sample_size),
-                # k-means++ seeding: ScaNN's random seeding draws its centres
-                # into a hash set whose order follows memory addresses, so
-                # the same keys gave other trees from build to build.
+                # k-means++ seeding: ScaNN's random seeding takes its centres
+                # in the order of a hash set, and the same keys gave other
+                # trees from build to build (docs/design.md).
                 random_init=False,
             )
             # Exact scores inside the visited leaves: on text keys this beat

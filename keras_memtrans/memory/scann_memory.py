@@ -42,9 +42,9 @@ class ScannMemory(KNNMemory):
     trees are rebuilt after `memory_size` writes, and a lane left with
     fewer than `max(16, 8 * num_leaves)` entries goes back to exact search
     (`ScannLaneIndex`). A token whose key or value has a non-finite element
-    is stored as padding is (an empty slot that does not advance its lane's
-    document position), so ScaNN, which cannot index it, never sees it.
-    The trees are trained on one thread, so the same writes give the same
+    is stored like a padded token (an empty slot that does not advance its
+    lane's document position), so ScaNN, which cannot index it, never sees
+    it. The trees are seeded by k-means++, so the same writes give the same
     searchers and results. Resetting a lane drops its searchers. `read_only`
     is read on the host when the call runs; `save` stores the searchers too.
 

@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_memtrans.memory.lane_state import LaneState
+from keras_memtrans.memory.ring_buffer import stored_tokens
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -90,15 +91,25 @@ class SegmentCache(LaneState):
         return self.keys.value, self.values.value, self.mask.value
 
     def write(self, keys, values, padding_mask=None):
-        """Replaces the cache with a segment of `cache_length` tokens."""
-        for variable, update in ((self.keys, keys), (self.values, values)):
-            update = ops.convert_to_tensor(update, variable.dtype)
-            variable.assign(ops.stop_gradient(update))
+        """Replaces the cache with a segment of `cache_length` tokens.
+
+        A padded token, and one whose key or value is not finite, is cached
+        as absent (mask `False`, zero key and value): a NaN never reaches
+        the next segment.
+        """
+        keys, values = (
+            ops.stop_gradient(ops.convert_to_tensor(update, variable.dtype))
+            for update, variable in ((keys, self.keys), (values, self.values))
+        )
         if padding_mask is None:
             padding_mask = ops.ones(self.mask.shape, dtype="bool")
-        # A copy: every layer's cache gets the same mask, and a variable
-        # must own its buffer (JAX's `fit` donates each one to the step).
-        self.mask.assign(ops.copy(ops.cast(padding_mask, "bool")))
+        # [batch, cache]; a new array, as every layer's cache gets the same
+        # padding mask and a variable must own its buffer (JAX's `fit`
+        # donates each one to the step).
+        present = stored_tokens(keys, values, ops.cast(padding_mask, "bool"), xp=ops)
+        for variable, update in ((self.keys, keys), (self.values, values)):
+            variable.assign(ops.where(present[:, :, None, None], update, 0))
+        self.mask.assign(present)
 
     def reset_state(self):
         """Empties every lane."""

@@ -278,23 +278,40 @@ def write_seven_files(directory):
 def test_glob_does_not_follow_a_directory_link_loop(tmp_path, pattern):
     # d/sub -> d: following it read every file 41 times (up to the OS's
     # limit on nested links), and the copies landed on both sides of a split.
+    # Two such links would take 2**40 paths: the walk must not follow them.
     directory = tmp_path / "d"
     write_seven_files(directory)
     (directory / "sub").symlink_to(".", target_is_directory=True)
     corpus = TextCorpus(str(directory / pattern))
     assert corpus.names == [str(directory / f"{index}.txt") for index in range(7)]
+    assert corpus.skipped["duplicate"] == 0  # no copy was even reached
     training, validation = corpus.split(0.3)
     assert not set(training.texts) & set(validation.texts)
 
 
+def test_a_pattern_at_the_file_system_root_is_not_read_in_the_working_directory(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "a.corpus-test").write_text(LONG_TEXT, "utf-8")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="No usable document"):
+        TextCorpus("/*.corpus-test")
+    assert TextCorpus("*.corpus-test").names == ["a.corpus-test"]
+
+
 def test_directory_reads_a_linked_file_once(tmp_path):
+    # A file reached twice is one "duplicate", whatever it holds: a link to
+    # a binary file is not a second "binary" one.
     directory = tmp_path / "d"
     write_seven_files(directory)
     (directory / "sub").symlink_to(".", target_is_directory=True)
     (directory / "link.txt").symlink_to("0.txt")
+    (directory / "blob.bin").write_bytes(b"\x00" * 2000)
+    (directory / "linked.bin").symlink_to("blob.bin")
     corpus = TextCorpus(directory)
     assert corpus.names == [f"{index}.txt" for index in range(7)]
-    assert corpus.skipped["duplicate"] == 1
+    assert corpus.skipped["duplicate"] == 2
+    assert corpus.skipped["binary"] == 1
 
 
 def test_identical_texts_are_kept_once_under_their_first_name(tmp_path):

@@ -21,6 +21,7 @@ from hypothesis import settings
 from hypothesis.extra import numpy as hnp
 
 from keras_memtrans import KNNAttention
+from keras_memtrans.layers.attention_functions import check_lane_inputs
 from keras_memtrans.layers.segment_attention import SegmentAttention
 from tests.arrays import attention_weights
 from tests.arrays import filled_lanes
@@ -187,11 +188,11 @@ def test_lane_state_changes_the_output_only_after_a_document_start(case):
 
 @cases()
 def test_lane_inputs_may_be_python_bools_and_lists(case):
-    # A Python bool flags every lane; lists of bools are arrays.
+    # A Python or NumPy bool flags every lane; lists of bools are arrays.
     x = segments(3, seed=10)
     given = [
         (True, MIXED_PADDING.tolist()),
-        (False, None),
+        (np.False_, None),
         ([False, True, False], None),
     ]
     arrays = [(np.ones(BATCH, bool), MIXED_PADDING), (np.zeros(BATCH, bool), None)]
@@ -342,7 +343,7 @@ class TestBadInput:
             ("document_start", 1, "int"),
             ("document_start", 0.5, "float"),
             ("padding_mask", np.ones((BATCH, SEGMENT), "float32"), "float32"),
-            ("padding_mask", np.ones((BATCH, SEGMENT), "int64"), "int64"),
+            ("padding_mask", np.ones((BATCH, SEGMENT), "uint8"), "uint8"),
         ],
     )
     def test_lane_input_not_bool(self, case, name, value, dtype):
@@ -351,6 +352,11 @@ class TestBadInput:
         x = np.zeros((BATCH, SEGMENT, HIDDEN), "float32")
         with pytest.raises(ValueError, match=f"`{name}` must be bool.*got {dtype}"):
             make_layer(case)(x, **{name: value})
+
+    def test_one_bool_needs_a_static_shape(self):
+        # As in a step traced for any batch size.
+        with pytest.raises(ValueError, match="`document_start` is one bool"):
+            check_lane_inputs((None, SEGMENT, HIDDEN), True, None)
 
     @cases()
     def test_heads_do_not_divide_hidden_size(self, case):

@@ -114,10 +114,11 @@ def test_a_non_finite_token_is_dropped_like_padding(memory_options):
 def test_empty_slots_contribute_nothing_even_when_stale_slots_hold_nan(
     memory_options, tmp_path
 ):
-    """A lane holding fewer than `k` entries retrieves empty slots too;
-    their stale contents (here NaN, from a memory saved before non-finite
-    tokens were refused) used to turn weight 0 times NaN into NaN outputs
-    after the lane's reset. The next document reads as in a fresh layer."""
+    """A lane holding fewer than `k` entries retrieves empty slots too; a
+    stale NaN in them (a NaN token stored before the lane's reset; here
+    written into a saved memory, since NaN tokens are no longer stored)
+    used to turn weight 0 times NaN into NaN outputs. The next document
+    reads as in a fresh layer."""
     layer = memory_layer(memory_options, num_neighbors=16)
     for step, x in enumerate(segments(3, seed=8)):
         layer(x, document_start=np.full((BATCH,), step == 0))

@@ -27,6 +27,23 @@ def rewrite_npz(path, **changes):
         np.savez(file, **arrays)
 
 
+def assert_same_entries(got, want):
+    """Two `search` results hold the same positions and, where a position
+    is set, the same keys and values (empty slots' contents are arbitrary)."""
+    got_order, want_order = (np.argsort(result[2], axis=-1) for result in (got, want))
+    positions = np.take_along_axis(got[2], got_order, axis=-1)
+    np.testing.assert_array_equal(
+        positions, np.take_along_axis(want[2], want_order, axis=-1)
+    )
+    filled = positions >= 0
+    for got_array, want_array in zip(got[:2], want[:2]):
+        got_array, want_array = (
+            np.take_along_axis(array, order[..., None], axis=-2)[filled]
+            for array, order in ((got_array, got_order), (want_array, want_order))
+        )
+        np.testing.assert_array_equal(got_array, want_array)
+
+
 class FifoReference:
     """An independent kNN memory: a `collections.deque` per lane.
 

@@ -20,6 +20,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from keras_memtrans import ScannMemory
+from keras_memtrans.memory import atomic_files
 from keras_memtrans.memory import lane_state
 from keras_memtrans.memory.atomic_files import atomic_write
 from keras_memtrans.memory.lane_state import MANIFEST
@@ -223,7 +224,7 @@ def test_an_interrupted_save_leaves_the_previous_save_in_force(failing_write):
     with tempfile.TemporaryDirectory() as directory:
         save_states({name: last_key(1.0) for name in NAMES}, directory)
         writes = []
-        real_write = lane_state.atomic_write
+        real_write = atomic_files.atomic_write
 
         def write_until_failure(path, write):
             if len(writes) == failing_write:
@@ -232,9 +233,12 @@ def test_an_interrupted_save_leaves_the_previous_save_in_force(failing_write):
             real_write(path, write)
 
         new = {name: last_key(2.0) for name in NAMES}
-        with mock.patch.object(lane_state, "atomic_write", write_until_failure):
-            with pytest.raises(OSError, match="killed"):
-                save_states(new, directory)
+        with (
+            mock.patch.object(atomic_files, "atomic_write", write_until_failure),
+            mock.patch.object(lane_state, "atomic_write", write_until_failure),
+            pytest.raises(OSError, match="killed"),
+        ):
+            save_states(new, directory)
         restored = {name: last_key(0.0) for name in NAMES}
         load_states(restored, directory)
         for state in restored.values():

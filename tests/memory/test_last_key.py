@@ -156,3 +156,15 @@ def test_config_round_trip_and_no_saved_weights():
     store = {}
     state.save_own_variables(store)
     assert store == {}
+
+
+def test_a_non_finite_key_is_never_carried():
+    state = LastKey(batch_size=2, num_heads=1, head_dim=2)
+    state.build()
+    state.write(np.ones((2, 1, 2), "float32"), np.array([True, True]))
+    keys = np.full((2, 1, 2), 5.0, "float32")
+    keys[0, 0, 1] = np.nan
+    state.write(keys, np.array([True, True]))
+    carried, present = (to_numpy(x) for x in state.read())
+    np.testing.assert_array_equal(carried[:, 0], [[1.0, 1.0], [5.0, 5.0]])
+    np.testing.assert_array_equal(present, [True, True])

@@ -20,9 +20,13 @@ def test_write_then_read_returns_the_segment():
     keys = np.arange(12, dtype="float32").reshape(2, 3, 1, 2)
     cache.write(keys, -keys, padding_mask=np.array([[1, 1, 0], [1, 1, 1]], bool))
     got_keys, got_values, mask = cache.read()
-    np.testing.assert_array_equal(to_numpy(got_keys), keys)
-    np.testing.assert_array_equal(to_numpy(got_values), -keys)
-    np.testing.assert_array_equal(to_numpy(mask), [[1, 1, 0], [1, 1, 1]])
+    present = np.array([[1, 1, 0], [1, 1, 1]], bool)
+    np.testing.assert_array_equal(to_numpy(mask), present)
+    # Present tokens as written; an absent one is a zero key and value.
+    np.testing.assert_array_equal(to_numpy(got_keys), keys * present[..., None, None])
+    np.testing.assert_array_equal(
+        to_numpy(got_values), -keys * present[..., None, None]
+    )
 
 
 def test_reset_clears_only_flagged_lanes():
@@ -67,7 +71,9 @@ def test_save_and_load_restore_the_cache(tmp_path, dtype):
     got_keys, got_values, got_mask = read_cache(restored)
     np.testing.assert_array_equal(got_mask, mask)
     tolerance = 0 if dtype == "float32" else 1e-2  # bfloat16 keys
-    np.testing.assert_allclose(got_keys.astype("float32"), keys, atol=tolerance)
+    np.testing.assert_allclose(
+        got_keys.astype("float32")[mask], keys[mask], atol=tolerance
+    )
     for got, want in zip(read_cache(restored), read_cache(cache)):
         np.testing.assert_array_equal(got, want)
     for target in (cache, restored):
@@ -124,3 +130,18 @@ def test_config_round_trip_and_no_saved_weights():
     store = {}
     cache.save_own_variables(store)
     assert store == {}
+
+
+def test_a_non_finite_token_is_never_cached():
+    cache = SegmentCache(batch_size=2, cache_length=3, num_heads=1, head_dim=2)
+    cache.build()
+    keys = np.ones((2, 3, 1, 2), "float32")
+    values = np.full((2, 3, 1, 2), 2.0, "float32")
+    keys[0, 1, 0, 0] = np.nan
+    values[1, 2, 0, 1] = np.inf
+    cache.write(keys, values)
+    got_keys, got_values, mask = (to_numpy(x) for x in cache.read())
+    np.testing.assert_array_equal(mask, [[True, False, True], [True, True, False]])
+    assert np.isfinite(got_keys).all() and np.isfinite(got_values).all()
+    np.testing.assert_array_equal(got_keys[mask], keys[mask])
+    np.testing.assert_array_equal(got_values[mask], values[mask])
