@@ -37,10 +37,16 @@ def results(output_dir):
     return json.loads((output_dir / "results.json").read_text())["results"]
 
 
+@pytest.mark.parametrize("memory_kind", ["exact", "scann"])
 def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, memory_kind
 ):
+    # The ScaNN memory's searchers come back from the checkpoint: the resumed
+    # losses agreed to 3e-5 (TensorFlow) and 5e-5 (torch) relative, and to
+    # 1e-5 on JAX, against 1e-5 everywhere with the exact memory.
+    tolerance = {"exact": 1e-5, "scann": 1e-4}[memory_kind]
     schedule = ("--steps", "12", "--checkpoint-every", "4", "--eval-every", "4")
+    schedule += ("--memory-kind", memory_kind)
     run(tmp_path, *schedule, output="whole")
     save = checkpointing.save_checkpoint
 
@@ -58,20 +64,22 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(
 
     whole, parts = (tmp_path / "whole", tmp_path / "parts")
     # Steps 9-12 (epoch 2) from the checkpoint of step 8: the same losses.
-    np.testing.assert_allclose(epoch_losses(parts)[2], epoch_losses(whole)[2], 1e-5)
+    np.testing.assert_allclose(
+        epoch_losses(parts)[2], epoch_losses(whole)[2], rtol=tolerance
+    )
     (want,), (got,) = results(whole), results(parts)
     assert got["steps"] == want["steps"] == 12
     for key in ("validation_nll", "train_loss"):
-        np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
+        np.testing.assert_allclose(got[key], want[key], rtol=tolerance)
     assert [row["step"] for row in got["curve"]] == [4, 8, 12]
     for row, want_row in zip(got["curve"], want["curve"]):
         np.testing.assert_allclose(
-            row["validation_nll"], want_row["validation_nll"], rtol=1e-5
+            row["validation_nll"], want_row["validation_nll"], rtol=tolerance
         )
 
 
 def test_a_run_killed_mid_training_resumes_to_the_same_result(tmp_path):
-    schedule = ("--steps", "40", "--checkpoint-every", "2")
+    schedule = ("--steps", "20", "--checkpoint-every", "2")
     child = subprocess.Popen(
         [sys.executable, "-m", "recipes.train", *recipe_args(tmp_path, *schedule)],
         cwd=REPOSITORY,
@@ -92,7 +100,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_result(tmp_path):
     assert train.main(["--resume", str(tmp_path / "out")]) == 0
     run(tmp_path, *schedule, output="whole")
     (got,), (want,) = results(tmp_path / "out"), results(tmp_path / "whole")
-    assert got["steps"] == 40
+    assert got["steps"] == 20
     np.testing.assert_allclose(got["validation_nll"], want["validation_nll"], 1e-5)
 
 
@@ -112,8 +120,7 @@ while True:
 """
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
-def test_a_kill_during_a_checkpoint_save_leaves_a_complete_checkpoint(tmp_path, delay):
+def test_a_kill_during_a_checkpoint_save_leaves_a_complete_checkpoint(tmp_path):
     child = subprocess.Popen(
         [sys.executable, "-c", KILLED_SAVER, str(tmp_path)],
         cwd=REPOSITORY,
@@ -123,7 +130,7 @@ def test_a_kill_during_a_checkpoint_save_leaves_a_complete_checkpoint(tmp_path, 
     )
     try:
         assert child.stdout.readline().strip() == "1"  # one complete save
-        time.sleep(delay)  # then a kill somewhere in the next saves
+        time.sleep(0.05)  # then a kill somewhere in the next saves
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
