@@ -190,11 +190,10 @@ def resolve_config(args):
     return backbone, training, vocabulary_size
 
 
-def memory_bytes(backbone):
-    """Bytes the memories of a backbone config hold: two memories (training
-    and inference) per memory layer, of keys and values of float32, plus
-    int32 positions."""
-    options = {**KNNAttention.memory_options(), **backbone["memory_options"]}
+def memory_bytes(backbone, options):
+    """Bytes the memories of a backbone config hold, with its memory
+    `options` resolved: two memories (training and inference) per memory
+    layer, of keys and values of float32, plus int32 positions."""
     head_dim = backbone.get("head_dim") or (
         backbone["hidden_dim"] // backbone["num_heads"]
     )
@@ -217,7 +216,7 @@ def check_model_settings(backbone):
             f"--memory-size ({options['memory_size']}): a segment would "
             "overwrite itself in memory."
         )
-    needed = memory_bytes(backbone)
+    needed = memory_bytes(backbone, options)
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > available:
         raise ValueError(

@@ -131,12 +131,11 @@ def train_and_evaluate(name, causal_lm, training, documents, args, output_dir):
             verbose=args.verbose,
         )
     latest = checkpointing.latest_checkpoint(log_dir)
-    if (
-        latest is None
-        or json.loads((latest / "state.json").read_text())["step"] < steps
-    ):
+    final_state = {"step": 0}
+    if latest is not None:
+        final_state = json.loads((latest / "state.json").read_text())
+    if final_state["step"] < steps:
         return None  # diverged: TerminateOnNaN stopped it before the end
-    final_state = json.loads((latest / "state.json").read_text())
     if args.eval_every:  # the curve's last point is the trained model's
         final = curve.rows[-1]
     else:
@@ -189,7 +188,7 @@ def initialised_from(causal_lm, source):
     return causal_lm
 
 
-def prepare_run(args, output_dir, vocabulary_size, max_documents):
+def prepare_run(args, output_dir, vocabulary_size, max_documents, source=None):
     """The run's corpus, tokenizer and documents. The tokenizer is learnt once
     and kept in `training/vocabulary.spm` (a resumed run reads it back); with
     `--init-from` it is the trained model's."""
@@ -206,14 +205,14 @@ def prepare_run(args, output_dir, vocabulary_size, max_documents):
     vocabulary = output_dir / "training" / "vocabulary.spm"
     if vocabulary.exists():
         tokenizer = MemorizingTransformerTokenizer(proto=vocabulary.read_bytes())
-    elif args.init_from is not None:
-        tokenizer = load_trained_model(args.init_from).preprocessor.tokenizer
     else:
-        tokenizer = MemorizingTransformerTokenizer.from_documents(
-            train_corpus.texts, vocabulary_size, seed=args.seed
-        )
-    vocabulary.parent.mkdir(parents=True, exist_ok=True)
-    checkpointing.atomic_write(vocabulary, tokenizer.proto)
+        if source is not None:
+            tokenizer = source.preprocessor.tokenizer
+        else:
+            tokenizer = MemorizingTransformerTokenizer.from_documents(
+                train_corpus.texts, vocabulary_size, seed=args.seed
+            )
+        checkpointing.atomic_write(vocabulary, tokenizer.proto)
     preprocessor = MemorizingTransformerPreprocessor(tokenizer)
     documents = (
         preprocessor(train_corpus.texts),
@@ -242,8 +241,9 @@ def main(argv=None):
         checkpointing.atomic_write(
             output_dir / "run.json", json.dumps({"argv": argv, "backend": backend})
         )
+    source = None if args.init_from is None else load_trained_model(args.init_from)
     corpus, corpus_settings, preprocessor, documents = prepare_run(
-        args, output_dir, vocabulary_size, training["max_documents"]
+        args, output_dir, vocabulary_size, training["max_documents"], source
     )
     vocabulary_size = preprocessor.tokenizer.vocabulary_size()
     train_docs, validation_docs = documents
@@ -273,7 +273,7 @@ def main(argv=None):
             backbone_config, vocabulary_size, preprocessor, use_memory, args.seed
         )
         if args.init_from is not None and use_memory:
-            initialised_from(causal_lm, load_trained_model(args.init_from))
+            initialised_from(causal_lm, source)
         compile_for_training(causal_lm, training, jit_compile)
         result = train_and_evaluate(
             name, causal_lm, training, documents, args, output_dir
