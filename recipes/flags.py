@@ -153,9 +153,10 @@ def parse_args(argv, description=None):
     parser.add_argument(
         "--init-from",
         type=pathlib.Path,
-        help="start the memory model from the weights of this trained model "
-        "(a preset directory, a checkpoint directory or a .keras file) and "
-        "fine-tune it; memory parameters start at their initial values",
+        help="start from the weights of this trained model (a preset "
+        "directory, a checkpoint directory or a .keras file) and fine-tune; "
+        "memory parameters start at their initial values (with --compare the "
+        "model without memory is fine-tuned the same way, as a control)",
     )
     parser.add_argument("--output-dir", type=pathlib.Path, default=None)
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))

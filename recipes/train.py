@@ -184,7 +184,9 @@ def initialised_from(causal_lm, source):
                 f"--init-from: {weight.path!r} has shape {tuple(weight.shape)} "
                 f"in the trained model and {tuple(target.shape)} in the new one."
             )
-        target.assign(weight.value)
+        # A NumPy copy: JAX's `fit` donates (deletes) each variable's buffer,
+        # and `source` may start another model after this one trains.
+        target.assign(keras.ops.convert_to_numpy(weight.value))
     return causal_lm
 
 
@@ -231,8 +233,6 @@ def main(argv=None):
         args = parse_args(argv, __doc__.splitlines()[0])
         print(f"Resuming {output_dir}: recipes.train {' '.join(argv)}")
     backbone_config, training, vocabulary_size = resolve_config(args)
-    if args.init_from is not None and args.no_memory:
-        raise SystemExit("--init-from starts a memory model: drop --no-memory.")
     backend = keras.backend.backend()
     if output_dir is None:
         output_dir = checkpointing.claim_directory(
@@ -272,7 +272,7 @@ def main(argv=None):
         causal_lm = build_causal_lm(
             backbone_config, vocabulary_size, preprocessor, use_memory, args.seed
         )
-        if args.init_from is not None and use_memory:
+        if source is not None:
             initialised_from(causal_lm, source)
         compile_for_training(causal_lm, training, jit_compile)
         result = train_and_evaluate(

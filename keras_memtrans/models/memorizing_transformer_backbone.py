@@ -5,10 +5,11 @@ from keras_memtrans.layers.decoder_block import DecoderBlock
 from keras_memtrans.layers.knn_attention import check_memory_options
 from keras_memtrans.memory.lane_state import load_states
 from keras_memtrans.memory.lane_state import save_states
+from keras_memtrans.models.lane_inputs_mixin import LaneInputsMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
-class MemorizingTransformerBackbone(keras_hub.models.Backbone):
+class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
     """Decoder-only transformer with kNN memory layers (Memorizing Transformer).
 
     A token embedding, `num_layers` pre-LayerNorm `DecoderBlock`s with T5

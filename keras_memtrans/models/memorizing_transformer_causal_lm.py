@@ -3,6 +3,7 @@ import numpy as np
 from keras import ops
 from keras_hub.src.utils import preset_utils
 
+from keras_memtrans.models.lane_inputs_mixin import LaneInputsMixin
 from keras_memtrans.models.memorizing_transformer_backbone import (
     MemorizingTransformerBackbone,
 )
@@ -13,7 +14,7 @@ from keras_memtrans.models.segment_generator import SegmentGenerator
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
-class MemorizingTransformerCausalLM(keras.Model):
+class MemorizingTransformerCausalLM(LaneInputsMixin, keras.Model):
     """Next-token language model on a `MemorizingTransformerBackbone`.
 
     Maps the backbone's hidden states to vocabulary logits (through the tied

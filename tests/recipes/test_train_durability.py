@@ -80,17 +80,21 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(
 
 def test_a_run_killed_mid_training_resumes_to_the_same_result(tmp_path):
     schedule = ("--steps", "20", "--checkpoint-every", "2")
-    child = subprocess.Popen(
-        [sys.executable, "-m", "recipes.train", *recipe_args(tmp_path, *schedule)],
-        cwd=REPOSITORY,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "child.log"
+    with open(log, "wb") as output:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "recipes.train", *recipe_args(tmp_path, *schedule)],
+            cwd=REPOSITORY,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     latest = tmp_path / "out" / "training" / "memory" / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
     try:
         while not (latest.exists() and int(latest.read_text()[5:]) >= 4):
-            assert child.poll() is None, "the run ended before it was killed"
+            assert child.poll() is None, (
+                "the run ended before it was killed:\n" + log.read_text()[-3000:]
+            )
             assert time.monotonic() < deadline
             time.sleep(0.02)
     finally:
@@ -254,9 +258,14 @@ def test_init_from_copies_every_trained_weight_and_leaves_the_memory_at_init(
         want = trained.get(weight.path, to_numpy(initial))
         np.testing.assert_array_equal(to_numpy(weight), want, err_msg=weight.path)
     assert set(trained) < {w.path for w in started.weights}
-    # The recipe fine-tunes the memory model from it, with its tokenizer.
-    run(tmp_path, "--init-from", str(tmp_path / "out" / "no_memory"), output="tuned")
+    # The recipe fine-tunes the memory model from it, with its tokenizer, and
+    # the model without memory the same way, as a control (on JAX, where
+    # `fit` donates each variable's buffer, the first run must not delete
+    # the trained weights the second starts from).
+    source_dir = tmp_path / "out" / "no_memory"
+    run(tmp_path, "--compare", "--init-from", str(source_dir), output="tuned")
     report = json.loads((tmp_path / "tuned" / "results.json").read_text())
-    assert report["init_from"] == str((tmp_path / "out" / "no_memory").resolve())
+    assert report["init_from"] == str(source_dir.resolve())
     assert report["vocabulary_size"] == vocabulary_size
+    assert [result["run"] for result in report["results"]] == ["memory", "no_memory"]
     assert os.path.isdir(tmp_path / "tuned" / "memory")
