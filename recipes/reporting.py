@@ -27,7 +27,13 @@ def json_safe(value):
 
 
 def held_out_scores(causal_lm, stream):
-    """Perplexity and accuracy on `stream`, and each memory layer's gates."""
+    """Perplexity and accuracy on `stream`, and each memory layer's gates.
+
+    The inference state is emptied first, so the scores depend on the
+    weights alone, not on what an earlier evaluation left (a ScaNN memory's
+    trees depend on where its ring buffer starts writing).
+    """
+    causal_lm.reset_state(training=False)
     scores = causal_lm.evaluate(stream, return_dict=True, verbose=0)
     gates = [
         [round(float(g), 3) for g in ops.convert_to_numpy(ops.sigmoid(layer.gate_bias))]

@@ -47,12 +47,13 @@ def stored_tokens(layer, training=False):
         stored.update(cache_mask=mask, cache_keys=keys[mask], cache_values=values[mask])
     memory = states.get("memory")
     if memory is not None:
-        positions = to_numpy(memory.positions)  # [slots, batch]
+        positions = to_numpy(memory.positions)  # [batch, slots]
         filled = positions >= 0
         stored.update(
             memory_positions=positions,
-            memory_keys=to_numpy(memory.keys)[filled],
-            memory_values=to_numpy(memory.values)[filled],
+            # [batch, heads, slots, dim] -> [batch, slots, heads, dim]
+            memory_keys=to_numpy(memory.keys).transpose(0, 2, 1, 3)[filled],
+            memory_values=to_numpy(memory.values).transpose(0, 2, 1, 3)[filled],
         )
     return stored
 
@@ -70,6 +71,6 @@ def filled_lanes(layer, training=False):
             lanes[name] = to_numpy(state.read()[2]).any(axis=1)  # [batch, cache]
         elif name == "last_key":
             lanes[name] = to_numpy(state.read()[1])
-        else:  # a memory: positions [slots, batch], -1 in an empty slot
-            lanes[name] = (to_numpy(state.positions) >= 0).any(axis=0)
+        else:  # a memory: positions [batch, slots], -1 in an empty slot
+            lanes[name] = (to_numpy(state.positions) >= 0).any(axis=1)
     return lanes

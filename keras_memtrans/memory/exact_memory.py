@@ -1,5 +1,4 @@
 import keras
-import numpy as np
 from keras import ops
 
 from keras_memtrans.memory.host import approx_top_k
@@ -8,7 +7,8 @@ from keras_memtrans.memory.ring_buffer import document_lengths_after
 from keras_memtrans.memory.ring_buffer import document_positions
 from keras_memtrans.memory.ring_buffer import next_slot_after
 from keras_memtrans.memory.ring_buffer import stored_tokens
-from keras_memtrans.memory.ring_buffer import written_slots
+from keras_memtrans.memory.top_k import group_size_for
+from keras_memtrans.memory.top_k import top_k_slots
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -17,12 +17,18 @@ class ExactMemory(KNNMemory):
 
     The ring buffer of `memory_size` slots shared by all lanes lives in
     non-trainable variables (`keys` and `values`
-    `[memory_size, batch, heads, head_dim]` in the layer's compute dtype,
-    `positions` `[memory_size, batch]` with `-1` for an empty slot,
+    `[batch, heads, memory_size, head_dim]` in the layer's compute dtype,
+    `positions` `[batch, memory_size]` with `-1` for an empty slot,
     `next_slot` and `document_length` `[batch]`), updated with `assign`, so
     the memory persists across `model.fit` steps on every backend and
-    compiles under XLA. Resetting a lane only marks its slots empty, so a
-    reset costs `O(memory_size)` integers, not a rewrite of the buffer.
+    compiles under XLA. Each (lane, head) keeps its slots contiguous: a
+    search scores them with one batched matmul, and takes the exact top-k
+    in two stages (`top_k.top_k_slots`), never a sort of every slot. A
+    segment that fits before the end of the ring (always, where the
+    segment length divides `memory_size`, as in every preset) is written as
+    one slice; one that wraps goes through a masked rewrite. Resetting
+    a lane only marks its slots empty, so a reset costs `O(memory_size)`
+    integers, not a rewrite of the buffer.
     A token whose key or value has a non-finite element is stored like a
     padded token: an empty slot (zero key and value) that does not advance
     its lane's document position, so a NaN or inf never reaches a search.
@@ -73,8 +79,8 @@ class ExactMemory(KNNMemory):
         self.recall_target = recall_target
 
     def build(self, input_shape=None):
-        slots = (self.memory_size, self.batch_size)
-        vectors = (*slots, self.num_heads, self.head_dim)
+        slots = (self.batch_size, self.memory_size)
+        vectors = (self.batch_size, self.num_heads, self.memory_size, self.head_dim)
         self.keys = self.add_weight(
             name="keys",
             shape=vectors,
@@ -118,7 +124,7 @@ class ExactMemory(KNNMemory):
             return
         document_start = ops.cast(document_start, "bool")
         self.positions.assign(
-            ops.where(document_start[None, :], -1, self.positions.value)
+            ops.where(document_start[:, None], -1, self.positions.value)
         )
         self.document_length.assign(
             ops.where(document_start, 0, self.document_length.value)
@@ -134,33 +140,36 @@ class ExactMemory(KNNMemory):
         self._check_num_neighbors(num_neighbors)
         queries = ops.convert_to_tensor(queries, self.compute_dtype)
         queries = ops.stop_gradient(queries)
-        # [batch, query, heads, slots]
-        scores = ops.einsum("bqhd,mbhd->bqhm", queries, self.keys.value)
-        filled = ops.transpose(self.positions.value >= 0)  # [batch, slots]
+        # [batch, heads, query, slots]: one matmul per (lane, head)
+        scores = ops.einsum("bqhd,bhmd->bhqm", queries, self.keys.value)
+        filled = self.positions.value >= 0  # [batch, slots]
         scores = ops.where(filled[:, None, None, :], scores, float("-inf"))
         if self.top_k == "approx":
             _, slots = approx_top_k(scores, num_neighbors, self.recall_target)
+            slots = ops.cast(slots, "int32")
         else:
-            _, slots = ops.top_k(scores, num_neighbors, sorted=False)
-        # Flat index of (slot, lane, head) in the [slots * batch * heads] rows.
+            group_size = group_size_for(self.memory_size, num_neighbors)
+            slots = top_k_slots(scores, num_neighbors, group_size)
+        slots = ops.transpose(slots, (0, 2, 1, 3))  # [batch, query, heads, k]
+        # Flat index of (lane, head, slot) in the [batch * heads * slots] rows.
         lanes = ops.arange(self.batch_size, dtype="int32")[:, None, None, None]
         heads = ops.arange(self.num_heads, dtype="int32")[None, None, :, None]
-        slot_lane = ops.cast(slots, "int32") * self.batch_size + lanes
-        rows = slot_lane * self.num_heads + heads  # [batch, query, heads, k]
+        lane_slots = lanes * self.memory_size + slots
+        rows = (lanes * self.num_heads + heads) * self.memory_size + slots
         keys, values = (
-            # [slots * batch * heads, head_dim] rows, taken at `rows`
+            # [batch * heads * slots, head_dim] rows, taken at `rows`
             ops.take(ops.reshape(variable.value, (-1, self.head_dim)), rows, axis=0)
             for variable in (self.keys, self.values)
         )  # [batch, query, heads, k, head_dim]
-        # [slots * batch] -> [batch, query, heads, k]
-        positions = ops.take(ops.reshape(self.positions.value, (-1,)), slot_lane)
+        # [batch * slots] -> [batch, query, heads, k]
+        positions = ops.take(ops.reshape(self.positions.value, (-1,)), lane_slots)
         return keys, values, positions
 
     def append(self, keys, values, padding_mask=None):
         """Writes one segment, as `KNNMemory.append`."""
         if self.read_only:
             return
-        segment_length = ops.shape(keys)[1]
+        segment_length = keys.shape[1]
         if padding_mask is None:
             padding_mask = ops.ones(ops.shape(keys)[:2], dtype="bool")
         keys, values = (  # in the memory's dtype, where a float16 may overflow
@@ -171,25 +180,53 @@ class ExactMemory(KNNMemory):
         stored = stored_tokens(keys, values, ops.cast(padding_mask, "bool"), xp=ops)
         mask = ops.cast(stored, "int32")
         document_length = self.document_length.value
-        # [batch, segment]
         positions = document_positions(document_length, mask, xp=ops)
-        slots = written_slots(
-            self.next_slot.value, segment_length, self.memory_size, xp=ops
-        )
-        slots = slots[:, None]  # [segment, 1]: scatter whole lane/head rows
+        next_slot = self.next_slot.value
+        following = next_slot_after(next_slot, segment_length, self.memory_size)
+        if segment_length > self.memory_size:  # only its last tokens remain
+            dropped = segment_length - self.memory_size
+            next_slot = (next_slot + dropped) % self.memory_size
+            keys, values = keys[:, dropped:], values[:, dropped:]
+            stored, positions = stored[:, dropped:], positions[:, dropped:]
         for variable, update in ((self.keys, keys), (self.values, values)):
             update = ops.where(stored[:, :, None, None], update, 0)
-            update = ops.transpose(update, (1, 0, 2, 3))  # [seg, batch, h, d]
-            variable.assign(ops.scatter_update(variable.value, slots, update))
-        self.positions.assign(
-            ops.scatter_update(self.positions.value, slots, ops.transpose(positions))
-        )
-        self.next_slot.assign(
-            next_slot_after(self.next_slot.value, segment_length, self.memory_size)
-        )
+            update = ops.transpose(update, (0, 2, 1, 3))  # [batch, heads, seg, dim]
+            variable.assign(self._written(variable.value, update, next_slot))
+        self.positions.assign(self._written(self.positions.value, positions, next_slot))
+        self.next_slot.assign(following)
         self.document_length.assign(
             document_lengths_after(document_length, mask, xp=ops)
         )
+
+    def _written(self, buffer, update, next_slot):
+        """`buffer` with `update` written to the slots from `next_slot` on.
+
+        Args:
+            buffer: `[batch, ..., slots, ...]`, the slots on axis 2 for
+                keys and values, on axis 1 for positions.
+            update: at most `memory_size` entries, laid out like `buffer`.
+            next_slot: int32 scalar, the first slot written.
+        """
+        axis = 2 if len(buffer.shape) == 4 else 1
+        length = update.shape[axis]
+        start = [0] * len(buffer.shape)
+        start[axis] = next_slot
+
+        def one_slice():
+            return ops.slice_update(buffer, start, update)
+
+        def wrapped():
+            # Slot j takes entry (j - next_slot) mod memory_size where that
+            # is in the update, else keeps its own.
+            slots = ops.arange(self.memory_size, dtype="int32")
+            entry = (slots - next_slot) % self.memory_size  # [slots]
+            written = entry < length
+            taken = ops.take(update, ops.where(written, entry, 0), axis=axis)
+            shape = [1] * len(buffer.shape)
+            shape[axis] = self.memory_size
+            return ops.where(ops.reshape(written, shape), taken, buffer)
+
+        return ops.cond(next_slot + length <= self.memory_size, one_slice, wrapped)
 
     def reset_state(self):
         """Empties every lane and rewinds the ring buffer."""
@@ -202,15 +239,14 @@ class ExactMemory(KNNMemory):
     def _state_arrays(self):
         if not self.built:
             self.build()
-        keys, values = (
-            # [slots, batch, heads, dim] -> [batch, heads, slots, dim]
-            np.transpose(ops.convert_to_numpy(variable.value), (1, 2, 0, 3))
+        keys, values = (  # [batch, heads, slots, dim]
+            ops.convert_to_numpy(variable.value).astype("float32")
             for variable in (self.keys, self.values)
         )
         return {
-            "keys": keys.astype("float32"),
-            "values": values.astype("float32"),
-            "positions": ops.convert_to_numpy(self.positions.value).T,
+            "keys": keys,
+            "values": values,
+            "positions": ops.convert_to_numpy(self.positions.value),
             "next_slot": ops.convert_to_numpy(self.next_slot.value),
             "document_length": ops.convert_to_numpy(self.document_length.value),
         }
@@ -219,17 +255,11 @@ class ExactMemory(KNNMemory):
         if not self.built:
             self.build()
         updates = [
-            (
-                variable,
-                # [batch, heads, slots, dim] -> [slots, batch, heads, dim]
-                ops.convert_to_tensor(
-                    np.transpose(arrays[name], (2, 0, 1, 3)), variable.dtype
-                ),
-            )
+            (variable, ops.convert_to_tensor(arrays[name], variable.dtype))
             for name, variable in (("keys", self.keys), ("values", self.values))
         ]
         updates += [
-            (self.positions, ops.convert_to_tensor(arrays["positions"].T, "int32")),
+            (self.positions, ops.convert_to_tensor(arrays["positions"], "int32")),
             (self.next_slot, ops.convert_to_tensor(arrays["next_slot"], "int32")),
             (
                 self.document_length,

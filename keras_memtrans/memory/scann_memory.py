@@ -120,18 +120,18 @@ class ScannMemory(KNNMemory):
 
     @property
     def keys(self):
-        """Slot keys `[memory_size, batch, heads, head_dim]`, as ExactMemory's."""
-        return np.transpose(self._buffer.keys, (2, 0, 1, 3)).copy()
+        """Slot keys `[batch, heads, memory_size, head_dim]`, as ExactMemory's."""
+        return self._buffer.keys.copy()
 
     @property
     def values(self):
-        """Slot values `[memory_size, batch, heads, head_dim]`."""
-        return np.transpose(self._buffer.values, (2, 0, 1, 3)).copy()
+        """Slot values `[batch, heads, memory_size, head_dim]`."""
+        return self._buffer.values.copy()
 
     @property
     def positions(self):
-        """Slot document positions `[memory_size, batch]`, as ExactMemory's."""
-        return self._buffer.positions.T.copy()
+        """Slot document positions `[batch, memory_size]`, as ExactMemory's."""
+        return self._buffer.positions.copy()
 
     @property
     def document_length(self):

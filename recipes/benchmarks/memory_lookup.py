@@ -11,6 +11,12 @@ queries, k = 32). Times are medians of `--repeats` searches after one
 untimed search; recall@32 is the fraction of ScaNN's 32 neighbours that score at least
 the exact 32nd score (tie-aware: text keys repeat).
 
+A second table gives the throughput of `ExactMemory.search` (scores, top-k
+and gather) in the backend's compiled predict step, for the `quick`
+model's search (8 lanes x 4 heads x 128 queries, head_dim 32, k = 32), as
+GFLOP/s of its score matmul (2 x lanes x heads x queries x slots x
+head_dim), next to a dense float32 matmul measured in the same process.
+
     KERAS_BACKEND=jax python -m recipes.benchmarks.memory_lookup
 """
 
@@ -36,9 +42,21 @@ LANES, HEADS, HEAD_DIM, QUERIES, K, SEGMENT = 4, 4, 64, 256, 32, 512
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--memory-sizes", type=int, nargs="+", default=[8192, 32768, 65536, 262144]
+        "--memory-sizes",
+        type=int,
+        nargs="*",
+        default=[8192, 32768, 65536, 262144],
+        help="memory sizes of the ExactMemory / ScannMemory lookup table",
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--throughput-sizes",
+        type=int,
+        nargs="*",
+        default=[8192, 65536],
+        help="memory sizes of the exact-search throughput table",
+    )
+    parser.add_argument("--dense-size", type=int, default=2048)
     return parser.parse_args(argv)
 
 
@@ -119,9 +137,55 @@ def measure(memory_size, queries, keys, repeats):
     return exact_time, scann_time, recall, build, append
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    largest = max(args.memory_sizes) + 2 * SEGMENT * (args.repeats + 1) + QUERIES
+class CompiledCall(keras.layers.Layer):
+    """Wraps a function of one tensor (and the state it reads) as a layer,
+    so that a model's `predict_on_batch` runs it compiled."""
+
+    def __init__(self, function, state=None, **kwargs):
+        super().__init__(**kwargs)
+        self.function = function
+        self.state = state
+
+    def call(self, inputs):
+        return self.function(inputs)
+
+
+def compiled_seconds(function, inputs, repeats, state=None):
+    """Median seconds of `function(inputs)` inside `predict_on_batch`: the
+    backend's compiled predict step (XLA on JAX and TensorFlow, eager torch),
+    the recipe's default compile mode."""
+    x = keras.Input(inputs.shape[1:], batch_size=inputs.shape[0])
+    model = keras.Model(x, CompiledCall(function, state)(x))
+    seconds, _ = timed(lambda: model.predict_on_batch(inputs), repeats)
+    return seconds
+
+
+def search_gflops(memory_size, repeats):
+    """GFLOP/s of the score matmul of one compiled exact search."""
+    lanes, heads, queries, head_dim, k = 8, 4, 128, 32, 32
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(lanes, memory_size, heads, head_dim)).astype("float32")
+    memory = ExactMemory(lanes, heads, head_dim, memory_size)
+    memory.build()
+    memory.append(keys, keys)
+    query = rng.normal(size=(lanes, queries, heads, head_dim)).astype("float32")
+    seconds = compiled_seconds(
+        lambda x: memory.search(x, k)[1], query, repeats, state=memory
+    )
+    return 2 * lanes * heads * queries * memory_size * head_dim / seconds / 1e9, seconds
+
+
+def dense_gflops(size, repeats):
+    """GFLOP/s of a dense `[size, size] x [size, size]` float32 matmul."""
+    rng = np.random.default_rng(0)
+    weight = ops.convert_to_tensor(rng.normal(size=(size, size)).astype("float32"))
+    x = rng.normal(size=(size, size)).astype("float32")
+    seconds = compiled_seconds(lambda x: ops.matmul(x, weight), x, repeats)
+    return 2 * size**3 / seconds / 1e9
+
+
+def print_lookup_table(memory_sizes, repeats):
+    largest = max(memory_sizes) + 2 * SEGMENT * (repeats + 1) + QUERIES
     tokens = -(-largest // SEGMENT) * SEGMENT
     start = time.perf_counter()
     queries, keys = text_queries_and_keys(tokens)
@@ -134,9 +198,9 @@ def main(argv=None):
         "| recall@32 | build per searcher (s) | append 512 (s) |"
     )
     print("|---|---|---|---|---|---|---|")
-    for memory_size in args.memory_sizes:
+    for memory_size in memory_sizes:
         exact_time, scann_time, recall, build, append = measure(
-            memory_size, queries, keys, args.repeats
+            memory_size, queries, keys, repeats
         )
         print(
             f"| {memory_size} | {exact_time:.3f} | {scann_time:.3f} "
@@ -146,5 +210,31 @@ def main(argv=None):
         )
 
 
+def print_throughput_table(memory_sizes, dense_size, repeats):
+    dense = dense_gflops(dense_size, repeats)
+    print(
+        f"\nExact search throughput, backend {keras.backend.backend()}; dense "
+        f"{dense_size}^2 matmul: {dense:.1f} GFLOP/s\n"
+    )
+    print("| memory | search (ms) | search GFLOP/s | vs dense matmul |")
+    print("|---|---|---|---|")
+    for memory_size in memory_sizes:
+        gflops, seconds = search_gflops(memory_size, repeats)
+        print(
+            f"| {memory_size} | {1e3 * seconds:.1f} | {gflops:.1f} "
+            f"| {gflops / dense:.2f} |",
+            flush=True,
+        )
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.memory_sizes:
+        print_lookup_table(args.memory_sizes, args.repeats)
+    if args.throughput_sizes:
+        print_throughput_table(args.throughput_sizes, args.dense_size, args.repeats)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -87,16 +87,18 @@ def test_compiled_fit_fills_the_scann_memory_like_the_exact_one():
 
     host = scann.get_layer("knn_attention").train_memory
     state = exact.get_layer("knn_attention").train_memory
-    positions = to_numpy(state.positions)  # [slots, batch]
+    positions = to_numpy(state.positions)  # [batch, slots]
     np.testing.assert_array_equal(host.positions, positions)
     # 48 tokens through 32 slots: lane 0 holds 16..47, lane 1 (restarted at
     # step 3) holds 0..23.
-    assert sorted(host.positions[:, 0]) == list(range(16, 48))
-    lane_1 = host.positions[:, 1]
+    assert sorted(host.positions[0]) == list(range(16, 48))
+    lane_1 = host.positions[1]
     assert sorted(lane_1[lane_1 >= 0]) == list(range(24))
     filled = positions >= 0
-    np.testing.assert_allclose(
-        host.keys[filled], to_numpy(state.keys)[filled], atol=1e-5
+    np.testing.assert_allclose(  # [batch, heads, slots, dim] at filled slots
+        host.keys.transpose(0, 2, 1, 3)[filled],
+        to_numpy(state.keys).transpose(0, 2, 1, 3)[filled],
+        atol=1e-5,
     )
     assert host.indexed_lanes[0]  # lane 0 is searched with ScaNN
     inference = scann.get_layer("knn_attention").inference_memory
@@ -139,7 +141,7 @@ def test_a_lane_padded_after_its_document_ends_keeps_the_step_running():
     host = scann.get_layer("knn_attention").train_memory
     positions = to_numpy(exact.get_layer("knn_attention").train_memory.positions)
     np.testing.assert_array_equal(host.positions, positions)
-    assert np.all(host.positions[:, 1] == -1) and not host.indexed_lanes[1]
+    assert np.all(host.positions[1] == -1) and not host.indexed_lanes[1]
 
 
 def test_approx_top_k_matches_exact_top_k_on_cpu():

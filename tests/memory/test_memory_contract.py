@@ -61,35 +61,36 @@ def filled_memory(make, rng, segments=3, length=24):
 
 @st.composite
 def write_plans(draw):
-    """Lanes, memory size, segment length and steps `(reset flags, padding
-    mask or None)`."""
+    """Lanes, memory size and steps `(reset flags, padding mask [batch,
+    length])`: segments of mixed lengths, some wrapping around the ring,
+    some longer than the memory."""
     batch = draw(st.integers(1, 3))
     # Few distinct shapes: JAX compiles the exact memory's ops for each.
     memory_size = draw(st.sampled_from([32, 48]))
-    length = draw(st.sampled_from([1, 5, 12, memory_size]))
+    lengths = st.sampled_from([1, 5, 12, memory_size, memory_size + 5])
     steps = []
     for _ in range(draw(st.integers(1, 8))):
+        length = draw(lengths)
         resets = draw(st.lists(st.booleans(), min_size=batch, max_size=batch))
         mask = draw(
-            st.none()
+            st.just([True] * (batch * length))
             | st.lists(st.booleans(), min_size=batch * length, max_size=batch * length)
         )
-        if mask is not None:
-            mask = np.array(mask).reshape(batch, length)
-        steps.append((resets, mask))
-    return batch, memory_size, length, steps
+        steps.append((resets, np.array(mask).reshape(batch, length)))
+    return batch, memory_size, steps
 
 
 def index_lifecycle_plan():
     """A plan that takes ScaNN lanes through an index build, upserts,
     deletes, a reset, a drop to exact search and a rebuild (few random
     examples rarely fill a lane)."""
+    whole = np.ones((2, 12), bool)
     half = np.tile(np.arange(12) % 2 == 0, (2, 1))
     lane_1_padded = np.array([[True] * 12, [False] * 12])
-    steps = [([True, True], None), ([False, False], None), ([False, False], half)]
-    steps += [([False, True], None), ([False, False], None)]
+    steps = [([True, True], whole), ([False, False], whole), ([False, False], half)]
+    steps += [([False, True], whole), ([False, False], whole)]
     steps += [([False, False], lane_1_padded)] * 3
-    return 2, 32, 12, steps
+    return 2, 32, steps
 
 
 @each_memory
@@ -100,15 +101,15 @@ def test_fifo_keeps_exactly_the_last_memory_size_tokens_per_lane(make, plan):
     """Over any write/reset/padding plan (ScaNN index builds, upserts,
     deletes and rebuilds included) a lane returns exactly its entries of
     an independent FIFO, and its exact top-k."""
-    batch, memory_size, length, steps = plan
+    batch, memory_size, steps = plan
     memory = make(batch, HEADS, DIM, memory_size)
     reference = FifoReference(batch, memory_size)
     rng = np.random.default_rng(0)
     for resets, mask in steps:
-        keys, values = segment(rng, length, batch)
+        keys, values = segment(rng, mask.shape[1], batch)
         for target in (memory, reference):
             target.reset(np.array(resets))
-            target.append(keys, values, mask)
+            target.append(keys, values, None if mask.all() else mask)
         queries = clustered_keys(rng, (batch, 3, HEADS, DIM))
         # Asking for every slot returns each lane's whole memory.
         _, got_values, got_positions = search(memory, queries, memory_size)

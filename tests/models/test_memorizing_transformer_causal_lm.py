@@ -46,7 +46,7 @@ def test_fit_streams_documents_into_the_training_memory(preprocessor, documents)
     positions = to_numpy(memory.positions)
     # 3 segments of 32 tokens in each lane: positions 0..95.
     for lane in range(2):
-        assert sorted(positions[:, lane][positions[:, lane] >= 0]) == list(range(96))
+        assert sorted(positions[lane][positions[lane] >= 0]) == list(range(96))
 
 
 @pytest.mark.parametrize("tie_word_embeddings", [True, False])
@@ -111,7 +111,7 @@ def test_generate_reads_a_long_prompt_into_memory(preprocessor, documents):
     assert isinstance(text, str)
     memory = causal_lm.backbone.memory_layers[0].inference_memory
     # Every complete segment of prompt and continuation was committed.
-    stored = int(np.sum(to_numpy(memory.positions)[:, 0] >= 0))
+    stored = int(np.sum(to_numpy(memory.positions)[0] >= 0))
     assert stored == min(256, (prompt_tokens + 40 - 1) // 32 * 32)
 
 

@@ -101,7 +101,7 @@ def test_generate_copies_a_sequence_seen_beyond_the_local_context(seed, memory_k
     memory_positions = np.asarray(
         keras.ops.convert_to_numpy(layer.inference_memory.positions)
     )
-    assert sorted(set(memory_positions[:, 0]) - {-1}) == list(range(len(tokens)))
+    assert sorted(set(memory_positions[0]) - {-1}) == list(range(len(tokens)))
 
 
 def test_without_memory_the_sequence_is_not_copied():

@@ -17,8 +17,8 @@ from tests.arrays import to_numpy
 from tests.recipes.runs import run
 
 
-def test_compare_trains_both_models_and_reports_perplexity(tmp_path):
-    run(tmp_path, "--compare", "--eval-every", "2")
+def test_compare_trains_both_models_and_reports_perplexity(compared_run):
+    tmp_path = compared_run
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["backend"] == keras.backend.backend()
     memory, no_memory = results["results"]
@@ -48,10 +48,11 @@ def test_compare_trains_both_models_and_reports_perplexity(tmp_path):
     assert "| step | perplexity, memory | perplexity, no_memory | ratio |" in table
 
 
-def test_the_trained_model_loads_from_its_preset(tmp_path):
-    run(tmp_path)
+def test_the_trained_model_loads_from_its_preset(compared_run):
+    tmp_path = compared_run
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    (result,) = results["results"]
+    result = results["results"][0]
+    assert result["run"] == "memory"
     loaded = MemorizingTransformerCausalLM.from_preset(tmp_path / "out" / "memory")
     # The same held-out score as the trained model's, on the run's own split.
     _, _, validation = common.split_corpus(results["corpus"])
@@ -72,9 +73,10 @@ def test_the_trained_model_loads_from_its_preset(tmp_path):
     np.testing.assert_array_equal(
         loaded.predict_on_batch(inputs), checkpoint.predict_on_batch(inputs)
     )
-    # Only the finished preset: no partial directory beside it.
+    # Only the finished presets: no partial directory beside them.
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "memory",
+        "no_memory",
         "results.json",
         "results.md",
         "run.json",
@@ -82,10 +84,10 @@ def test_the_trained_model_loads_from_its_preset(tmp_path):
     ]
 
 
-def test_existing_results_are_never_overwritten(tmp_path):
-    run(tmp_path, "--no-memory")
+def test_existing_results_are_never_overwritten(compared_run):
+    tmp_path = compared_run
     first = (tmp_path / "out" / "results.json").read_text()
-    run(tmp_path, "--no-memory")
+    run(tmp_path, "--no-memory", "--steps", "1")
     assert (tmp_path / "out" / "results.json").read_text() == first
     assert (tmp_path / "out-2" / "results.json").exists()
 

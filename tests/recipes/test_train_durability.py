@@ -17,6 +17,7 @@ from recipes import flags
 from recipes import reporting
 from recipes import train
 from tests.arrays import to_numpy
+from tests.recipes.conftest import RESUMED_SCHEDULE
 from tests.recipes.runs import recipe_args
 from tests.recipes.runs import run
 
@@ -39,20 +40,18 @@ def results(output_dir):
 
 @pytest.mark.parametrize("memory_kind", ["exact", "scann"])
 def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(
-    tmp_path, monkeypatch, memory_kind
+    tmp_path, monkeypatch, uninterrupted_run, memory_kind
 ):
     # The ScaNN memory's searchers come back from the checkpoint: the resumed
     # losses agreed to 3e-5 (TensorFlow) and 5e-5 (torch) relative, and to
     # 1e-5 on JAX, against 1e-5 everywhere with the exact memory.
     tolerance = {"exact": 1e-5, "scann": 1e-4}[memory_kind]
-    schedule = ("--steps", "12", "--checkpoint-every", "4", "--eval-every", "4")
-    schedule += ("--memory-kind", memory_kind)
-    run(tmp_path, *schedule, output="whole")
+    schedule = (*RESUMED_SCHEDULE, "--memory-kind", memory_kind)
     save = checkpointing.save_checkpoint
 
     def save_then_stop(causal_lm, directory, step, state):
         save(causal_lm, directory, step, state)
-        if step == 8:
+        if step == 4:
             raise Interrupted
 
     monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_stop)
@@ -62,24 +61,27 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(
     monkeypatch.setattr(checkpointing, "save_checkpoint", save)
     assert train.main(["--resume", str(tmp_path / "parts")]) == 0
 
-    whole, parts = (tmp_path / "whole", tmp_path / "parts")
-    # Steps 9-12 (epoch 2) from the checkpoint of step 8: the same losses.
+    whole, parts = (uninterrupted_run(memory_kind), tmp_path / "parts")
+    # Steps 5-8 (epoch 1, counted from 0) from the checkpoint of step 4: the
+    # same losses.
     np.testing.assert_allclose(
-        epoch_losses(parts)[2], epoch_losses(whole)[2], rtol=tolerance
+        epoch_losses(parts)[1], epoch_losses(whole)[1], rtol=tolerance
     )
     (want,), (got,) = results(whole), results(parts)
-    assert got["steps"] == want["steps"] == 12
+    assert got["steps"] == want["steps"] == 8
     for key in ("validation_nll", "train_loss"):
         np.testing.assert_allclose(got[key], want[key], rtol=tolerance)
-    assert [row["step"] for row in got["curve"]] == [4, 8, 12]
+    assert [row["step"] for row in got["curve"]] == [4, 8]
     for row, want_row in zip(got["curve"], want["curve"]):
         np.testing.assert_allclose(
             row["validation_nll"], want_row["validation_nll"], rtol=tolerance
         )
 
 
-def test_a_run_killed_mid_training_resumes_to_the_same_result(tmp_path):
-    schedule = ("--steps", "20", "--checkpoint-every", "2")
+def test_a_run_killed_mid_training_resumes_to_the_same_result(
+    tmp_path, uninterrupted_run
+):
+    schedule = (*RESUMED_SCHEDULE, "--memory-kind", "exact")
     log = tmp_path / "child.log"
     with open(log, "wb") as output:
         child = subprocess.Popen(
@@ -102,9 +104,8 @@ def test_a_run_killed_mid_training_resumes_to_the_same_result(tmp_path):
         child.wait()
     assert not (tmp_path / "out" / "results.json").exists()
     assert train.main(["--resume", str(tmp_path / "out")]) == 0
-    run(tmp_path, *schedule, output="whole")
-    (got,), (want,) = results(tmp_path / "out"), results(tmp_path / "whole")
-    assert got["steps"] == 20
+    (got,), (want,) = results(tmp_path / "out"), results(uninterrupted_run("exact"))
+    assert got["steps"] == 8
     np.testing.assert_allclose(got["validation_nll"], want["validation_nll"], 1e-5)
 
 
@@ -241,10 +242,10 @@ def test_an_infinite_perplexity_is_reported_as_null():
 
 
 def test_init_from_copies_every_trained_weight_and_leaves_the_memory_at_init(
-    tmp_path,
+    tmp_path, compared_run
 ):
-    run(tmp_path, "--no-memory")
-    source = train.load_trained_model(tmp_path / "out" / "no_memory")
+    source_dir = compared_run / "out" / "no_memory"
+    source = train.load_trained_model(source_dir)
     args = flags.parse_args(recipe_args(tmp_path))
     backbone_config, _, _ = flags.resolve_config(args)
     vocabulary_size = source.backbone.vocabulary_size
@@ -262,7 +263,6 @@ def test_init_from_copies_every_trained_weight_and_leaves_the_memory_at_init(
     # the model without memory the same way, as a control (on JAX, where
     # `fit` donates each variable's buffer, the first run must not delete
     # the trained weights the second starts from).
-    source_dir = tmp_path / "out" / "no_memory"
     run(tmp_path, "--compare", "--init-from", str(source_dir), output="tuned")
     report = json.loads((tmp_path / "tuned" / "results.json").read_text())
     assert report["init_from"] == str(source_dir.resolve())

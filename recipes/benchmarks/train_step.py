@@ -1,0 +1,270 @@
+"""Tokens per second of a whole training step, with and without memory, per backend.
+
+For one model (`--config peer`, the PyTorch peer's configuration: d_model
+256, 6 layers, 4 heads of 64, segment 256, batch 4, byte vocabulary, the
+memory in the last layer, k = 32, no XL cache; or any preset), every
+backend of `--backends` runs in its own process and times the model
+without memory and with each memory of `--memories` (`none`, `SIZE` for
+`memory_kind="auto"`, `SIZE:exact`, `SIZE:scann`), each built, compiled
+(the recipe's default compile mode) and timed within ONE `fit` of
+`warmup + steps` steps on random tokens: a callback waits for each step's
+loss and stamps the time, and the last `steps` intervals are averaged
+(separate `fit` calls recompile under JAX, and `train_on_batch` has a
+per-call overhead that dwarfs a step). With `--config peer` and the peer
+installed (`pip install --no-deps memorizing-transformers-pytorch==0.4.1
+einops-exts` plus `faiss-cpu einops filelock joblib`), the peer's own
+training step (torch eager, Adam, its faiss memory, which fills as it
+trains) is timed the same way in a further process. Prints one markdown
+table: seconds per step, training tokens/s, the ratio to the same backend's step without memory
+and to the peer's step with the same memory size. The paper reports +25%
+for an 8K memory on TPUv3 (0.2 s -> 0.25 s per step).
+
+    python -m recipes.benchmarks.train_step --config peer
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+
+from keras_memtrans.models import PRESETS
+from keras_memtrans.models import get_preset
+from recipes.common import build_causal_lm
+
+PEER_CONFIG = {
+    "vocabulary_size": 256,
+    "backbone": {
+        "num_layers": 6,
+        "num_heads": 4,
+        "hidden_dim": 256,
+        "head_dim": 64,
+        "intermediate_dim": 1024,
+        "batch_size": 4,
+        "segment_length": 256,
+        "memory_layer_indices": (-1,),
+        "memory_options": {"num_neighbors": 32},
+        "use_xl_cache": False,
+        "smear_keys": False,
+    },
+}
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="peer", choices=["peer", *sorted(PRESETS)])
+    parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
+    parser.add_argument(
+        "--memories",
+        nargs="+",
+        default=["none", "8192:exact", "65536", "262144"],
+        help="none, SIZE (memory_kind auto), SIZE:exact or SIZE:scann",
+    )
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="at least 1")
+    parser.add_argument("--dtype", default="float32", help="e.g. mixed_bfloat16")
+    parser.add_argument("--worker", choices=["keras", "peer"], help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def model_config(name):
+    if name == "peer":
+        return PEER_CONFIG
+    preset = get_preset(name)
+    return {key: preset[key] for key in ("vocabulary_size", "backbone")}
+
+
+def parse_memory(memory):
+    """`(memory_size, memory_kind)` of a `--memories` entry; `(None, None)`
+    for `none`."""
+    if memory == "none":
+        return None, None
+    size, _, kind = memory.partition(":")
+    return int(size), kind or "auto"
+
+
+def seconds_per_step(config, memory, args):
+    """Mean seconds of one training step of the Keras model inside `fit`."""
+    memory_size, memory_kind = parse_memory(memory)
+    backbone = dict(config["backbone"])
+    if memory_size is not None:
+        backbone["memory_options"] = dict(
+            backbone.get("memory_options") or {},
+            memory_size=memory_size,
+            memory_kind=memory_kind,
+        )
+    vocabulary = config["vocabulary_size"]
+    causal_lm = build_causal_lm(
+        backbone,
+        vocabulary,
+        preprocessor=None,
+        use_memory=memory_size is not None,
+        seed=0,
+        dtype=args.dtype,
+    )
+    causal_lm.compile(optimizer=keras.optimizers.Adam(1e-4))
+    for layer in causal_lm.backbone.memory_layers:
+        fill(layer.lane_states(training=True)["memory"])
+    lanes, length = backbone["batch_size"], backbone["segment_length"]
+    rng = np.random.default_rng(0)
+    rows = (args.warmup + args.steps) * lanes
+    x = {
+        "token_ids": rng.integers(0, vocabulary, (rows, length), "int32"),
+        "document_start": np.zeros((rows,), bool),
+        "padding_mask": np.ones((rows, length), bool),
+    }
+    y = rng.integers(0, vocabulary, (rows, length), "int32")
+    stamps = StepStamps()
+    causal_lm.fit(
+        x, y, batch_size=lanes, epochs=1, shuffle=False, verbose=0, callbacks=[stamps]
+    )
+    return stamps.mean_seconds(args.warmup)
+
+
+def fill(memory):
+    """Fills every slot of a training memory with random keys (a ScaNN
+    memory's search costs depend on how full it is; the exact one's do not),
+    as the memory of a long document would be."""
+    shape = (memory.batch_size, memory.memory_size, memory.num_heads, memory.head_dim)
+    keys = np.random.default_rng(1).normal(size=shape).astype("float32")
+    keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
+    memory.append(keys, keys)
+
+
+def peer_seconds_per_step(memory, args):
+    """Mean seconds of one training step of the PyTorch peer (torch eager)."""
+    import torch
+    from memorizing_transformers_pytorch import MemorizingTransformer
+
+    memory_size, _ = parse_memory(memory)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as directory:
+        model = MemorizingTransformer(
+            num_tokens=256,
+            dim=256,
+            depth=6,
+            heads=4,
+            dim_head=64,
+            memorizing_layers=(6,) if memory_size else (),
+            max_knn_memories=memory_size or 1,
+            num_retrieved_memories=32,
+            knn_memories_directory=directory,
+        )
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        # [steps, batch, segment + 1], without its padding id 0
+        data = torch.randint(1, 256, (args.warmup + args.steps, 4, 257))
+        stamps = StepStamps()
+        with model.knn_memories_context(batch_size=4) as knn_memories:
+            for batch in data:
+                loss = model(batch[:, :-1], knn_memories, labels=batch[:, 1:])
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                stamps.on_train_batch_end(None, {"loss": loss})
+    return stamps.mean_seconds(args.warmup)
+
+
+class StepStamps(keras.callbacks.Callback):
+    """Records when each training step has finished (waits for its loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        float(logs["loss"])
+        self.times.append(time.perf_counter())
+
+    def mean_seconds(self, warmup):
+        """Mean interval of the steps after the first `warmup`."""
+        timed = self.times[warmup - 1 :]
+        return (timed[-1] - timed[0]) / (len(timed) - 1)
+
+
+def run_worker(args):
+    """Times every memory of `--memories` in this process, one JSON line
+    each: `{"memory": ..., "seconds": ...}`."""
+    config = model_config(args.config)
+    for memory in args.memories:
+        if args.worker == "peer":
+            seconds = peer_seconds_per_step(memory, args)
+        else:
+            seconds = seconds_per_step(config, memory, args)
+        print(json.dumps({"memory": memory, "seconds": seconds}), flush=True)
+
+
+def timed_in_process(name, argv, environment):
+    """`{memory: seconds}` from a worker process; a failed worker's error
+    is printed and gives `{}`."""
+    command = [sys.executable, "-m", "recipes.benchmarks.train_step", *argv]
+    result = subprocess.run(
+        command, env={**os.environ, **environment}, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        print(f"[{name}] failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+        return {}
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line[:1] == "{"]
+    return {line["memory"]: line["seconds"] for line in lines}
+
+
+def print_rows(name, times, peer, tokens):
+    """One table row per memory: the step against the same process's step
+    without memory, and the peer's step with the same memory against it."""
+    for memory, seconds in times.items():
+        baseline = times.get("none")
+        versus_none = f"{seconds / baseline:.2f}" if baseline else "-"
+        versus_peer = f"{peer[memory] / seconds:.2f}x" if memory in peer else "-"
+        print(
+            f"| {name} | {memory} | {seconds:.4f} | {tokens / seconds:,.0f} "
+            f"| {versus_none} | {versus_peer} |",
+            flush=True,
+        )
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.worker:
+        return run_worker(args)
+    argv = [
+        *("--config", args.config, "--steps", str(args.steps)),
+        *("--warmup", str(args.warmup), "--dtype", args.dtype),
+        "--memories",
+        *args.memories,
+    ]
+    config = model_config(args.config)
+    tokens = config["backbone"]["batch_size"] * config["backbone"]["segment_length"]
+    peer = {}
+    if args.config == "peer":
+        if importlib.util.find_spec("memorizing_transformers_pytorch") is None:
+            print("peer not installed: no peer column (see --help)\n")
+        else:
+            peer = timed_in_process(
+                "peer", [*argv, "--worker", "peer"], {"KERAS_BACKEND": "torch"}
+            )
+    print(
+        f"config {args.config}, dtype {args.dtype}, {tokens} tokens per step, "
+        f"mean of {args.steps} fit steps after {args.warmup} warm-up steps\n"
+    )
+    print(
+        "| backend | memory | seconds / step | tokens / s | vs no memory "
+        "| speed vs peer |"
+    )
+    print("|---|---|---|---|---|---|", flush=True)
+    print_rows("peer (torch eager, faiss)", peer, peer, tokens)
+    for backend in args.backends:
+        times = timed_in_process(
+            backend, [*argv, "--worker", "keras"], {"KERAS_BACKEND": backend}
+        )
+        print_rows(backend, times, peer, tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
