@@ -15,8 +15,9 @@ installed (`pip install --no-deps memorizing-transformers-pytorch==0.4.1
 einops-exts` plus `faiss-cpu einops filelock joblib`), the peer's own
 training step (torch eager, Adam, its faiss memory, which fills as it
 trains) is timed the same way in a further process. Prints one markdown
-table: seconds per step, training tokens/s, the ratio to the same backend's step without memory
-and to the peer's step with the same memory size. The paper reports +25%
+table: seconds per step, training tokens/s, the ratio to the same
+backend's step without memory and to the peer's step with the same memory
+size. The paper reports +25%
 for an 8K memory on TPUv3 (0.2 s -> 0.25 s per step).
 
     python -m recipes.benchmarks.train_step --config peer
