@@ -7,6 +7,7 @@ from keras_memtrans.memory.ring_buffer import document_lengths_after
 from keras_memtrans.memory.ring_buffer import document_positions
 from keras_memtrans.memory.ring_buffer import next_slot_after
 from keras_memtrans.memory.ring_buffer import stored_tokens
+from keras_memtrans.memory.ring_buffer import written_slots
 from keras_memtrans.memory.top_k import group_size_for
 from keras_memtrans.memory.top_k import top_k_slots
 
@@ -24,9 +25,7 @@ class ExactMemory(KNNMemory):
     compiles under XLA. Each (lane, head) keeps its slots contiguous: a
     search scores them with one batched matmul, and takes the exact top-k
     in two stages (`top_k.top_k_slots`), never a sort of every slot. A
-    segment that fits before the end of the ring (always, where the
-    segment length divides `memory_size`, as in every preset) is written as
-    one slice; one that wraps goes through a masked rewrite. Resetting
+    segment is written with one scatter of whole `head_dim` rows. Resetting
     a lane only marks its slots empty, so a reset costs `O(memory_size)`
     integers, not a rewrite of the buffer.
     A token whose key or value has a non-finite element is stored like a
@@ -199,34 +198,33 @@ class ExactMemory(KNNMemory):
         )
 
     def _written(self, buffer, update, next_slot):
-        """`buffer` with `update` written to the slots from `next_slot` on.
+        """`buffer` with `update` written to the slots from `next_slot` on,
+        wrapping around the ring: one scatter of whole rows.
 
         Args:
-            buffer: `[batch, ..., slots, ...]`, the slots on axis 2 for
-                keys and values, on axis 1 for positions.
+            buffer: keys or values `[batch, heads, slots, dim]`, or
+                positions `[batch, slots]`.
             update: at most `memory_size` entries, laid out like `buffer`.
             next_slot: int32 scalar, the first slot written.
         """
-        axis = 2 if len(buffer.shape) == 4 else 1
-        length = update.shape[axis]
-        start = [0] * len(buffer.shape)
-        start[axis] = next_slot
-
-        def one_slice():
-            return ops.slice_update(buffer, start, update)
-
-        def wrapped():
-            # Slot j takes entry (j - next_slot) mod memory_size where that
-            # is in the update, else keeps its own.
-            slots = ops.arange(self.memory_size, dtype="int32")
-            entry = (slots - next_slot) % self.memory_size  # [slots]
-            written = entry < length
-            taken = ops.take(update, ops.where(written, entry, 0), axis=axis)
-            shape = [1] * len(buffer.shape)
-            shape[axis] = self.memory_size
-            return ops.where(ops.reshape(written, shape), taken, buffer)
-
-        return ops.cond(next_slot + length <= self.memory_size, one_slice, wrapped)
+        vectors = len(buffer.shape) == 4
+        rows = self.batch_size * (self.num_heads if vectors else 1)
+        length = update.shape[2 if vectors else 1]
+        slots = written_slots(next_slot, length, self.memory_size, xp=ops)
+        row_ids = ops.arange(rows, dtype="int32")[:, None]
+        # [rows, length, 2]: (row of a lane or a lane's head, slot) per entry
+        indices = ops.stack(
+            [
+                ops.broadcast_to(row_ids, (rows, length)),
+                ops.broadcast_to(slots[None, :], (rows, length)),
+            ],
+            axis=-1,
+        )
+        indices = ops.reshape(indices, (rows * length, 2))
+        tail = (self.head_dim,) if vectors else ()
+        table = ops.reshape(buffer, (rows, self.memory_size, *tail))
+        entries = ops.reshape(update, (rows * length, *tail))
+        return ops.reshape(ops.scatter_update(table, indices, entries), buffer.shape)
 
     def reset_state(self):
         """Empties every lane and rewinds the ring buffer."""

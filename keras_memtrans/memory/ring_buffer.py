@@ -6,17 +6,16 @@ the last `memory_size` tokens it was fed, and each slot records the position
 of its token in its document (`-1`: empty). The arithmetic of a write is
 written once, against an array namespace `xp`: `numpy` for `RingBuffer`, the
 host-side buffer of `ScannMemory`, and `keras.ops` for the in-graph
-`ExactMemory` (both namespaces share `all`, `cumsum`, `isfinite`,
-`logical_and`, `where` and `sum`). Where a write lands (`written_slots`) is
-NumPy's alone: `ExactMemory` writes a segment as one slice.
+`ExactMemory` (both namespaces share `all`, `arange`, `cumsum`, `isfinite`,
+`logical_and`, `where` and `sum`).
 """
 
 import numpy as np
 
 
-def written_slots(next_slot, segment_length, memory_size):
+def written_slots(next_slot, segment_length, memory_size, xp=np):
     """The int32 slots `[segment]` a segment is written to, oldest first."""
-    return (next_slot + np.arange(segment_length, dtype="int32")) % memory_size
+    return (next_slot + xp.arange(segment_length, dtype="int32")) % memory_size
 
 
 def next_slot_after(next_slot, segment_length, memory_size):

@@ -94,8 +94,10 @@ def test_arithmetic_helpers_agree_on_numpy_and_keras_ops():
     # ExactMemory runs them on keras.ops, RingBuffer on NumPy.
     mask = np.array([[1, 0, 1, 1], [0, 0, 1, 0]], "int32")
     length = np.array([5, 0], "int32")
-    np.testing.assert_array_equal(written_slots(np.int32(3), 4, 5), [3, 4, 0, 1])
     for xp, convert in ((np, np.asarray), (ops, ops.convert_to_tensor)):
+        np.testing.assert_array_equal(
+            to_numpy(written_slots(convert(np.int32(3)), 4, 5, xp=xp)), [3, 4, 0, 1]
+        )
         np.testing.assert_array_equal(
             to_numpy(document_positions(convert(length), convert(mask), xp=xp)),
             [[5, -1, 6, 7], [-1, -1, 0, -1]],
