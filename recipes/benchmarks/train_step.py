@@ -168,7 +168,7 @@ def peer_seconds_per_step(memory, args):
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
-                stamps.on_train_batch_end(None, {"loss": loss})
+                stamps.on_train_batch_end(None, {"loss": loss.detach()})
     return stamps.mean_seconds(args.warmup)
 
 
