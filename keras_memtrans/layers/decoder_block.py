@@ -175,12 +175,30 @@ class DecoderBlock(keras.layers.Layer):
         else:
             x = self.attention(x, **attention_options)
         hidden_states = hidden_states + self.dropout_layer(x, training=training)
-        x = self.feedforward_norm(hidden_states)
-        x = self.feedforward_output(self.activation(self.feedforward_intermediate(x)))
-        outputs = hidden_states + self.dropout_layer(x, training=training)
+        outputs = self._feedforward_residual(hidden_states, training)
         if return_neighbors:
             return outputs, positions
         return outputs
+
+    def call_with_cache(
+        self, hidden_states, decode_cache, cache_update_index, token_mask
+    ):
+        """The block on one token of the segment being generated.
+
+        See `SegmentAttention.call_with_cache`: `hidden_states` is
+        `[batch, 1, hidden_dim]`; returns `(outputs, decode_cache)`.
+        """
+        x = self.attention_norm(hidden_states)
+        x, decode_cache = self.attention.call_with_cache(
+            x, decode_cache, cache_update_index, token_mask
+        )
+        outputs = self._feedforward_residual(hidden_states + x, training=False)
+        return outputs, decode_cache
+
+    def _feedforward_residual(self, hidden_states, training):
+        x = self.feedforward_norm(hidden_states)
+        x = self.feedforward_output(self.activation(self.feedforward_intermediate(x)))
+        return hidden_states + self.dropout_layer(x, training=training)
 
     def _check_return_neighbors(self, return_neighbors):
         if return_neighbors and not self.use_memory:

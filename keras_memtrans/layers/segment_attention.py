@@ -246,13 +246,21 @@ class SegmentAttention(LaneStateMixin, keras.layers.Layer):
         own = ops.cast(ops.sigmoid(self.key_smear_logit), keys.dtype)[:, None]
         return own * keys + (1.0 - own) * previous  # [batch, seg, heads, dim]
 
-    def _local_attention(self, queries, keys, values, padding_mask, cache):
-        """Causal attention over the segment (and cache) with relative bias."""
-        batch_size, segment_length = ops.shape(queries)[:2]
+    def _local_attention(
+        self, queries, keys, values, padding_mask, cache, query_positions=None
+    ):
+        """Causal attention over the segment (and cache) with relative bias.
+
+        `query_positions` `[query]` are the queries' positions in the
+        segment: all of them (`None`), or the one token being generated.
+        """
+        batch_size, segment_length = ops.shape(keys)[:2]
         if padding_mask is None:
             key_mask = ops.ones((batch_size, segment_length), dtype="bool")
         else:
             key_mask = ops.cast(padding_mask, "bool")
+        if query_positions is None:
+            query_positions = ops.arange(segment_length)
         cache_length = 0
         if cache is not None:
             cache_keys, cache_values, cache_mask = cache.read()
@@ -261,9 +269,8 @@ class SegmentAttention(LaneStateMixin, keras.layers.Layer):
             values = ops.concatenate([ops.cast(cache_values, values.dtype), values], 1)
             key_mask = ops.concatenate([cache_mask, key_mask], axis=1)
         # Key j sits at position j - cache_length relative to segment start.
-        query_positions = ops.arange(segment_length)[:, None]
         key_positions = ops.arange(cache_length + segment_length)[None, :]
-        relative = key_positions - cache_length - query_positions  # [q, k]
+        relative = key_positions - cache_length - query_positions[:, None]  # [q, k]
         scale = ops.cast(self.attention_scale, queries.dtype)[:, None, None]
         # [batch, heads, query, key]
         logits = ops.einsum("bqhd,bkhd->bhqk", queries, keys) * scale
@@ -307,6 +314,64 @@ class SegmentAttention(LaneStateMixin, keras.layers.Layer):
         attended, extra = self._mix_extra_attention(queries, attended, states)
         self._write_lane_states(states, keys, values, padding_mask)
         return self.output_projection(attended), extra
+
+    def call_with_cache(
+        self, hidden_states, decode_cache, cache_update_index, token_mask
+    ):
+        """Attends from one token of the segment being generated.
+
+        Generation's incremental step: the token at `cache_update_index`
+        attends, as in `call`, to the segment's real tokens up to itself
+        (and the XL cache and memory), whose raw keys and values
+        `decode_cache` holds, so the earlier tokens are not computed again.
+        Reads the inference state (XL cache, memory, carried key) and
+        writes none of it: a segment is committed by `call` once complete.
+
+        Args:
+            hidden_states: `[batch, 1, hidden_dim]`: the new token.
+            decode_cache: `(keys, values, mask)`: float32 raw (unsmeared,
+                unnormalised) keys and values `[batch, segment, heads,
+                head_dim]` of the segment's tokens so far and their bool
+                mask `[batch, segment]`, `False` on padding and on the
+                positions not reached yet.
+            cache_update_index: int scalar: the token's position.
+            token_mask: bool `[batch]`: `False` where the token is padding.
+
+        Returns:
+            `(outputs, decode_cache)`: `[batch, 1, hidden_dim]` and the
+            cache with the token's key, value and mask written in.
+        """
+        states = self.lane_states(training=False)
+        cached_keys, cached_values, mask = decode_cache
+        start = [0, cache_update_index, 0, 0]
+        queries = l2_normalize(self.query_projection(hidden_states))  # [b, 1, h, d]
+        cached_keys = ops.slice_update(
+            cached_keys, start, ops.cast(self.key_projection(hidden_states), "float32")
+        )  # [batch, segment, heads, dim]
+        cached_values = ops.slice_update(
+            cached_values,
+            start,
+            ops.cast(self.value_projection(hidden_states), "float32"),
+        )  # [batch, segment, heads, dim]
+        token_mask = ops.cast(token_mask, "bool")[:, None]  # [batch, 1]
+        mask = ops.slice_update(mask, [0, cache_update_index], token_mask)
+        keys = ops.cast(cached_keys, queries.dtype)
+        if self.smear_keys:
+            carried = states["last_key"].read()[0] if "last_key" in states else None
+            previous, _, _ = previous_real_keys(keys, mask, carried)
+            own = ops.cast(ops.sigmoid(self.key_smear_logit), keys.dtype)[:, None]
+            keys = own * keys + (1.0 - own) * previous  # [batch, seg, heads, dim]
+        attended = self._local_attention(
+            queries,
+            l2_normalize(keys),
+            ops.cast(cached_values, queries.dtype),
+            mask,
+            states.get("cache"),
+            query_positions=ops.reshape(cache_update_index, (1,)),
+        )  # [batch, 1, heads, head_dim]
+        attended, _ = self._mix_extra_attention(queries, attended, states)
+        outputs = self.output_projection(attended)  # [batch, 1, hidden_dim]
+        return outputs, (cached_keys, cached_values, mask)
 
     def _mix_extra_attention(self, queries, local, states):
         """Hook: mixes other attention into the local one.

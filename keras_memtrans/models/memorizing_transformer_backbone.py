@@ -205,6 +205,32 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
             block.attention for block in self.transformer_layers if block.use_memory
         ]
 
+    def call_with_cache(self, token_ids, decode_caches, cache_update_index, token_mask):
+        """The backbone on one token of the segment being generated.
+
+        Each block attends from the token to its segment so far through its
+        `decode_cache` (see `SegmentAttention.call_with_cache`), reading the
+        inference memories and caches and writing none of them.
+
+        Args:
+            token_ids: int `[batch, 1]`: the token at `cache_update_index`.
+            decode_caches: one `(keys, values, mask)` per block.
+            cache_update_index: int scalar: the token's segment position.
+            token_mask: bool `[batch]`: `False` where the token is padding.
+
+        Returns:
+            `(hidden_states, decode_caches)`: `[batch, 1, hidden_dim]` after
+            the final layer norm, and the updated caches.
+        """
+        x = self.token_embedding(token_ids)  # [batch, 1, hidden]
+        updated = []
+        for block, decode_cache in zip(self.transformer_layers, decode_caches):
+            x, decode_cache = block.call_with_cache(
+                x, decode_cache, cache_update_index, token_mask
+            )
+            updated.append(decode_cache)
+        return self.layer_norm(x), updated
+
     def reset_state(self, training=None):
         """Empties every memory and cache.
 

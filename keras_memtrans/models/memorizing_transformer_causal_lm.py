@@ -10,6 +10,7 @@ from keras_memtrans.models.memorizing_transformer_backbone import (
 from keras_memtrans.models.memorizing_transformer_preprocessor import (
     MemorizingTransformerPreprocessor,
 )
+from keras_memtrans.models.next_token_step import NextTokenStep
 from keras_memtrans.models.segment_generator import SegmentGenerator
 
 
@@ -87,6 +88,7 @@ class MemorizingTransformerCausalLM(LaneInputsMixin, keras.Model):
         self._preprocessor = preprocessor
         _ = self.preprocessor  # checks a trained tokenizer's vocabulary now
         self._score_function = None  # `_ScoreStep.predict_on_batch`, once built
+        self._next_token_function = None  # `NextTokenStep.predict_on_batch`
 
     @property
     def preprocessor(self):
@@ -195,6 +197,13 @@ class MemorizingTransformerCausalLM(LaneInputsMixin, keras.Model):
         if self.preprocessor is not None:
             continuations = [self.preprocessor.detokenize(c) for c in continuations]
         return continuations[0] if single else continuations
+
+    def _next_token_logits(self, inputs):
+        """Logits `[batch, vocab]` of `inputs["position"]`, writing nothing
+        (`NextTokenStep`, compiled once per model)."""
+        if self._next_token_function is None:
+            self._next_token_function = NextTokenStep(self).predict_on_batch
+        return self._next_token_function(inputs)
 
     def score(
         self,

@@ -1,5 +1,3 @@
-import contextlib
-
 import keras
 import numpy as np
 from keras import ops
@@ -19,19 +17,19 @@ class SegmentGenerator:
        borders depend on its own length only (padding is neither attended
        to nor stored); the complete segments before the last one are read
        normally, filling the (inference) memory and XL cache.
-    2. Each new token comes from a read-only call on the current segment:
-       `stateless_call` on the current values of the model's variables
-       (memory and cache included), whose updated values are dropped, so
-       nothing is written while a segment is incomplete. The loop runs in
-       Python and commits memory only through the ordinary calls of steps 1
-       and 3, so it works the same under JAX, where keras-hub's compiled
-       `generate()` loop drops state updates, as under TensorFlow and torch.
+    2. The current segment is decoded one position at a time by a step
+       compiled once per model (`NextTokenStep`): the token attends to
+       the segment's earlier tokens through their cached keys and values
+       (and to the XL cache and memory, which it reads but never writes),
+       so each new token costs one token's computation, not a segment's.
+       The prompt's tokens in the current segment are decoded first; then
+       each step's logits give the next token, which is decoded in turn.
+       The loop runs in Python and commits memory only through the
+       ordinary calls of steps 1 and 3, so it works the same under JAX,
+       where keras-hub's compiled `generate()` loop drops state updates,
+       as under TensorFlow and torch.
     3. When the current segment is full it is read normally (committed to
        memory) and a new one starts with the latest token.
-
-    Every memory is also `frozen()` (read-only) for those steps: a host
-    memory (`ScannMemory`) keeps its state outside the model's variables,
-    where dropping updated values would not undo a write.
 
     Generation reads and writes the inference memories and caches only:
     the training state that `fit` streams into is never touched, so a
@@ -47,9 +45,6 @@ class SegmentGenerator:
     def __init__(self, causal_lm, temperature=0.0, seed=None):
         if temperature < 0:
             raise ValueError(f"`temperature` must be >= 0, got {temperature}.")
-        self.memories = [
-            layer.inference_memory for layer in causal_lm.backbone.memory_layers
-        ]
         self.causal_lm = causal_lm
         self.temperature = temperature
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -82,9 +77,13 @@ class SegmentGenerator:
         current = tokens[:, complete * length :]
         current_mask = mask[:, complete * length :]
         first = complete == 0
+        for position in range(current.shape[1]):
+            logits = self._decode(
+                current[:, position], position, current_mask[:, position]
+            )
         generated = []
         for _ in range(max_new_tokens):
-            next_token = self._next_token(current, current_mask, first)
+            next_token = self._pick(logits)
             generated.append(next_token)
             if current.shape[1] == length:
                 self._read(current, current_mask, document_start=first)
@@ -96,6 +95,8 @@ class SegmentGenerator:
                 current_mask = np.concatenate(
                     [current_mask, np.ones((self.batch_size, 1), bool)], axis=1
                 )
+            if len(generated) < max_new_tokens:
+                logits = self._decode(next_token, current.shape[1] - 1, True)
         return np.stack(generated, axis=1)[: len(prompts)]
 
     def _left_pad(self, prompts):
@@ -123,23 +124,22 @@ class SegmentGenerator:
         """Reads a complete segment, writing it to memory and cache."""
         self.causal_lm(self._inputs(tokens, mask, document_start), training=False)
 
-    def _next_token(self, tokens, mask, document_start):
-        """Next token of each lane after `tokens`, writing nothing."""
-        model = self.causal_lm
-        with contextlib.ExitStack() as frozen:
-            for memory in self.memories:
-                frozen.enter_context(memory.frozen())
-            logits, _ = model.stateless_call(
-                [v.value for v in model.trainable_variables],
-                [v.value for v in model.non_trainable_variables],
-                self._inputs(tokens, mask, document_start),
-                training=False,
-            )
-        logits = ops.cast(logits[:, tokens.shape[1] - 1, :], "float32")
+    def _decode(self, token, position, token_mask):
+        """Next-token logits `[batch, vocab]` after `token` `[batch]` at
+        `position` of the current segment (`NextTokenStep`)."""
+        return self.causal_lm._next_token_logits(
+            {
+                "token_ids": np.asarray(token, "int32")[:, None],
+                "cache_update_index": np.full((self.batch_size,), position, "int32"),
+                "token_mask": np.broadcast_to(token_mask, (self.batch_size,)),
+            }
+        )
+
+    def _pick(self, logits):
+        """The next token of each lane: the likeliest, or a sample."""
         if self.temperature == 0:
-            chosen = ops.argmax(logits, axis=-1)
-        else:
-            chosen = keras.random.categorical(
-                logits / self.temperature, 1, seed=self.seed_generator
-            )[:, 0]
+            return np.argmax(logits, axis=-1).astype("int32")
+        chosen = keras.random.categorical(
+            logits / self.temperature, 1, seed=self.seed_generator
+        )[:, 0]
         return np.asarray(ops.convert_to_numpy(chosen), "int32")

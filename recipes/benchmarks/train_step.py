@@ -26,8 +26,6 @@ for an 8K memory on TPUv3 (0.2 s -> 0.25 s per step).
 import argparse
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,7 @@ import numpy as np
 
 from keras_memtrans.models import PRESETS
 from keras_memtrans.models import get_preset
+from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
 
 PEER_CONFIG = {
@@ -202,16 +201,8 @@ def run_worker(args):
 
 
 def timed_in_process(name, argv, environment):
-    """`{memory: seconds}` from a worker process; a failed worker's error
-    is printed and gives `{}`."""
-    command = [sys.executable, "-m", "recipes.benchmarks.train_step", *argv]
-    result = subprocess.run(
-        command, env={**os.environ, **environment}, capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        print(f"[{name}] failed:\n{result.stderr[-2000:]}", file=sys.stderr)
-        return {}
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line[:1] == "{"]
+    """`{memory: seconds}` from a worker process (`{}` if it failed)."""
+    lines = worker_lines("recipes.benchmarks.train_step", name, argv, environment)
     return {line["memory"]: line["seconds"] for line in lines}
 
 

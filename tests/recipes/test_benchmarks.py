@@ -5,8 +5,8 @@ import re
 
 import keras
 
+from recipes.benchmarks import accelerator
 from recipes.benchmarks import memory_lookup
-from recipes.benchmarks import train_step
 
 
 def table_rows(text):
@@ -33,14 +33,24 @@ def test_memory_lookup_prints_lookup_and_throughput_tables(capsys):
     assert "GFLOP/s" in output
 
 
-def test_train_step_times_each_memory_against_none(capsys):
-    backend = keras.backend.backend()  # each backend's own run tests its worker
-    train_step.main(
-        [
-            *("--config", "tiny", "--backends", backend),
-            *("--memories", "none", "64:exact", "--steps", "2", "--warmup", "1"),
-        ]
-    )
-    rows = [row.split("|")[1:3] for row in capsys.readouterr().out.splitlines()]
-    cells = [[cell.strip() for cell in row] for row in rows if len(row) == 2]
-    assert [backend, "none"] in cells and [backend, "64:exact"] in cells
+def test_accelerator_runs_every_benchmark_at_test_size(capfd):
+    backend = keras.backend.backend()  # each backend's own run tests its workers
+    accelerator.main(["--tiny", "--backends", backend, "--dtype", "float32"])
+    output = capfd.readouterr().out
+    cells = [
+        [cell.strip() for cell in line.split("|")[1:-1]]
+        for line in output.splitlines()
+        if line.startswith(f"| {backend} |")
+    ]
+    # The training step without memory, with an exact memory and (scann is
+    # installed here) a ScaNN one ...
+    assert [row[1] for row in cells if len(row) == 6] == [
+        "none",
+        "64:exact",
+        "64:scann",
+    ]
+    # ... the search throughput (from a worker of this backend) ...
+    assert re.search(r"^\| 256 \|", output, re.MULTILINE)
+    # ... and generation, whose greedy tokens have a digest.
+    (generation,) = [row for row in cells if len(row) == 5]
+    assert generation[1] == "tiny" and re.fullmatch(r"[0-9a-f]{12}", generation[4])

@@ -1,0 +1,101 @@
+"""The accelerator benchmark: the `paper` preset's numbers in one command.
+
+Prints, on JAX and torch, in `mixed_bfloat16`: the training step of the
+`paper` preset (`train_step`) without memory and with an 8K exact, a 65K
+exact and a 65K ScaNN memory (ScaNN is a CPU library that needs
+TensorFlow; where it is not installed, as on a GPU image, that row is left
+out and the reason printed), the exact search's throughput up to a 262K
+memory beside a dense matmul (`memory_lookup`), and the decoding rate of
+`generate` on the `quick` and `paper` presets (`generate`). Each backend
+runs in its own process. About 8 minutes on one H100:
+
+    python -m recipes.benchmarks.accelerator
+
+`--tiny` runs the same benchmarks at test size (the `tiny` preset, small
+memories), on any machine.
+"""
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+
+from recipes.benchmarks import generate
+from recipes.benchmarks import train_step
+
+SIZES = {
+    "paper": {
+        "config": "paper",
+        "memories": ["none", "8192:exact", "65536:exact", "65536:scann"],
+        "steps": 10,
+        "warmup": 3,
+        "search_sizes": [8192, 65536, 262144],
+        "dense_size": 8192,
+        "presets": ["quick", "paper"],
+        "new_tokens": 16,
+    },
+    "tiny": {
+        "config": "tiny",
+        "memories": ["none", "64:exact", "64:scann"],
+        "steps": 2,
+        "warmup": 1,
+        "search_sizes": [256],
+        "dense_size": 64,
+        "presets": ["tiny"],
+        "new_tokens": 2,
+    },
+}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tiny", action="store_true", help="test size, for any machine"
+    )
+    parser.add_argument(
+        "--backends", nargs="+", default=["jax", "torch"], choices=generate.BACKENDS
+    )
+    parser.add_argument("--dtype", default="mixed_bfloat16")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    size = SIZES["tiny" if args.tiny else "paper"]
+    memories = size["memories"]
+    if importlib.util.find_spec("scann") is None:
+        memories = [m for m in memories if not m.endswith(":scann")]
+        print("scann is not installed here: no ScaNN memory row\n")
+    print("## Training step\n", flush=True)
+    train_step.main(
+        [
+            *("--config", size["config"], "--backends", *args.backends),
+            *("--memories", *memories, "--dtype", args.dtype),
+            *("--steps", str(size["steps"]), "--warmup", str(size["warmup"])),
+        ]
+    )
+    for backend in args.backends:
+        print(f"\n## Exact search throughput, {backend}\n", flush=True)
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "recipes.benchmarks.memory_lookup"),
+                "--memory-sizes",
+                *("--throughput-sizes", *map(str, size["search_sizes"])),
+                *("--dense-size", str(size["dense_size"]), "--repeats", "3"),
+            ],
+            env={**os.environ, "KERAS_BACKEND": backend},
+            check=True,
+        )
+    print("\n## Generation\n", flush=True)
+    generate.main(
+        [
+            *("--presets", *size["presets"], "--backends", *args.backends),
+            *("--new-tokens", str(size["new_tokens"]), "--dtype", args.dtype),
+        ]
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Tokens per second of `generate()`, per preset and backend.
+
+For each preset of `--presets`, every backend of `--backends` builds the
+untrained model with memory in its own process and continues one random
+prompt per lane (`batch_size` lanes). A prompt is a segment and a half
+long: its first segment is read into memory, and generation starts in a
+half-full segment, so it fills that segment, reads it into memory, and
+goes on in the next one, as a long generation does. After one untimed
+call (compilation), `generate` is timed for 1 new token (the prompt's
+reading and the first token) and for `1 + new_tokens`: decoding runs at
+`lanes x new_tokens / (difference)` tokens/s. The digest of the greedy
+tokens lets runs before and after a change check that the outputs stay
+the same.
+
+    python -m recipes.benchmarks.generate --presets quick paper
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+
+import numpy as np
+
+from keras_memtrans.models import PRESETS
+from keras_memtrans.models import get_preset
+from recipes.benchmarks.workers import worker_lines
+from recipes.common import build_causal_lm
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--presets", nargs="+", default=["quick", "paper"], choices=sorted(PRESETS)
+    )
+    parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", help="e.g. mixed_bfloat16")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def measure(preset_name, args):
+    """`{"preset", "prompt_seconds", "tokens_per_second", "digest"}` of one
+    preset in this process's backend."""
+    preset = get_preset(preset_name)
+    backbone = preset["backbone"]
+    causal_lm = build_causal_lm(
+        backbone,
+        preset["vocabulary_size"],
+        preprocessor=None,
+        use_memory=True,
+        seed=0,
+        dtype=args.dtype,
+    )
+    lanes, length = backbone["batch_size"], backbone["segment_length"]
+    rng = np.random.default_rng(0)
+    prompts = list(rng.integers(1, preset["vocabulary_size"], (lanes, length * 3 // 2)))
+    causal_lm.generate(prompts, max_new_tokens=2)  # compiles
+    start = time.perf_counter()
+    causal_lm.generate(prompts, max_new_tokens=1)
+    prompt_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens = causal_lm.generate(prompts, max_new_tokens=1 + args.new_tokens)
+    decode_seconds = time.perf_counter() - start - prompt_seconds
+    return {
+        "preset": preset_name,
+        "prompt_seconds": prompt_seconds,
+        "tokens_per_second": lanes * args.new_tokens / max(decode_seconds, 1e-9),
+        "digest": hashlib.sha1(np.asarray(tokens, "int32").tobytes()).hexdigest()[:12],
+    }
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.worker:
+        for preset in args.presets:
+            print(json.dumps(measure(preset, args)), flush=True)
+        return 0
+    print(
+        f"dtype {args.dtype}; decoding rate over {args.new_tokens} new tokens per "
+        "lane after a prompt of 1.5 segments\n"
+    )
+    print("| backend | preset | prompt + 1st token (s) | tokens / s | greedy digest |")
+    print("|---|---|---|---|---|", flush=True)
+    argv = [
+        *("--presets", *args.presets, "--new-tokens", str(args.new_tokens)),
+        *("--dtype", args.dtype, "--worker"),
+    ]
+    for backend in args.backends:
+        lines = worker_lines(
+            "recipes.benchmarks.generate", backend, argv, {"KERAS_BACKEND": backend}
+        )
+        for line in lines:
+            print(
+                f"| {backend} | {line['preset']} | {line['prompt_seconds']:.3f} "
+                f"| {line['tokens_per_second']:,.1f} | {line['digest']} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+import contextlib
+
+import numpy as np
+import pytest
+
+from keras_memtrans.models import MemorizingTransformerCausalLM
+from keras_memtrans.models.next_token_step import NextTokenStep
+from tests.arrays import to_numpy
+from tests.models.conftest import tiny_backbone
+
+
+def whole_segment_logits(causal_lm, token_ids, padding_mask, position):
+    """The reference: the whole model, uncompiled, on the segment up to
+    `position` (later tokens padding), its state updates dropped (and any
+    host memory frozen); the logits `[batch, vocab]` at `position`."""
+    token_ids, padding_mask = token_ids.copy(), padding_mask.copy()
+    token_ids[:, position + 1 :] = 0
+    padding_mask[:, position + 1 :] = False
+    with contextlib.ExitStack() as stack:
+        for layer in causal_lm.backbone.memory_layers:
+            stack.enter_context(layer.inference_memory.frozen())
+        logits, _ = causal_lm.stateless_call(
+            [v.value for v in causal_lm.trainable_variables],
+            [v.value for v in causal_lm.non_trainable_variables],
+            {
+                "token_ids": token_ids,
+                "padding_mask": padding_mask,
+                "document_start": np.zeros((2,), bool),
+            },
+            training=False,
+        )
+    return to_numpy(logits)[:, position]
+
+
+@pytest.mark.parametrize("memory_kind", ["exact", "scann"])
+def test_each_token_gets_the_whole_segments_logits_and_nothing_is_written(
+    memory_kind,
+):
+    causal_lm = MemorizingTransformerCausalLM(
+        tiny_backbone(
+            memory_options={"memory_kind": memory_kind},
+            use_xl_cache=True,
+            smear_keys=True,
+        )
+    )
+    rng = np.random.default_rng(0)
+    causal_lm.reset_state(training=False)
+    causal_lm(  # one segment in memory, XL cache and carried key
+        {
+            "token_ids": rng.integers(1, 400, (2, 32)).astype("int32"),
+            "document_start": np.array([True, True]),
+            "padding_mask": np.ones((2, 32), bool),
+        },
+        training=False,
+    )
+    state = [to_numpy(v) for v in causal_lm.weights]
+    step = NextTokenStep(causal_lm)
+    # Two segments decoded in turn, the second shorter: what the first left
+    # in the step's cache beyond the second's positions is never read.
+    for length in (20, 9):
+        padding_mask = np.ones((2, length), bool)
+        padding_mask[1, :3] = False  # a left-padded prompt in lane 1
+        token_ids = rng.integers(1, 400, (2, length)).astype("int32") * padding_mask
+        segment = np.zeros((2, 32), "int32"), np.zeros((2, 32), bool)
+        segment[0][:, :length], segment[1][:, :length] = token_ids, padding_mask
+        for position in range(length):
+            logits = step.predict_on_batch(
+                {
+                    "token_ids": token_ids[:, position : position + 1],
+                    "cache_update_index": np.full((2,), position, "int32"),
+                    "token_mask": padding_mask[:, position],
+                }
+            )
+            assert logits.shape == (2, 400) and logits.dtype == np.float32
+            if position not in (0, 3, length // 2, length - 1):
+                continue  # the reference is slow: a few positions suffice
+            real = padding_mask[:, position]
+            np.testing.assert_allclose(
+                logits[real],
+                whole_segment_logits(causal_lm, *segment, position)[real],
+                rtol=1e-4,
+                atol=1e-4,
+            )
+    for variable, value in zip(causal_lm.weights, state):
+        np.testing.assert_array_equal(to_numpy(variable), value, variable.path)
