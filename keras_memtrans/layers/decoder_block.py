@@ -183,10 +183,10 @@ class DecoderBlock(keras.layers.Layer):
     def call_with_cache(
         self, hidden_states, decode_cache, cache_update_index, token_mask
     ):
-        """The block on one token of the segment being generated.
+        """The block on new tokens of the segment being generated.
 
         See `SegmentAttention.call_with_cache`: `hidden_states` is
-        `[batch, 1, hidden_dim]`; returns `(outputs, decode_cache)`.
+        `[batch, tokens, hidden_dim]`; returns `(outputs, decode_cache)`.
         """
         x = self.attention_norm(hidden_states)
         x, decode_cache = self.attention.call_with_cache(

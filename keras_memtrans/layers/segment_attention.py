@@ -318,33 +318,34 @@ class SegmentAttention(LaneStateMixin, keras.layers.Layer):
     def call_with_cache(
         self, hidden_states, decode_cache, cache_update_index, token_mask
     ):
-        """Attends from one token of the segment being generated.
+        """Attends from new tokens of the segment being generated.
 
-        Generation's incremental step: the token at `cache_update_index`
-        attends, as in `call`, to the segment's real tokens up to itself
-        (and the XL cache and memory), whose raw keys and values
-        `decode_cache` holds, so the earlier tokens are not computed again.
-        Reads the inference state (XL cache, memory, carried key) and
-        writes none of it: a segment is committed by `call` once complete.
+        Generation's incremental step: the tokens from position
+        `cache_update_index` on (the rest of a prompt's segment, then one
+        new token per step) attend, as in `call`, to the segment's real
+        tokens up to themselves (and the XL cache and memory), whose raw
+        keys and values `decode_cache` holds, so earlier tokens are not
+        computed again. Reads the inference state (XL cache, memory,
+        carried key) and writes none of it: a segment is committed by
+        `call` once complete.
 
         Args:
-            hidden_states: `[batch, 1, hidden_dim]`: the new token.
+            hidden_states: `[batch, tokens, hidden_dim]`: the new tokens.
             decode_cache: `(keys, values, mask)`: float32 raw (unsmeared,
                 unnormalised) keys and values `[batch, segment, heads,
                 head_dim]` of the segment's tokens so far and their bool
-                mask `[batch, segment]`, `False` on padding and on the
-                positions not reached yet.
-            cache_update_index: int scalar: the token's position.
-            token_mask: bool `[batch]`: `False` where the token is padding.
+                mask `[batch, segment]`; what lies beyond them is never read.
+            cache_update_index: int scalar: the first new token's position.
+            token_mask: bool `[batch, tokens]`: `False` on padding.
 
         Returns:
-            `(outputs, decode_cache)`: `[batch, 1, hidden_dim]` and the
-            cache with the token's key, value and mask written in.
+            `(outputs, decode_cache)`: `[batch, tokens, hidden_dim]` and
+            the cache with the new tokens' keys, values and mask written in.
         """
         states = self.lane_states(training=False)
         cached_keys, cached_values, mask = decode_cache
         start = [0, cache_update_index, 0, 0]
-        queries = l2_normalize(self.query_projection(hidden_states))  # [b, 1, h, d]
+        queries = l2_normalize(self.query_projection(hidden_states))  # [b, t, h, d]
         cached_keys = ops.slice_update(
             cached_keys, start, ops.cast(self.key_projection(hidden_states), "float32")
         )  # [batch, segment, heads, dim]
@@ -353,7 +354,7 @@ class SegmentAttention(LaneStateMixin, keras.layers.Layer):
             start,
             ops.cast(self.value_projection(hidden_states), "float32"),
         )  # [batch, segment, heads, dim]
-        token_mask = ops.cast(token_mask, "bool")[:, None]  # [batch, 1]
+        token_mask = ops.cast(token_mask, "bool")  # [batch, tokens]
         mask = ops.slice_update(mask, [0, cache_update_index], token_mask)
         keys = ops.cast(cached_keys, queries.dtype)
         if self.smear_keys:
@@ -367,10 +368,10 @@ class SegmentAttention(LaneStateMixin, keras.layers.Layer):
             ops.cast(cached_values, queries.dtype),
             mask,
             states.get("cache"),
-            query_positions=ops.reshape(cache_update_index, (1,)),
-        )  # [batch, 1, heads, head_dim]
+            query_positions=cache_update_index + ops.arange(ops.shape(queries)[1]),
+        )  # [batch, tokens, heads, head_dim]
         attended, _ = self._mix_extra_attention(queries, attended, states)
-        outputs = self.output_projection(attended)  # [batch, 1, hidden_dim]
+        outputs = self.output_projection(attended)  # [batch, tokens, hidden_dim]
         return outputs, (cached_keys, cached_values, mask)
 
     def _mix_extra_attention(self, queries, local, states):

@@ -45,7 +45,7 @@ def top_k_slots(scores, k, group_size):
             does not divide the slots into at least `k` groups, gives one
             plain top-k.
     """
-    *lead, slots = scores.shape
+    *lead, slots = ops.shape(scores)  # a dimension unknown when traced is a tensor
     if group_size <= 1 or slots % group_size or slots // group_size < k:
         return ops.cast(ops.top_k(scores, k, sorted=False)[1], "int32")
     groups = slots // group_size

@@ -206,23 +206,24 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
         ]
 
     def call_with_cache(self, token_ids, decode_caches, cache_update_index, token_mask):
-        """The backbone on one token of the segment being generated.
+        """The backbone on new tokens of the segment being generated.
 
-        Each block attends from the token to its segment so far through its
-        `decode_cache` (see `SegmentAttention.call_with_cache`), reading the
-        inference memories and caches and writing none of them.
+        Each block attends from the tokens to its segment so far through
+        its `decode_cache` (see `SegmentAttention.call_with_cache`), reading
+        the inference memories and caches and writing none of them.
 
         Args:
-            token_ids: int `[batch, 1]`: the token at `cache_update_index`.
+            token_ids: int `[batch, tokens]`: the tokens from position
+                `cache_update_index` on.
             decode_caches: one `(keys, values, mask)` per block.
-            cache_update_index: int scalar: the token's segment position.
-            token_mask: bool `[batch]`: `False` where the token is padding.
+            cache_update_index: int scalar: the first token's position.
+            token_mask: bool `[batch, tokens]`: `False` on padding.
 
         Returns:
-            `(hidden_states, decode_caches)`: `[batch, 1, hidden_dim]` after
-            the final layer norm, and the updated caches.
+            `(hidden_states, decode_caches)`: `[batch, tokens, hidden_dim]`
+            after the final layer norm, and the updated caches.
         """
-        x = self.token_embedding(token_ids)  # [batch, 1, hidden]
+        x = self.token_embedding(token_ids)  # [batch, tokens, hidden]
         updated = []
         for block, decode_cache in zip(self.transformer_layers, decode_caches):
             x, decode_cache = block.call_with_cache(

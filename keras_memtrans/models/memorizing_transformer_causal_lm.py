@@ -88,7 +88,8 @@ class MemorizingTransformerCausalLM(LaneInputsMixin, keras.Model):
         self._preprocessor = preprocessor
         _ = self.preprocessor  # checks a trained tokenizer's vocabulary now
         self._score_function = None  # `_ScoreStep.predict_on_batch`, once built
-        self._next_token_function = None  # `NextTokenStep.predict_on_batch`
+        # `NextTokenStep.predict_on_batch` by number of new tokens
+        self._next_token_functions = {}
 
     @property
     def preprocessor(self):
@@ -199,11 +200,16 @@ class MemorizingTransformerCausalLM(LaneInputsMixin, keras.Model):
         return continuations[0] if single else continuations
 
     def _next_token_logits(self, inputs):
-        """Logits `[batch, vocab]` of `inputs["position"]`, writing nothing
-        (`NextTokenStep`, compiled once per model)."""
-        if self._next_token_function is None:
-            self._next_token_function = NextTokenStep(self).predict_on_batch
-        return self._next_token_function(inputs)
+        """`NextTokenStep`'s logits `[batch, vocab]`, compiled once per model
+        and number of new tokens, all sharing one decode cache."""
+        tokens = np.shape(inputs["token_ids"])[1]
+        if tokens not in self._next_token_functions:
+            steps = [f.__self__ for f in self._next_token_functions.values()]
+            step = NextTokenStep(
+                self, decode_caches=steps[0].decode_caches if steps else None
+            )
+            self._next_token_functions[tokens] = step.predict_on_batch
+        return self._next_token_functions[tokens](inputs)
 
     def score(
         self,

@@ -3,33 +3,40 @@ from keras import ops
 
 
 class NextTokenStep(keras.Model):
-    """One generated token's logits, from the segment's cached keys and values.
+    """The next token's logits, from the segment's cached keys and values.
 
-    `generate()`'s compiled per-token step. It keeps, as its own variables,
-    every block's decode cache of the segment being generated (raw keys,
-    values and mask of its tokens so far, see
-    `SegmentAttention.call_with_cache`), so each call runs the model on one
-    token per lane: that token attends to the cached tokens, the XL cache
-    and the memory, and its key and value join the cache. The causal LM's
-    own state (memories, XL caches, carried keys) is read, never written:
-    a segment is committed by an ordinary call once complete. A segment is
-    decoded from position 0 up, one position per call (padding too, with
-    `token_mask` `False`); entries beyond the current position are never
-    read, so a new segment needs no reset. `predict_on_batch` compiles the
-    step once, as the causal LM's own predict step is compiled (XLA where
-    the layers allow it).
+    `generate()`'s compiled step. It keeps, as its own variables, every
+    block's decode cache of the segment being generated (raw keys, values
+    and mask of its tokens so far, see `SegmentAttention.call_with_cache`),
+    so each call runs the model on the new tokens only: the rest of a
+    prompt's segment in one call, then one generated token per call. They
+    attend to the cached tokens, the XL cache and the memory, and their
+    keys and values join the cache. The causal LM's own state (memories,
+    XL caches, carried keys) is read, never written: a segment is
+    committed by an ordinary call once complete. A segment is decoded from
+    position 0 up, each position once (padding too, with `token_mask`
+    `False`); what lies beyond the positions decoded so far is never read,
+    so a new segment needs no reset. `predict_on_batch` compiles the step
+    once per number of new tokens, as the causal LM's own predict step is
+    compiled (XLA where the layers allow it).
 
     Args:
         causal_lm: a `MemorizingTransformerCausalLM`.
+        decode_caches: optional, another `NextTokenStep`'s `decode_caches`,
+            to share: a step compiled for a prompt's tokens and one for a
+            single token then decode the same segment (TensorFlow traces
+            one step for every number of tokens with an unknown one, which
+            host memories cannot take).
 
     Call arguments:
-        inputs: dict of `token_ids`, int `[batch, 1]`, the token of each
-            lane at the position `cache_update_index`, int `[batch]` (the
-            same in every lane), and `token_mask`, bool `[batch]`, `False`
-            where the token is padding.
+        inputs: dict of `token_ids`, int `[batch, tokens]`, the new tokens
+            of each lane from position `cache_update_index`, int `[batch]`
+            (the same in every lane), on, and `token_mask`, bool
+            `[batch, tokens]`, `False` on padding.
 
     Returns:
-        float32 logits `[batch, vocabulary_size]` of the next token.
+        float32 logits `[batch, vocabulary_size]` of the token after the
+        last new one.
 
     Example:
     >>> import numpy as np
@@ -41,11 +48,14 @@ class NextTokenStep(keras.Model):
     ...     memory_layer_indices=(-1,),
     ...     memory_options={"memory_size": 64, "num_neighbors": 4})
     >>> step = NextTokenStep(MemorizingTransformerCausalLM(backbone))
-    >>> for position, token in enumerate([5, 17, 3]):
-    ...     logits = step.predict_on_batch({
-    ...         "token_ids": np.full((2, 1), token, "int32"),
-    ...         "cache_update_index": np.full((2,), position, "int32"),
-    ...         "token_mask": np.ones((2,), bool)})
+    >>> logits = step.predict_on_batch({  # a prompt's 3 tokens in one call
+    ...     "token_ids": np.array([[5, 17, 3], [0, 8, 9]], "int32"),
+    ...     "cache_update_index": np.zeros((2,), "int32"),
+    ...     "token_mask": np.array([[True, True, True], [False, True, True]])})
+    >>> logits = step.predict_on_batch({  # then one token at position 3
+    ...     "token_ids": np.array([[42], [7]], "int32"),
+    ...     "cache_update_index": np.full((2,), 3, "int32"),
+    ...     "token_mask": np.ones((2, 1), bool)})
     >>> logits.shape
     (2, 100)
 
@@ -54,9 +64,12 @@ class NextTokenStep(keras.Model):
         (https://arxiv.org/abs/2203.08913).
     """
 
-    def __init__(self, causal_lm):
+    def __init__(self, causal_lm, decode_caches=None):
         super().__init__(name=f"{causal_lm.name}_next_token")
         self.causal_lm = causal_lm
+        if decode_caches is not None:
+            self.decode_caches = decode_caches
+            return
         backbone = causal_lm.backbone
         lanes = (backbone.batch_size, backbone.segment_length)
         self.decode_caches = []
@@ -87,9 +100,10 @@ class NextTokenStep(keras.Model):
             [[variable.value for variable in cache] for cache in self.decode_caches],
             ops.cast(inputs["cache_update_index"], "int32")[0],
             inputs["token_mask"],
-        )  # [batch, 1, hidden]
+        )  # [batch, tokens, hidden]
         for variables, values in zip(self.decode_caches, decode_caches):
             for variable, value in zip(variables, values):
                 variable.assign(value)
-        logits = backbone.token_embedding(hidden_states, reverse=True)  # [b, 1, v]
-        return ops.cast(logits[:, 0], "float32")
+        # [batch, vocab]
+        logits = backbone.token_embedding(hidden_states[:, -1:], reverse=True)[:, 0]
+        return ops.cast(logits, "float32")

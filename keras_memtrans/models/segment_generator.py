@@ -22,8 +22,9 @@ class SegmentGenerator:
        the segment's earlier tokens through their cached keys and values
        (and to the XL cache and memory, which it reads but never writes),
        so each new token costs one token's computation, not a segment's.
-       The prompt's tokens in the current segment are decoded first; then
-       each step's logits give the next token, which is decoded in turn.
+       The prompt's tokens in the current segment are decoded first, in
+       one call; then each step's logits give the next token, which is
+       decoded in turn.
        The loop runs in Python and commits memory only through the
        ordinary calls of steps 1 and 3, so it works the same under JAX,
        where keras-hub's compiled `generate()` loop drops state updates,
@@ -77,10 +78,7 @@ class SegmentGenerator:
         current = tokens[:, complete * length :]
         current_mask = mask[:, complete * length :]
         first = complete == 0
-        for position in range(current.shape[1]):
-            logits = self._decode(
-                current[:, position], position, current_mask[:, position]
-            )
+        logits = self._decode(current, 0, current_mask)
         generated = []
         for _ in range(max_new_tokens):
             next_token = self._pick(logits)
@@ -96,7 +94,9 @@ class SegmentGenerator:
                     [current_mask, np.ones((self.batch_size, 1), bool)], axis=1
                 )
             if len(generated) < max_new_tokens:
-                logits = self._decode(next_token, current.shape[1] - 1, True)
+                logits = self._decode(
+                    next_token[:, None], current.shape[1] - 1, current_mask[:, -1:]
+                )
         return np.stack(generated, axis=1)[: len(prompts)]
 
     def _left_pad(self, prompts):
@@ -124,14 +124,14 @@ class SegmentGenerator:
         """Reads a complete segment, writing it to memory and cache."""
         self.causal_lm(self._inputs(tokens, mask, document_start), training=False)
 
-    def _decode(self, token, position, token_mask):
-        """Next-token logits `[batch, vocab]` after `token` `[batch]` at
-        `position` of the current segment (`NextTokenStep`)."""
+    def _decode(self, tokens, position, token_mask):
+        """Next-token logits `[batch, vocab]` after `tokens` `[batch, n]`
+        from `position` of the current segment on (`NextTokenStep`)."""
         return self.causal_lm._next_token_logits(
             {
-                "token_ids": np.asarray(token, "int32")[:, None],
+                "token_ids": np.asarray(tokens, "int32"),
                 "cache_update_index": np.full((self.batch_size,), position, "int32"),
-                "token_mask": np.broadcast_to(token_mask, (self.batch_size,)),
+                "token_mask": np.asarray(token_mask, bool),
             }
         )
 

@@ -7,7 +7,9 @@ TensorFlow; where it is not installed, as on a GPU image, that row is left
 out and the reason printed), the exact search's throughput up to a 262K
 memory beside a dense matmul (`memory_lookup`), and the decoding rate of
 `generate` on the `quick` and `paper` presets (`generate`). Each backend
-runs in its own process. About 8 minutes on one H100:
+runs in its own process, and each row is printed as soon as it is
+measured. Sized for one H100 in under 8 minutes; the first try there did
+not finish the JAX training steps in 9 (docs/performance.md):
 
     python -m recipes.benchmarks.accelerator
 
@@ -28,12 +30,13 @@ SIZES = {
     "paper": {
         "config": "paper",
         "memories": ["none", "8192:exact", "65536:exact", "65536:scann"],
-        "steps": 10,
-        "warmup": 3,
+        "steps": 5,
+        "warmup": 2,
         "search_sizes": [8192, 65536, 262144],
         "dense_size": 8192,
         "presets": ["quick", "paper"],
-        "new_tokens": 16,
+        "new_tokens": 32,
+        "repeats": 3,
     },
     "tiny": {
         "config": "tiny",
@@ -44,6 +47,7 @@ SIZES = {
         "dense_size": 64,
         "presets": ["tiny"],
         "new_tokens": 2,
+        "repeats": 1,
     },
 }
 
@@ -92,6 +96,7 @@ def main(argv=None):
         [
             *("--presets", *size["presets"], "--backends", *args.backends),
             *("--new-tokens", str(size["new_tokens"]), "--dtype", args.dtype),
+            *("--repeats", str(size["repeats"])),
         ]
     )
     return 0

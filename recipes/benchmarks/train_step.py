@@ -200,16 +200,14 @@ def run_worker(args):
         print(json.dumps({"memory": memory, "seconds": seconds}), flush=True)
 
 
-def timed_in_process(name, argv, environment):
-    """`{memory: seconds}` from a worker process (`{}` if it failed)."""
-    lines = worker_lines("recipes.benchmarks.train_step", name, argv, environment)
-    return {line["memory"]: line["seconds"] for line in lines}
-
-
-def print_rows(name, times, peer, tokens):
-    """One table row per memory: the step against the same process's step
-    without memory, and the peer's step with the same memory against it."""
-    for memory, seconds in times.items():
+def print_rows(name, lines, peer, tokens):
+    """One table row per memory as each is measured: the step against the
+    same worker's step without memory, and the peer's step with the same
+    memory size against it. Returns `{memory: seconds}`."""
+    times = {}
+    for line in lines:
+        memory, seconds = line["memory"], line["seconds"]
+        times[memory] = seconds
         baseline = times.get("none")
         versus_none = f"{seconds / baseline:.2f}" if baseline else "-"
         versus_peer = f"{peer[memory] / seconds:.2f}x" if memory in peer else "-"
@@ -218,6 +216,7 @@ def print_rows(name, times, peer, tokens):
             f"| {versus_none} | {versus_peer} |",
             flush=True,
         )
+    return times
 
 
 def main(argv=None):
@@ -232,14 +231,20 @@ def main(argv=None):
     ]
     config = model_config(args.config)
     tokens = config["backbone"]["batch_size"] * config["backbone"]["segment_length"]
-    peer = {}
+    peer_lines = []
     if args.config == "peer":
         if importlib.util.find_spec("memorizing_transformers_pytorch") is None:
             print("peer not installed: no peer column (see --help)\n")
         else:
-            peer = timed_in_process(
-                "peer", [*argv, "--worker", "peer"], {"KERAS_BACKEND": "torch"}
+            peer_lines = list(
+                worker_lines(
+                    "recipes.benchmarks.train_step",
+                    "peer",
+                    [*argv, "--worker", "peer"],
+                    {"KERAS_BACKEND": "torch"},
+                )
             )
+    peer = {line["memory"]: line["seconds"] for line in peer_lines}
     print(
         f"config {args.config}, dtype {args.dtype}, {tokens} tokens per step, "
         f"mean of {args.steps} fit steps after {args.warmup} warm-up steps\n"
@@ -249,12 +254,15 @@ def main(argv=None):
         "| speed vs peer |"
     )
     print("|---|---|---|---|---|---|", flush=True)
-    print_rows("peer (torch eager, faiss)", peer, peer, tokens)
+    print_rows("peer (torch eager, faiss)", peer_lines, peer, tokens)
     for backend in args.backends:
-        times = timed_in_process(
-            backend, [*argv, "--worker", "keras"], {"KERAS_BACKEND": backend}
+        lines = worker_lines(
+            "recipes.benchmarks.train_step",
+            backend,
+            [*argv, "--worker", "keras"],
+            {"KERAS_BACKEND": backend},
         )
-        print_rows(backend, times, peer, tokens)
+        print_rows(backend, lines, peer, tokens)
     return 0
 
 

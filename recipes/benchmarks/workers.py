@@ -8,13 +8,20 @@ import sys
 
 
 def worker_lines(module, name, argv, environment):
-    """The JSON lines printed by `python -m module *argv` run with
-    `environment` added; a failed worker's error is printed and gives `[]`."""
+    """Yields the JSON lines printed by `python -m module *argv`, run with
+    `environment` added, as soon as each is printed (a run stopped early
+    still shows what it measured); a failed worker's error is printed."""
     command = [sys.executable, "-m", module, *argv]
-    result = subprocess.run(
-        command, env={**os.environ, **environment}, capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        print(f"[{name}] failed:\n{result.stderr[-2000:]}", file=sys.stderr)
-        return []
-    return [json.loads(line) for line in result.stdout.splitlines() if line[:1] == "{"]
+    with subprocess.Popen(
+        command,
+        env={**os.environ, **environment, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as worker:
+        for line in worker.stdout:
+            if line[:1] == "{":
+                yield json.loads(line)
+        errors = worker.stderr.read()
+    if worker.returncode != 0:
+        print(f"[{name}] failed:\n{errors[-2000:]}", file=sys.stderr)

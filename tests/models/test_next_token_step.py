@@ -54,30 +54,35 @@ def test_each_token_gets_the_whole_segments_logits_and_nothing_is_written(
         training=False,
     )
     state = [to_numpy(v) for v in causal_lm.weights]
-    step = NextTokenStep(causal_lm)
+    # As generate() does: one step for a prompt's tokens, one for a single
+    # token, sharing the decode cache (each compiled for its token count).
+    prompt_step = NextTokenStep(causal_lm)
+    token_step = NextTokenStep(causal_lm, decode_caches=prompt_step.decode_caches)
     # Two segments decoded in turn, the second shorter: what the first left
-    # in the step's cache beyond the second's positions is never read.
+    # in the cache beyond the second's positions is never read. Each starts
+    # with a prompt of 6 tokens in one call, then one token per call.
+    prompt = 6
     for length in (20, 9):
         padding_mask = np.ones((2, length), bool)
         padding_mask[1, :3] = False  # a left-padded prompt in lane 1
         token_ids = rng.integers(1, 400, (2, length)).astype("int32") * padding_mask
         segment = np.zeros((2, 32), "int32"), np.zeros((2, 32), bool)
         segment[0][:, :length], segment[1][:, :length] = token_ids, padding_mask
-        for position in range(length):
+        for start, end in [(0, prompt), *((p, p + 1) for p in range(prompt, length))]:
+            step = prompt_step if start == 0 else token_step
             logits = step.predict_on_batch(
                 {
-                    "token_ids": token_ids[:, position : position + 1],
-                    "cache_update_index": np.full((2,), position, "int32"),
-                    "token_mask": padding_mask[:, position],
+                    "token_ids": token_ids[:, start:end],
+                    "cache_update_index": np.full((2,), start, "int32"),
+                    "token_mask": padding_mask[:, start:end],
                 }
             )
             assert logits.shape == (2, 400) and logits.dtype == np.float32
-            if position not in (0, 3, length // 2, length - 1):
+            if end - 1 not in (prompt - 1, prompt + 2, length - 1):
                 continue  # the reference is slow: a few positions suffice
-            real = padding_mask[:, position]
             np.testing.assert_allclose(
-                logits[real],
-                whole_segment_logits(causal_lm, *segment, position)[real],
+                logits,
+                whole_segment_logits(causal_lm, *segment, end - 1),
                 rtol=1e-4,
                 atol=1e-4,
             )
