@@ -215,7 +215,8 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
         Args:
             token_ids: int `[batch, tokens]`: the tokens from position
                 `cache_update_index` on.
-            decode_caches: one `(keys, values, mask)` per block.
+            decode_caches: one `(keys, values, mask, last_key, last_found)`
+                per block.
             cache_update_index: int scalar: the first token's position.
             token_mask: bool `[batch, tokens]`: `False` on padding.
 

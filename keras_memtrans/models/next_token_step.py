@@ -6,8 +6,8 @@ class NextTokenStep(keras.Model):
     """The next token's logits, from the segment's cached keys and values.
 
     `generate()`'s compiled step. It keeps, as its own variables, every
-    block's decode cache of the segment being generated (raw keys, values
-    and mask of its tokens so far, see `SegmentAttention.call_with_cache`),
+    block's decode cache of the segment being generated (keys, values and
+    mask of its tokens so far, see `SegmentAttention.call_with_cache`),
     so each call runs the model on the new tokens only: the rest of a
     prompt's segment in one call, then one generated token per call. They
     attend to the cached tokens, the XL cache and the memory, and their
@@ -89,6 +89,8 @@ class NextTokenStep(keras.Model):
                         ("keys", vectors, "float32"),
                         ("values", vectors, "float32"),
                         ("mask", lanes, "bool"),
+                        ("last_key", (lanes[0], *vectors[2:]), "float32"),
+                        ("last_found", lanes[:1], "bool"),
                     )
                 ]
             )
