@@ -40,7 +40,7 @@ SIZES = {
     },
     "tiny": {
         "config": "tiny",
-        "memories": ["none", "64:exact", "64:scann"],
+        "memories": ["none", "64:exact"],
         "steps": 2,
         "warmup": 1,
         "search_sizes": [256],
