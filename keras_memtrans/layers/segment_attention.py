@@ -234,17 +234,18 @@ class SegmentAttention(LaneStateMixin, keras.layers.Layer):
         queries = l2_normalize(self.query_projection(hidden_states))
         keys = self.key_projection(hidden_states)  # [batch, seg, heads, dim]
         if self.smear_keys:
-            keys = self._smear(keys, padding_mask, last_key)
+            carried = None if last_key is None else last_key.read()[0]
+            keys, last, found = self._smear(keys, padding_mask, carried)
+            if last_key is not None:
+                last_key.write(last, found)
         return queries, l2_normalize(keys), self.value_projection(hidden_states)
 
-    def _smear(self, keys, padding_mask, last_key):
-        """Mixes each key with the raw key of the previous real token."""
-        carried = None if last_key is None else last_key.read()[0]
+    def _smear(self, keys, padding_mask, carried):
+        """Mixes each key with the raw key of the previous real token (else
+        `carried`); returns it with `previous_real_keys`' `last, found`."""
         previous, last, found = previous_real_keys(keys, padding_mask, carried)
-        if last_key is not None:
-            last_key.write(last, found)
         own = ops.cast(ops.sigmoid(self.key_smear_logit), keys.dtype)[:, None]
-        return own * keys + (1.0 - own) * previous  # [batch, seg, heads, dim]
+        return own * keys + (1.0 - own) * previous, last, found  # [b, seg, h, d]
 
     def _local_attention(
         self, queries, keys, values, padding_mask, cache, query_positions=None
@@ -359,9 +360,7 @@ class SegmentAttention(LaneStateMixin, keras.layers.Layer):
             if "last_key" in states:
                 carried = ops.cast(states["last_key"].read()[0], "float32")
             carried = ops.where(found[:, None, None], last_key, carried)
-            previous, last, found_now = previous_real_keys(keys, token_mask, carried)
-            own = ops.cast(ops.sigmoid(self.key_smear_logit), keys.dtype)[:, None]
-            keys = own * keys + (1.0 - own) * previous  # [batch, tokens, heads, dim]
+            keys, last, found_now = self._smear(keys, token_mask, carried)
             last_key = ops.where(
                 found_now[:, None, None], ops.cast(last, "float32"), last_key
             )

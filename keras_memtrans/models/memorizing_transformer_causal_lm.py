@@ -11,6 +11,7 @@ from keras_memtrans.models.memorizing_transformer_preprocessor import (
     MemorizingTransformerPreprocessor,
 )
 from keras_memtrans.models.next_token_step import NextTokenStep
+from keras_memtrans.models.score_step import ScoreStep
 from keras_memtrans.models.segment_generator import SegmentGenerator
 
 
@@ -87,7 +88,7 @@ class MemorizingTransformerCausalLM(LaneInputsMixin, keras.Model):
         self.backbone = backbone
         self._preprocessor = preprocessor
         _ = self.preprocessor  # checks a trained tokenizer's vocabulary now
-        self._score_function = None  # `_ScoreStep.predict_on_batch`, once built
+        self._score_function = None  # `ScoreStep.predict_on_batch`, once built
         # `NextTokenStep.predict_on_batch` by number of new tokens
         self._next_token_functions = {}
 
@@ -285,7 +286,7 @@ class MemorizingTransformerCausalLM(LaneInputsMixin, keras.Model):
         if scoring_mode == "loss":
             inputs["target_ids"] = target_ids
         if self._score_function is None:
-            self._score_function = _ScoreStep(self).predict_on_batch
+            self._score_function = ScoreStep(self).predict_on_batch
         scores, neighbors = self._score_function(inputs)
         return (scores, list(neighbors)) if return_neighbors else scores
 
@@ -395,21 +396,3 @@ class MemorizingTransformerCausalLM(LaneInputsMixin, keras.Model):
         )
         _ = causal_lm.preprocessor  # checks the loaded tokenizer's vocabulary
         return causal_lm
-
-
-class _ScoreStep(keras.Model):
-    """`MemorizingTransformerCausalLM._score_step` as a model, so that its
-    `predict_on_batch` compiles the step the way the causal LM's own is
-    compiled (XLA where the layers allow it; memory updates kept on JAX).
-
-    Not a functional model: a functional graph cannot call the memory blocks
-    with another number of outputs than their first call had (Keras checks
-    every call of a layer against its first).
-    """
-
-    def __init__(self, causal_lm):
-        super().__init__(name=f"{causal_lm.name}_score")
-        self.causal_lm = causal_lm
-
-    def call(self, inputs):
-        return self.causal_lm._score_step(inputs)

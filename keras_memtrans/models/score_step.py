@@ -1,0 +1,19 @@
+import keras
+
+
+class ScoreStep(keras.Model):
+    """`MemorizingTransformerCausalLM._score_step` as a model, so that its
+    `predict_on_batch` compiles the step the way the causal LM's own is
+    compiled (XLA where the layers allow it; memory updates kept on JAX).
+
+    Not a functional model: a functional graph cannot call the memory blocks
+    with another number of outputs than their first call had (Keras checks
+    every call of a layer against its first).
+    """
+
+    def __init__(self, causal_lm):
+        super().__init__(name=f"{causal_lm.name}_score")
+        self.causal_lm = causal_lm
+
+    def call(self, inputs):
+        return self.causal_lm._score_step(inputs)
