@@ -15,7 +15,12 @@ A second table gives the throughput of `ExactMemory.search` (scores, top-k
 and gather) in the backend's compiled predict step, for the `quick`
 model's search (8 lanes x 4 heads x 128 queries, head_dim 32, k = 32), as
 GFLOP/s of its score matmul (2 x lanes x heads x queries x slots x
-head_dim), next to a dense float32 matmul measured in the same process.
+head_dim), next to a dense float32 matmul measured in the same process,
+and next to two references for the same scores: the score matmul alone
+(reduced by a max, so that only the scores are written: the ceiling of any
+search that materialises them), and ScaNN's brute-force searcher on the
+host (SIMD scoring with a fused top-k, one searcher per (lane, head), one
+thread).
 
     KERAS_BACKEND=jax python -m recipes.benchmarks.memory_lookup
 """
@@ -161,7 +166,8 @@ def compiled_seconds(function, inputs, repeats, state=None):
 
 
 def search_gflops(memory_size, repeats):
-    """GFLOP/s of the score matmul of one compiled exact search."""
+    """GFLOP/s of the score matmul of one compiled exact search, of the
+    score matmul alone, and of ScaNN's brute-force searchers."""
     lanes, heads, queries, head_dim, k = 8, 4, 128, 32, 32
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(lanes, memory_size, heads, head_dim)).astype("float32")
@@ -169,10 +175,48 @@ def search_gflops(memory_size, repeats):
     memory.build()
     memory.append(keys, keys)
     query = rng.normal(size=(lanes, queries, heads, head_dim)).astype("float32")
-    seconds = compiled_seconds(
+    search = compiled_seconds(
         lambda x: memory.search(x, k)[1], query, repeats, state=memory
     )
-    return 2 * lanes * heads * queries * memory_size * head_dim / seconds / 1e9, seconds
+    # [batch, heads, query, slots], reduced to [batch, heads, query]
+    scores_only = compiled_seconds(
+        lambda x: ops.max(ops.einsum("bqhd,bhmd->bhqm", x, memory.keys.value), -1),
+        query,
+        repeats,
+        state=memory,
+    )
+    brute_force = scann_brute_force_seconds(keys, query, k, repeats)
+    flops = 2 * lanes * heads * queries * memory_size * head_dim
+    return [
+        (seconds, flops / seconds / 1e9)
+        for seconds in (search, scores_only, brute_force)
+    ]
+
+
+def scann_brute_force_seconds(keys, queries, k, repeats):
+    """Median seconds of ScaNN brute-force searches of every (lane, head);
+    None where ScaNN is not installed (an accelerator image)."""
+    try:
+        import scann
+    except ImportError:
+        return None
+
+    lanes, _, heads, _ = keys.shape
+    pairs = [(lane, head) for lane in range(lanes) for head in range(heads)]
+    searchers = {
+        (lane, head): scann.scann_ops_pybind.builder(
+            np.ascontiguousarray(keys[lane, :, head]), k, "dot_product"
+        )
+        .score_brute_force()
+        .build()
+        for lane, head in pairs
+    }
+    rows = {pair: np.ascontiguousarray(queries[pair[0], :, pair[1]]) for pair in pairs}
+    seconds, _ = timed(
+        lambda: [searchers[pair].search_batched(rows[pair], k) for pair in pairs],
+        repeats,
+    )
+    return seconds
 
 
 def dense_gflops(size, repeats):
@@ -216,15 +260,26 @@ def print_throughput_table(memory_sizes, dense_size, repeats):
         f"\nExact search throughput, backend {keras.backend.backend()}; dense "
         f"{dense_size}^2 matmul: {dense:.1f} GFLOP/s\n"
     )
-    print("| memory | search (ms) | search GFLOP/s | vs dense matmul |")
-    print("|---|---|---|---|")
+    print(
+        "| memory | search (ms) | search GFLOP/s | vs dense matmul "
+        "| scores alone (ms) | scores alone vs dense "
+        "| ScaNN brute force (ms) | ScaNN brute force vs dense |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for memory_size in memory_sizes:
-        gflops, seconds = search_gflops(memory_size, repeats)
-        print(
-            f"| {memory_size} | {1e3 * seconds:.1f} | {gflops:.1f} "
-            f"| {gflops / dense:.2f} |",
-            flush=True,
-        )
+        (search, search_gflop), *references = search_gflops(memory_size, repeats)
+        cells = [
+            f"{1e3 * search:.1f}",
+            f"{search_gflop:.1f}",
+            f"{search_gflop / dense:.2f}",
+        ]
+        for seconds, gflops in references:
+            cells += (
+                [f"{1e3 * seconds:.1f}", f"{gflops / dense:.2f}"]
+                if seconds
+                else ["-", "-"]
+            )
+        print(f"| {memory_size} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main(argv=None):

@@ -31,6 +31,10 @@ def test_memory_lookup_prints_lookup_and_throughput_tables(capsys):
     assert lookup.startswith("| 512 |")
     assert throughput.startswith("| 256 |")
     assert "GFLOP/s" in output
+    # The search, the scores alone and ScaNN's brute force: a time and a
+    # ratio to the dense matmul each, every one a positive number.
+    cells = [float(cell) for cell in throughput.strip("| ").split(" | ")]
+    assert len(cells) == 8 and min(cells) > 0
 
 
 def test_accelerator_runs_every_benchmark_at_test_size(capfd):
