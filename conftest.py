@@ -14,3 +14,11 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
         f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false"
         f" intra_op_parallelism_threads={threads}"
     )
+
+# Two host devices on JAX, for the data-parallel tests (keras.distribution
+# over a 2-device mesh, as on a 2-chip accelerator); every other test runs
+# on the first device, as without the flag.
+if os.environ.get("KERAS_BACKEND") == "jax":
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    )

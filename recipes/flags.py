@@ -158,6 +158,12 @@ def parse_args(argv, description=None):
         "memory parameters start at their initial values (with --compare the "
         "model without memory is fine-tuned the same way, as a control)",
     )
+    parser.add_argument(
+        "--data-parallel",
+        action="store_true",
+        help="train on every visible device (JAX): lanes split across them, "
+        "weights replicated, each memory sharded by lane (docs/scaling.md)",
+    )
     parser.add_argument("--output-dir", type=pathlib.Path, default=None)
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     return parser.parse_args(argv)

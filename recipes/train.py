@@ -20,6 +20,7 @@ never overwritten (a new `-N` suffix is chosen instead), gets:
 - `results.json` and `results.md`.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -39,6 +40,7 @@ from recipes.common import build_causal_lm
 from recipes.common import compile_for_training
 from recipes.common import save_preset
 from recipes.common import split_corpus
+from recipes.data_parallel import data_parallel_distribution
 from recipes.flags import parse_args
 from recipes.flags import resolve_config
 from recipes.reporting import HeldOutCurve
@@ -233,6 +235,9 @@ def main(argv=None):
         args = parse_args(argv, __doc__.splitlines()[0])
         print(f"Resuming {output_dir}: recipes.train {' '.join(argv)}")
     backbone_config, training, vocabulary_size = resolve_config(args)
+    distribution = None  # one device
+    if args.data_parallel:
+        distribution = data_parallel_distribution(backbone_config)
     backend = keras.backend.backend()
     if output_dir is None:
         output_dir = checkpointing.claim_directory(
@@ -269,15 +274,17 @@ def main(argv=None):
     for name, use_memory in runs:
         if any(result["run"] == name for result in results):
             continue  # finished before the run was interrupted
-        causal_lm = build_causal_lm(
-            backbone_config, vocabulary_size, preprocessor, use_memory, args.seed
-        )
-        if source is not None:
-            initialised_from(causal_lm, source)
-        compile_for_training(causal_lm, training, jit_compile)
-        result = train_and_evaluate(
-            name, causal_lm, training, documents, args, output_dir
-        )
+        # Each model is built, trained and evaluated on the run's devices.
+        with distribution.scope() if distribution else contextlib.nullcontext():
+            causal_lm = build_causal_lm(
+                backbone_config, vocabulary_size, preprocessor, use_memory, args.seed
+            )
+            if source is not None:
+                initialised_from(causal_lm, source)
+            compile_for_training(causal_lm, training, jit_compile)
+            result = train_and_evaluate(
+                name, causal_lm, training, documents, args, output_dir
+            )
         if result is None:
             print(
                 f"[{name}] training diverged (a non-finite loss): stopped; the "
@@ -294,6 +301,7 @@ def main(argv=None):
             "vocabulary_size": vocabulary_size,
             "corpus": corpus_settings,
             "init_from": args.init_from and str(args.init_from.resolve()),
+            "devices": distribution.device_mesh.devices.size if distribution else 1,
             "results": results,
         }
         checkpointing.atomic_write(

@@ -1,6 +1,14 @@
 from keras_memtrans.memory.lane_state import load_states
 from keras_memtrans.memory.lane_state import save_states
 
+# The path of every variable of a lane state that holds one row per lane,
+# lanes first: `<layer>/<train|inference>_<state>/<array>` (a memory's
+# `next_slot`, shared by its lanes, is not one).
+LANE_VARIABLE_PATH = (
+    r".*/(train|inference)_(cache|last_key|memory)/"
+    r"(keys|values|mask|present|positions|document_length)"
+)
+
 
 class LaneStateMixin:
     """The per-lane state of an attention layer: built, reset, saved, loaded.

@@ -8,6 +8,7 @@ A new memory is a `KNNMemory` subclass in its own module, one entry in
 import warnings
 
 from keras_memtrans.memory.exact_memory import ExactMemory
+from keras_memtrans.memory.host import distributed_devices
 from keras_memtrans.memory.scann_memory import ScannMemory
 
 # Smallest `memory_size` at which `memory_kind="auto"` picks ScaNN: the
@@ -44,8 +45,9 @@ def make_memory(
             top-k, compiles with XLA), `"scann"` (`ScannMemory`: host memory
             searched with ScaNN) or `"auto"`: `"scann"` from
             `memory_size >= SCANN_MIN_MEMORY_SIZE` (32768, the crossover
-            measured in docs/memory_lookup.md) when `scann` is installed,
-            else `"exact"`.
+            measured in docs/memory_lookup.md) when `scann` is installed
+            and no `keras.distribution` spreads the step over several
+            devices (a host memory cannot run there), else `"exact"`.
         batch_size, num_heads, head_dim, memory_size: the memory's sizes
             (see `KNNMemory`).
         top_k, recall_target: the exact memory's top-k (see `ExactMemory`);
@@ -72,7 +74,9 @@ def make_memory(
         **kwargs,
     )
     use_scann = memory_kind == "scann" or (
-        memory_kind == "auto" and memory_size >= SCANN_MIN_MEMORY_SIZE
+        memory_kind == "auto"
+        and memory_size >= SCANN_MIN_MEMORY_SIZE
+        and distributed_devices() == 1
     )
     memory = None
     if use_scann:

@@ -27,6 +27,21 @@ def host_call_supports_jit():
     return keras.backend.backend() == "jax"
 
 
+def distributed_devices():
+    """Devices the current `keras.distribution` spreads a step over: 1
+    without one.
+
+    A host memory cannot run under a distribution over several devices: on
+    JAX its `io_callback`s then saw other arrays than on one device (the
+    same steps retrieved other neighbours), and each host would need its
+    own devices' lanes only.
+    """
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    return int(np.prod(distribution.device_mesh.shape))
+
+
 def host_call(function, *arrays, result_specs):
     """Runs `function(*numpy_arrays)` on the host, in program order.
 

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_memtrans.memory.host import distributed_devices
 from keras_memtrans.memory.host import host_call
 from keras_memtrans.memory.host import host_call_supports_jit
 from keras_memtrans.memory.knn_memory import KNNMemory
@@ -89,6 +90,16 @@ class ScannMemory(KNNMemory):
         training_sample_size=16384,
         **kwargs,
     ):
+        devices = distributed_devices()
+        if devices > 1:
+            raise ValueError(
+                f"ScannMemory cannot run under a keras.distribution over "
+                f"{devices} devices: its searchers live on one host and are "
+                "called back from the step, which the devices' shards of a "
+                "data-parallel step do not do correctly. Use "
+                "`memory_kind='exact'` (the in-graph memory, sharded by lane); "
+                "`memory_kind='auto'` picks it under a distribution."
+            )
         super().__init__(batch_size, num_heads, head_dim, memory_size, **kwargs)
         self._scann = _import_scann()
         check_positive_ints(

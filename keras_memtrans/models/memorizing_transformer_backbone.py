@@ -3,6 +3,7 @@ import keras_hub
 
 from keras_memtrans.layers.decoder_block import DecoderBlock
 from keras_memtrans.layers.knn_attention import check_memory_options
+from keras_memtrans.layers.lane_state_mixin import LANE_VARIABLE_PATH
 from keras_memtrans.memory.lane_state import load_states
 from keras_memtrans.memory.lane_state import save_states
 from keras_memtrans.models.lane_inputs_mixin import LaneInputsMixin
@@ -317,6 +318,42 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
                 is unreadable.
         """
         load_states(self._lane_states(training), directory)
+
+    @classmethod
+    def get_layout_map(cls, device_mesh, data_parallel_dim_name="batch"):
+        """A `keras.distribution.LayoutMap` for data-parallel training.
+
+        Every per-lane state (XL caches, carried keys, kNN memories) is
+        sharded along its lane axis over the mesh axis
+        `data_parallel_dim_name`, so each device holds only its own lanes;
+        weights (absent from the map) are replicated. Use it, as keras-hub's
+        `get_layout_map`, in a `keras.distribution.ModelParallel` whose
+        `batch_dim_name` is the same axis, set before the model is built.
+
+        Args:
+            device_mesh: a `keras.distribution.DeviceMesh`.
+            data_parallel_dim_name: str. The mesh axis the lanes (the input
+                batch) are split over.
+
+        Returns:
+            A `keras.distribution.LayoutMap`.
+
+        Example:
+        >>> import keras
+        >>> mesh = keras.distribution.DeviceMesh((1,), ["batch"], ["cpu:0"])
+        >>> layout_map = MemorizingTransformerBackbone.get_layout_map(mesh)
+        >>> layout_map["transformer_layer_1/attention/train_memory/keys"].axes
+        ('batch',)
+        """
+        if data_parallel_dim_name not in device_mesh.axis_names:
+            raise ValueError(
+                f"`data_parallel_dim_name` {data_parallel_dim_name!r} is not an "
+                f"axis of the device mesh {tuple(device_mesh.axis_names)}."
+            )
+        layout_map = keras.distribution.LayoutMap(device_mesh)
+        # Only the lane axis is named: the other axes stay whole on a device.
+        layout_map[LANE_VARIABLE_PATH] = (data_parallel_dim_name,)
+        return layout_map
 
     def get_config(self):
         config = super().get_config()
