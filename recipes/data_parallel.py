@@ -20,9 +20,9 @@ UNSUPPORTED = {
     "tensorflow": (
         "--data-parallel is not supported on TensorFlow: Keras' distribution "
         "API is a DTensor prototype there, and under tf.distribute."
-        "MirroredStrategy every replica holds a mirrored copy of each "
-        "variable, so a memory cannot hold only its own replica's lanes "
-        "(docs/scaling.md). Use KERAS_BACKEND=jax."
+        "MirroredStrategy each variable is mirrored, so a lane state written "
+        "by each replica keeps one replica's value and loses the other "
+        "lanes' (measured: docs/scaling.md). Use KERAS_BACKEND=jax."
     ),
     "torch": (
         "--data-parallel is not supported on torch yet: Keras' distribution "
