@@ -27,6 +27,9 @@ import shutil
 import keras
 
 from keras_memtrans.memory import atomic_files
+from recipes.data_parallel import Processes
+
+SINGLE = Processes()  # a run of one process
 
 
 def atomic_write(path, data):
@@ -61,7 +64,7 @@ def latest_checkpoint(directory):
     return pointer.parent / pointer.read_text().strip()
 
 
-def save_checkpoint(causal_lm, directory, step, state):
+def save_checkpoint(causal_lm, directory, step, state, processes=SINGLE):
     """Writes checkpoint `step` of `causal_lm` under `directory/checkpoints`.
 
     Args:
@@ -69,33 +72,44 @@ def save_checkpoint(causal_lm, directory, step, state):
         directory: the run's training directory.
         step: int, the training steps done.
         state: a JSON-serialisable dict saved as `state.json` (with `step`).
+        processes: the run's `recipes.data_parallel.Processes`: process 0
+            writes the model and the state, each process its own lanes'
+            states (in `lane_states/process-<index>` when there are several).
     """
     checkpoints = pathlib.Path(directory) / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
     name = f"step-{step}"
     partial = checkpoints / f".{name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)  # what a killed save left
-    partial.mkdir()
-    causal_lm.save(partial / "model.keras")
-    causal_lm.backbone.save_lane_states(partial / "lane_states", training=True)
-    (partial / "state.json").write_text(json.dumps({**state, "step": step}))
-    if (checkpoints / name).exists():  # the same step, saved before a kill
-        shutil.rmtree(partial)
-    else:
-        os.rename(partial, checkpoints / name)
-    atomic_write(checkpoints / "latest", name)
-    for old in checkpoints.glob("step-*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    if processes.is_main:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # what a killed save left
+        partial.mkdir()
+        causal_lm.save(partial / "model.keras")
+    processes.barrier()
+    lane_states = processes.lane_states(partial)
+    causal_lm.backbone.save_lane_states(lane_states, training=True)
+    processes.barrier()
+    if processes.is_main:
+        (partial / "state.json").write_text(json.dumps({**state, "step": step}))
+        if (checkpoints / name).exists():  # the same step, saved before a kill
+            shutil.rmtree(partial)
+        else:
+            os.rename(partial, checkpoints / name)
+        atomic_write(checkpoints / "latest", name)
+        for old in checkpoints.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    processes.barrier()
 
 
-def load_checkpoint(checkpoint):
+def load_checkpoint(checkpoint, processes=SINGLE):
     """`(causal_lm, state)` of a checkpoint: the compiled model, its training
-    lane states restored, and the `state.json` dict."""
+    lane states restored (this process's lanes, see `save_checkpoint`), and
+    the `state.json` dict."""
     checkpoint = pathlib.Path(checkpoint)
     state = json.loads((checkpoint / "state.json").read_text())
     causal_lm = keras.saving.load_model(checkpoint / "model.keras")
-    causal_lm.backbone.load_lane_states(checkpoint / "lane_states", training=True)
+    lane_states = processes.lane_states(checkpoint)
+    causal_lm.backbone.load_lane_states(lane_states, training=True)
     return causal_lm, state
 
 
@@ -110,12 +124,13 @@ class StepCheckpoint(keras.callbacks.Callback):
         first_step: int, the step `fit` starts at (a resumed run's).
         state: callable taking the epoch's logs and returning the extra
             JSON state to save.
+        processes: the run's `recipes.data_parallel.Processes`.
     """
 
-    def __init__(self, directory, every, steps, first_step, state):
+    def __init__(self, directory, every, steps, first_step, state, processes=SINGLE):
         super().__init__()
         self.directory, self.every, self.steps = directory, every, steps
-        self.step, self.state = first_step, state
+        self.step, self.state, self.processes = first_step, state, processes
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
@@ -124,7 +139,9 @@ class StepCheckpoint(keras.callbacks.Callback):
         if self.step % self.every == 0 or self.step >= self.steps:
             if math.isfinite((logs or {}).get("loss", 0.0)):  # never a NaN model
                 state = self.state(logs or {})
-                save_checkpoint(self.model, self.directory, self.step, state)
+                save_checkpoint(
+                    self.model, self.directory, self.step, state, self.processes
+                )
 
 
 class StreamFrom(keras.utils.PyDataset):

@@ -93,9 +93,10 @@ def build_causal_lm(
     return MemorizingTransformerCausalLM(backbone, preprocessor)
 
 
-def compile_for_training(causal_lm, training, jit_compile="auto"):
+def compile_for_training(causal_lm, training, jit_compile="auto", loss="auto"):
     """AdamW with warm-up and cosine decay, clipped gradients, and token
-    accuracy and NLL metrics (the recipe's held-out perplexity)."""
+    accuracy and NLL metrics (the recipe's held-out perplexity); `loss` is
+    the causal LM's own (`"auto"`) unless given."""
     steps = training["steps"]
     warmup = min(training["warmup_steps"], max(steps // 2, 1))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -107,6 +108,7 @@ def compile_for_training(causal_lm, training, jit_compile="auto"):
     )
     causal_lm.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=0.01, clipnorm=1.0),
+        loss=loss,
         weighted_metrics=[
             keras.metrics.SparseCategoricalAccuracy("accuracy"),
             keras.metrics.SparseCategoricalCrossentropy("token_nll", from_logits=True),

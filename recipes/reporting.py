@@ -26,15 +26,19 @@ def json_safe(value):
     return value
 
 
-def held_out_scores(causal_lm, stream):
+def held_out_scores(causal_lm, stream, global_logs=None):
     """Perplexity and accuracy on `stream`, and each memory layer's gates.
 
     The inference state is emptied first, so the scores depend on the
     weights alone, not on what an earlier evaluation left (a ScaNN memory's
-    trees depend on where its ring buffer starts writing).
+    trees depend on where its ring buffer starts writing). `global_logs`
+    (`recipes.data_parallel.Processes.global_logs` of the model) turns one
+    process's scores into those of every process's lanes.
     """
     causal_lm.reset_state(training=False)
     scores = causal_lm.evaluate(stream, return_dict=True, verbose=0)
+    if global_logs is not None:
+        scores = global_logs(scores)
     gates = [
         [round(float(g), 3) for g in ops.convert_to_numpy(ops.sigmoid(layer.gate_bias))]
         for layer in causal_lm.backbone.memory_layers
@@ -56,17 +60,18 @@ class HeldOutCurve(keras.callbacks.Callback):
     each head's output.
     """
 
-    def __init__(self, stream, steps_per_epoch, steps, every):
+    def __init__(self, stream, steps_per_epoch, steps, every, global_logs=None):
         super().__init__()
         self.stream, self.steps_per_epoch, self.steps = stream, steps_per_epoch, steps
-        self.every = every
+        self.every, self.global_logs = every, global_logs
         self.rows = []
 
     def on_epoch_end(self, epoch, logs=None):
         step = min((epoch + 1) * self.steps_per_epoch, self.steps)
         if step % self.every and step < self.steps:
             return
-        row = {"step": step, **held_out_scores(self.model, self.stream)}
+        scores = held_out_scores(self.model, self.stream, self.global_logs)
+        row = {"step": step, **scores}
         self.rows.append(row)
         print(
             f"step {step}: held-out NLL {row['validation_nll']:.4f}, "

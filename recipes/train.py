@@ -21,6 +21,7 @@ never overwritten (a new `-N` suffix is chosen instead), gets:
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -36,11 +37,14 @@ from keras_memtrans.models import MemorizingTransformerCausalLM
 from keras_memtrans.models import MemorizingTransformerPreprocessor
 from keras_memtrans.models import MemorizingTransformerTokenizer
 from recipes import checkpointing
+from recipes.checkpointing import SINGLE
 from recipes.common import build_causal_lm
 from recipes.common import compile_for_training
 from recipes.common import save_preset
 from recipes.common import split_corpus
-from recipes.data_parallel import data_parallel_distribution
+from recipes.data_parallel import GlobalLogs
+from recipes.data_parallel import TokenLoss
+from recipes.data_parallel import start_data_parallel
 from recipes.flags import parse_args
 from recipes.flags import resolve_config
 from recipes.reporting import HeldOutCurve
@@ -69,9 +73,13 @@ def epoch_length(args, steps):
     return min(steps, math.gcd(*intervals))
 
 
-def train_and_evaluate(name, causal_lm, training, documents, args, output_dir):
+def train_and_evaluate(
+    name, causal_lm, training, documents, args, output_dir, processes=SINGLE
+):
     """Trains one model (from its latest checkpoint, if any), scores it on
     the held-out documents and saves it as the preset `output_dir / name`.
+    With several `processes` (torch `--data-parallel`), each trains on its
+    share of the lanes and process 0 writes the run's files.
 
     Returns:
         The run's results, or `None` when training diverged (the last good
@@ -82,21 +90,32 @@ def train_and_evaluate(name, causal_lm, training, documents, args, output_dir):
     state = {"step": 0, "curve": [], "train_seconds": 0.0}
     checkpoint = checkpointing.latest_checkpoint(log_dir)
     if checkpoint is not None:
-        causal_lm, state = checkpointing.load_checkpoint(checkpoint)
+        causal_lm, state = checkpointing.load_checkpoint(checkpoint, processes)
         print(f"\n[{name}] resuming from {checkpoint}", flush=True)
+    processes.synchronise(causal_lm)
     train_docs, validation_docs = documents
     lanes = causal_lm.backbone.batch_size
     length = causal_lm.backbone.segment_length
     memory_layers = causal_lm.backbone.memory_layers
     # Training reads passes endlessly (no lane idles at a pass's end) and
     # `fit` continues the stream across its epochs; evaluation, one pass.
-    train_stream = LaneStreamer(
-        train_docs, lanes, length, shuffle=True, repeat=True, seed=args.seed
+    train_stream = LaneStreamer(  # every process's lanes
+        train_docs,
+        lanes * processes.count,
+        length,
+        shuffle=True,
+        repeat=True,
+        seed=args.seed,
     )
-    validation_stream = LaneStreamer(validation_docs, lanes, length, shuffle=False)
+    validation_stream = processes.lanes(
+        LaneStreamer(validation_docs, lanes * processes.count, length, shuffle=False)
+    )
     steps, first_step = training["steps"], state["step"]
     steps_per_epoch = epoch_length(args, steps)
-    curve = HeldOutCurve(validation_stream, steps_per_epoch, steps, args.eval_every)
+    global_logs = functools.partial(processes.global_logs, causal_lm)
+    curve = HeldOutCurve(
+        validation_stream, steps_per_epoch, steps, args.eval_every, global_logs
+    )
     curve.rows = state["curve"]
     started = time.perf_counter()
 
@@ -106,15 +125,24 @@ def train_and_evaluate(name, causal_lm, training, documents, args, output_dir):
         return {"curve": curve.rows, "train_seconds": seconds, "train_loss": loss}
 
     stop = StopAfterSteps(steps - first_step)
+    logs = [
+        keras.callbacks.CSVLogger(str(log_dir / "log.csv"), append=first_step > 0),
+        keras.callbacks.TensorBoard(str(log_dir / "tensorboard")),
+    ]
     callbacks = [
+        *([GlobalLogs(processes)] if processes.count > 1 else []),
         stop,
         keras.callbacks.TerminateOnNaN(),
         *([curve] if args.eval_every else []),
         checkpointing.StepCheckpoint(
-            log_dir, args.checkpoint_every, steps, first_step, checkpoint_state
+            log_dir,
+            args.checkpoint_every,
+            steps,
+            first_step,
+            checkpoint_state,
+            processes,
         ),
-        keras.callbacks.CSVLogger(str(log_dir / "log.csv"), append=first_step > 0),
-        keras.callbacks.TensorBoard(str(log_dir / "tensorboard")),
+        *(logs if processes.is_main else []),
     ]
     print(
         f"\n[{name}] steps {first_step + 1}-{steps} in epochs of at most "
@@ -124,7 +152,7 @@ def train_and_evaluate(name, causal_lm, training, documents, args, output_dir):
     )
     if first_step < steps:
         causal_lm.fit(
-            checkpointing.StreamFrom(train_stream, first_step),
+            checkpointing.StreamFrom(processes.lanes(train_stream), first_step),
             initial_epoch=first_step // steps_per_epoch,
             epochs=math.ceil(steps / steps_per_epoch),
             steps_per_epoch=steps_per_epoch,
@@ -141,9 +169,9 @@ def train_and_evaluate(name, causal_lm, training, documents, args, output_dir):
     if args.eval_every:  # the curve's last point is the trained model's
         final = curve.rows[-1]
     else:
-        final = held_out_scores(causal_lm, validation_stream)
-    if not (output_dir / name).exists():  # saved before an interruption
-        save_preset(causal_lm, output_dir / name)
+        final = held_out_scores(causal_lm, validation_stream, global_logs)
+    if processes.is_main and not (output_dir / name).exists():
+        save_preset(causal_lm, output_dir / name)  # unless saved before a kill
     return {
         "run": name,
         "memory_layers": list(causal_lm.backbone.memory_layer_indices),
@@ -192,10 +220,13 @@ def initialised_from(causal_lm, source):
     return causal_lm
 
 
-def prepare_run(args, output_dir, vocabulary_size, max_documents, source=None):
+def prepare_run(
+    args, output_dir, vocabulary_size, max_documents, source=None, processes=SINGLE
+):
     """The run's corpus, tokenizer and documents. The tokenizer is learnt once
-    and kept in `training/vocabulary.spm` (a resumed run reads it back); with
-    `--init-from` it is the trained model's."""
+    (by process 0) and kept in `training/vocabulary.spm`, which every process
+    and a resumed run read back; with `--init-from` it is the trained
+    model's."""
     corpus_settings = {
         "source": args.corpus and os.path.abspath(args.corpus),
         "python": platform.python_version(),
@@ -207,9 +238,7 @@ def prepare_run(args, output_dir, vocabulary_size, max_documents, source=None):
     corpus, train_corpus, validation_corpus = split_corpus(corpus_settings)
     print(corpus.summary())
     vocabulary = output_dir / "training" / "vocabulary.spm"
-    if vocabulary.exists():
-        tokenizer = MemorizingTransformerTokenizer(proto=vocabulary.read_bytes())
-    else:
+    if processes.is_main and not vocabulary.exists():
         if source is not None:
             tokenizer = source.preprocessor.tokenizer
         else:
@@ -217,6 +246,8 @@ def prepare_run(args, output_dir, vocabulary_size, max_documents, source=None):
                 train_corpus.texts, vocabulary_size, seed=args.seed
             )
         checkpointing.atomic_write(vocabulary, tokenizer.proto)
+    processes.barrier()
+    tokenizer = MemorizingTransformerTokenizer(proto=vocabulary.read_bytes())
     preprocessor = MemorizingTransformerPreprocessor(tokenizer)
     documents = (
         preprocessor(train_corpus.texts),
@@ -235,20 +266,24 @@ def main(argv=None):
         args = parse_args(argv, __doc__.splitlines()[0])
         print(f"Resuming {output_dir}: recipes.train {' '.join(argv)}")
     backbone_config, training, vocabulary_size = resolve_config(args)
-    distribution = None  # one device
+    # One device; or several: a JAX distribution, or torch processes, each
+    # building a model of its share of the lanes (`model_config`).
+    distribution, processes, model_config = None, SINGLE, backbone_config
     if args.data_parallel:
-        distribution = data_parallel_distribution(backbone_config)
+        distribution, processes, model_config = start_data_parallel(backbone_config)
+    devices = distribution.device_mesh.devices.size if distribution else processes.count
     backend = keras.backend.backend()
-    if output_dir is None:
+    if output_dir is None and processes.is_main:
         output_dir = checkpointing.claim_directory(
             args.output_dir or pathlib.Path("runs") / f"{args.preset}-{backend}"
         )
         checkpointing.atomic_write(
             output_dir / "run.json", json.dumps({"argv": argv, "backend": backend})
         )
+    output_dir = processes.broadcast(output_dir)
     source = None if args.init_from is None else load_trained_model(args.init_from)
     corpus, corpus_settings, preprocessor, documents = prepare_run(
-        args, output_dir, vocabulary_size, training["max_documents"], source
+        args, output_dir, vocabulary_size, training["max_documents"], source, processes
     )
     vocabulary_size = preprocessor.tokenizer.vocabulary_size()
     train_docs, validation_docs = documents
@@ -277,13 +312,15 @@ def main(argv=None):
         # Each model is built, trained and evaluated on the run's devices.
         with distribution.scope() if distribution else contextlib.nullcontext():
             causal_lm = build_causal_lm(
-                backbone_config, vocabulary_size, preprocessor, use_memory, args.seed
+                model_config, vocabulary_size, preprocessor, use_memory, args.seed
             )
             if source is not None:
                 initialised_from(causal_lm, source)
-            compile_for_training(causal_lm, training, jit_compile)
+            # Several processes sum their gradients of a loss over all tokens.
+            loss = TokenLoss() if processes.count > 1 else "auto"
+            compile_for_training(causal_lm, training, jit_compile, loss)
             result = train_and_evaluate(
-                name, causal_lm, training, documents, args, output_dir
+                name, causal_lm, training, documents, args, output_dir, processes
             )
         if result is None:
             print(
@@ -292,6 +329,8 @@ def main(argv=None):
             )
             return 1
         results.append(result)
+        if not processes.is_main:
+            continue
         # Each model's results are written as soon as it is evaluated.
         report = {
             "preset": args.preset,
@@ -301,7 +340,7 @@ def main(argv=None):
             "vocabulary_size": vocabulary_size,
             "corpus": corpus_settings,
             "init_from": args.init_from and str(args.init_from.resolve()),
-            "devices": distribution.device_mesh.devices.size if distribution else 1,
+            "devices": devices,
             "results": results,
         }
         checkpointing.atomic_write(
