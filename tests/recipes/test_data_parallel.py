@@ -65,8 +65,8 @@ def test_a_data_parallel_run_resumes_with_the_same_later_losses(
     schedule = (*RESUMED_SCHEDULE, "--memory-kind", "exact", "--data-parallel")
     save = checkpointing.save_checkpoint
 
-    def save_then_stop(causal_lm, directory, step, state):
-        save(causal_lm, directory, step, state)
+    def save_then_stop(causal_lm, directory, step, state, processes):
+        save(causal_lm, directory, step, state, processes)
         if step == 4:
             raise Interrupted
 

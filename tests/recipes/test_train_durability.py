@@ -49,8 +49,8 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(
     schedule = (*RESUMED_SCHEDULE, "--memory-kind", memory_kind)
     save = checkpointing.save_checkpoint
 
-    def save_then_stop(causal_lm, directory, step, state):
-        save(causal_lm, directory, step, state)
+    def save_then_stop(causal_lm, directory, step, state, processes):
+        save(causal_lm, directory, step, state, processes)
         if step == 4:
             raise Interrupted
 
