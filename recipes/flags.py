@@ -161,8 +161,9 @@ def parse_args(argv, description=None):
     parser.add_argument(
         "--data-parallel",
         action="store_true",
-        help="train on every visible device (JAX): lanes split across them, "
-        "weights replicated, each memory sharded by lane (docs/scaling.md)",
+        help="train on several devices, each with its share of the lanes and "
+        "only their memory: every visible device on JAX, one torchrun "
+        "process per device on torch (docs/scaling.md)",
     )
     parser.add_argument("--output-dir", type=pathlib.Path, default=None)
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
