@@ -77,7 +77,7 @@ def fit(steps, distribution=None):
     losses = StepLosses()
     with distribution.scope() if distribution else contextlib.nullcontext():
         causal_lm = MemorizingTransformerCausalLM(tiny_backbone(**STATES))
-        causal_lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+        causal_lm.compile(optimizer=keras.optimizers.Adam(1e-3))
         causal_lm.fit(
             stream, epochs=1, steps_per_epoch=steps, callbacks=[losses], verbose=0
         )
@@ -102,7 +102,9 @@ def test_fit_on_two_devices_equals_fit_on_one():
     lanes = lane_variables(two.backbone)
     for want, got in zip(one.backbone.variables, two.backbone.variables):
         assert got.path == want.path
-        np.testing.assert_allclose(to_numpy(got), to_numpy(want), atol=1e-5)
+        # Two devices sum in another order: after 6 steps, weights and
+        # memories were up to 2e-5 apart (a memory mixing lanes is O(1) off).
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want), atol=1e-4)
         shards = got.value.addressable_shards
         assert {shard.device.id for shard in shards} == {0, 1}
         # Each device holds its own lane of a lane state, all of the rest.
