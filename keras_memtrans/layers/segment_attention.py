@@ -10,6 +10,7 @@ from keras_memtrans.layers.attention_functions import masked_softmax
 from keras_memtrans.layers.initializers import clone_initializer
 from keras_memtrans.layers.lane_state_mixin import LaneStateMixin
 from keras_memtrans.layers.relative_position_bias import RelativePositionBias
+from keras_memtrans.layers.segment_decoding_mixin import SegmentDecodingMixin
 from keras_memtrans.memory.last_key import LastKey
 from keras_memtrans.memory.last_key import previous_real_keys
 from keras_memtrans.memory.segment_cache import SegmentCache
@@ -17,7 +18,7 @@ from keras_memtrans.validation import check_positive_ints
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
-class SegmentAttention(LaneStateMixin, keras.layers.Layer):
+class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer):
     """Causal multi-head attention over a segment, optionally Transformer-XL.
 
     The local attention of the Memorizing Transformer, used on its own in
@@ -315,78 +316,6 @@ class SegmentAttention(LaneStateMixin, keras.layers.Layer):
         attended, extra = self._mix_extra_attention(queries, attended, states)
         self._write_lane_states(states, keys, values, padding_mask)
         return self.output_projection(attended), extra
-
-    def call_with_cache(
-        self, hidden_states, decode_cache, cache_update_index, token_mask
-    ):
-        """Attends from new tokens of the segment being generated.
-
-        Generation's incremental step: the tokens from position
-        `cache_update_index` on (the rest of a prompt's segment, then one
-        new token per step) attend, as in `call`, to the segment's real
-        tokens up to themselves (and the XL cache and memory), whose keys
-        and values `decode_cache` holds, so earlier tokens are not computed
-        again. Reads the inference state (XL cache, memory, carried key)
-        and writes none of it: a segment is committed by `call` once
-        complete.
-
-        Args:
-            hidden_states: `[batch, tokens, hidden_dim]`: the new tokens.
-            decode_cache: `(keys, values, mask, last_key, last_found)`:
-                float32 keys (smeared and normalised, as attended to) and
-                values `[batch, segment, heads, head_dim]` of the segment's
-                tokens so far, their bool mask `[batch, segment]` (what
-                lies beyond them is never read), and the raw key `[batch,
-                heads, head_dim]` of each lane's last real token so far in
-                the segment, where the bool `last_found` `[batch]` says
-                there is one (read from position 1 on).
-            cache_update_index: int scalar: the first new token's position.
-            token_mask: bool `[batch, tokens]`: `False` on padding.
-
-        Returns:
-            `(outputs, decode_cache)`: `[batch, tokens, hidden_dim]` and
-            the cache with the new tokens written in.
-        """
-        states = self.lane_states(training=False)
-        cached_keys, cached_values, mask, last_key, last_found = decode_cache
-        token_mask = ops.cast(token_mask, "bool")  # [batch, tokens]
-        queries = l2_normalize(self.query_projection(hidden_states))  # [b, t, h, d]
-        keys = self.key_projection(hidden_states)  # [batch, tokens, heads, dim]
-        if self.smear_keys:
-            # The key before the first new token: the segment's last real
-            # one so far, else the lane's carried one (zero: none).
-            found = ops.logical_and(last_found, cache_update_index > 0)
-            carried = ops.zeros_like(last_key)
-            if "last_key" in states:
-                carried = ops.cast(states["last_key"].read()[0], "float32")
-            carried = ops.where(found[:, None, None], last_key, carried)
-            keys, last, found_now = self._smear(keys, token_mask, carried)
-            last_key = ops.where(
-                found_now[:, None, None], ops.cast(last, "float32"), last_key
-            )
-            last_found = ops.logical_or(found_now, found)
-        start = [0, cache_update_index, 0, 0]
-        # [batch, segment, heads, dim] twice
-        cached_keys = ops.slice_update(
-            cached_keys, start, ops.cast(l2_normalize(keys), "float32")
-        )
-        cached_values = ops.slice_update(
-            cached_values,
-            start,
-            ops.cast(self.value_projection(hidden_states), "float32"),
-        )
-        mask = ops.slice_update(mask, [0, cache_update_index], token_mask)
-        attended = self._local_attention(
-            queries,
-            ops.cast(cached_keys, queries.dtype),
-            ops.cast(cached_values, queries.dtype),
-            mask,
-            states.get("cache"),
-            query_positions=cache_update_index + ops.arange(ops.shape(queries)[1]),
-        )  # [batch, tokens, heads, head_dim]
-        attended, _ = self._mix_extra_attention(queries, attended, states)
-        outputs = self.output_projection(attended)  # [batch, tokens, hidden_dim]
-        return outputs, (cached_keys, cached_values, mask, last_key, last_found)
 
     def _mix_extra_attention(self, queries, local, states):
         """Hook: mixes other attention into the local one.

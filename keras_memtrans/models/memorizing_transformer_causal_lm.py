@@ -10,7 +10,7 @@ from keras_memtrans.models.memorizing_transformer_backbone import (
 from keras_memtrans.models.memorizing_transformer_preprocessor import (
     MemorizingTransformerPreprocessor,
 )
-from keras_memtrans.models.next_token_step import NextTokenStep
+from keras_memtrans.models.next_token_steps import NextTokenSteps
 from keras_memtrans.models.score_step import ScoreStep
 from keras_memtrans.models.segment_generator import SegmentGenerator
 
@@ -89,8 +89,7 @@ class MemorizingTransformerCausalLM(LaneInputsMixin, keras.Model):
         self._preprocessor = preprocessor
         _ = self.preprocessor  # checks a trained tokenizer's vocabulary now
         self._score_function = None  # `ScoreStep.predict_on_batch`, once built
-        # `NextTokenStep.predict_on_batch` by number of new tokens
-        self._next_token_functions = {}
+        self._next_token_steps = NextTokenSteps(self)  # generation's steps
 
     @property
     def preprocessor(self):
@@ -199,18 +198,6 @@ class MemorizingTransformerCausalLM(LaneInputsMixin, keras.Model):
         if self.preprocessor is not None:
             continuations = [self.preprocessor.detokenize(c) for c in continuations]
         return continuations[0] if single else continuations
-
-    def _next_token_logits(self, inputs):
-        """`NextTokenStep`'s logits `[batch, vocab]`, compiled once per model
-        and number of new tokens, all sharing one decode cache."""
-        tokens = np.shape(inputs["token_ids"])[1]
-        if tokens not in self._next_token_functions:
-            steps = [f.__self__ for f in self._next_token_functions.values()]
-            step = NextTokenStep(
-                self, decode_caches=steps[0].decode_caches if steps else None
-            )
-            self._next_token_functions[tokens] = step.predict_on_batch
-        return self._next_token_functions[tokens](inputs)
 
     def score(
         self,

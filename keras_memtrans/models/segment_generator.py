@@ -127,7 +127,7 @@ class SegmentGenerator:
     def _decode(self, tokens, position, token_mask):
         """Next-token logits `[batch, vocab]` after `tokens` `[batch, n]`
         from `position` of the current segment on (`NextTokenStep`)."""
-        return self.causal_lm._next_token_logits(
+        return self.causal_lm._next_token_steps(
             {
                 "token_ids": np.asarray(tokens, "int32"),
                 "cache_update_index": np.full((self.batch_size,), position, "int32"),

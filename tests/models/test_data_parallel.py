@@ -86,8 +86,9 @@ def fit(steps, distribution=None):
 
 @pytest.mark.skipif(
     keras.backend.backend() != "jax",
-    reason="keras.distribution trains on JAX only; TensorFlow and torch "
-    "refuse --data-parallel (tests/recipes/test_data_parallel.py)",
+    reason="keras.distribution trains on JAX only (torch's data parallelism, "
+    "torchrun processes, and TensorFlow's refusal are tested in "
+    "tests/recipes/test_data_parallel.py)",
 )
 def test_fit_on_two_devices_equals_fit_on_one():
     mesh = keras.distribution.DeviceMesh((2,), ["batch"], ["cpu:0", "cpu:1"])

@@ -1,0 +1,36 @@
+import numpy as np
+
+from keras_memtrans.models.next_token_step import NextTokenStep
+
+
+class NextTokenSteps:
+    """A causal LM's `NextTokenStep`s, one per number of new tokens, all
+    decoding into one shared decode cache.
+
+    A plain object, not a layer: the causal LM keeps it without Keras
+    tracking the steps' decode caches as the model's own variables (they
+    are generation's scratch state, never saved).
+
+    Args:
+        causal_lm: a `MemorizingTransformerCausalLM`.
+
+    Call arguments:
+        inputs: a `NextTokenStep`'s input dict.
+
+    Returns:
+        The step's logits `[batch, vocabulary_size]`, from the step built
+        (and compiled) for `inputs`' number of new tokens.
+    """
+
+    def __init__(self, causal_lm):
+        self.causal_lm = causal_lm
+        self.steps = {}  # number of new tokens -> NextTokenStep
+
+    def __call__(self, inputs):
+        tokens = np.shape(inputs["token_ids"])[1]
+        if tokens not in self.steps:
+            shared = next(iter(self.steps.values()), None)
+            self.steps[tokens] = NextTokenStep(
+                self.causal_lm, decode_caches=shared and shared.decode_caches
+            )
+        return self.steps[tokens].predict_on_batch(inputs)
