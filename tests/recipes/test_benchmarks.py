@@ -7,6 +7,7 @@ import keras
 
 from recipes.benchmarks import accelerator
 from recipes.benchmarks import memory_lookup
+from recipes.benchmarks import step_profile
 
 
 def table_rows(text):
@@ -53,3 +54,24 @@ def test_accelerator_runs_every_benchmark_at_test_size(capfd):
     # ... and generation, whose greedy tokens have a digest.
     (generation,) = [row for row in cells if len(row) == 5]
     assert generation[1] == "tiny" and re.fullmatch(r"[0-9a-f]{12}", generation[4])
+
+
+def test_step_profile_times_the_step_and_names_where_it_goes(capfd):
+    backend = keras.backend.backend()
+    step_profile.main(
+        ["--config", "tiny", "--backends", backend, "--repeats", "1", "--top", "3"]
+    )
+    output = capfd.readouterr().out
+    rows = re.findall(
+        r"^\| ([\d.]+) \| ([\d.]+) \| (-?[\d.]+) \| ([\d.]+) \|$", output, re.M
+    )
+    ((forward, step, rest, ratio),) = rows
+    assert float(forward) > 0 and float(step) > 0
+    assert abs(float(step) - float(forward) - float(rest)) < 0.2  # rounding
+    operations = re.findall(
+        r"^\| ([A-Za-z_][^|]*) \| ([\d.]+) \| ([\d.]+) \|$", output, re.M
+    )
+    # The profilers this script reads: XLA's operations on JAX, torch's
+    # operators; TensorFlow gets the timings only.
+    assert len(operations) == {"jax": 3, "torch": 3}.get(backend, 0)
+    assert all(float(ms) >= 0 for _, ms, _ in operations)

@@ -1,0 +1,183 @@
+"""Where a training step's time goes, per backend: forward against the rest,
+and the operations that take it.
+
+For one model (`--config peer`, the PyTorch peer's configuration, or a
+preset) and one memory (`--memory`: `none`, `SIZE`, `SIZE:exact`), every
+backend of `--backends` runs in its own process: the compiled forward step
+(`predict_on_batch`) and the whole training step (`train_on_batch`:
+forward, backward and optimizer) are each timed as the fastest of
+`--repeats` calls after warm-up, and their difference is the backward pass
+with the optimizer. Then the profiler of the backend, where it has one
+this script reads, records two training steps and the operation kinds
+that took the most time are printed, per step: XLA's fused operations on
+JAX (from `jax.profiler`'s trace, kinds named without their numeric
+suffix), torch's operators by self CPU time (`torch.profiler`).
+TensorFlow gets the timings only.
+
+    python -m recipes.benchmarks.step_profile --config peer
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+
+from keras_memtrans.models import PRESETS
+from recipes.benchmarks.train_step import BACKENDS
+from recipes.benchmarks.train_step import model_config
+from recipes.benchmarks.train_step import parse_memory
+from recipes.benchmarks.workers import worker_lines
+from recipes.common import build_causal_lm
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="peer", choices=["peer", *sorted(PRESETS)])
+    parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
+    parser.add_argument("--memory", default="none", help="none, SIZE or SIZE:KIND")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--top", type=int, default=8, help="operation kinds shown")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def fastest(function, repeats):
+    function()  # warm-up (and compilation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def build(config, memory):
+    memory_size, memory_kind = parse_memory(memory)
+    backbone = dict(config["backbone"])
+    if memory_size is not None:
+        backbone["memory_options"] = dict(
+            backbone.get("memory_options") or {},
+            memory_size=memory_size,
+            memory_kind=memory_kind,
+        )
+    causal_lm = build_causal_lm(
+        backbone, config["vocabulary_size"], None, memory_size is not None, seed=0
+    )
+    causal_lm.compile(optimizer=keras.optimizers.Adam(1e-4))
+    lanes, length = backbone["batch_size"], backbone["segment_length"]
+    rng = np.random.default_rng(0)
+    vocabulary = config["vocabulary_size"]
+    x = {
+        "token_ids": rng.integers(0, vocabulary, (lanes, length), "int32"),
+        "document_start": np.zeros((lanes,), bool),
+        "padding_mask": np.ones((lanes, length), bool),
+    }
+    y = rng.integers(0, vocabulary, (lanes, length), "int32")
+    return causal_lm, x, y
+
+
+def jax_operations(step):
+    """`{kind: (seconds, count)}` per step of XLA's operations in 2 steps."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as directory:
+        jax.profiler.start_trace(directory, create_perfetto_trace=True)
+        for _ in range(2):
+            step()
+        jax.profiler.stop_trace()
+        (trace,) = glob.glob(f"{directory}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(trace) as file:
+            events = json.load(file)["traceEvents"]
+    kinds = collections.defaultdict(lambda: [0.0, 0])
+    for event in events:
+        name = event.get("name", "")
+        if event.get("ph") != "X" or name.startswith("$") or "::" in name:
+            continue  # Python frames and the runtime's own spans
+        if name.startswith(("PjitFunction", "SlinkyThreadPool")):
+            continue
+        kind = kinds[re.sub(r"\.\d+$", "", name)]
+        kind[0] += event["dur"] / 1e6 / 2
+        kind[1] += 1 / 2
+    return kinds
+
+
+def torch_operations(step):
+    """`{operator: (seconds, count)}` per step, by self CPU time, in 2 steps."""
+    import torch.profiler
+
+    with torch.profiler.profile() as profile:
+        for _ in range(2):
+            step()
+    return {
+        event.key: [event.self_cpu_time_total / 1e6 / 2, event.count / 2]
+        for event in profile.key_averages()
+    }
+
+
+def run_worker(args):
+    causal_lm, x, y = build(model_config(args.config), args.memory)
+    forward = fastest(lambda: causal_lm.predict_on_batch(x), args.repeats)
+    step = fastest(lambda: causal_lm.train_on_batch(x, y), args.repeats)
+    print(json.dumps({"forward": forward, "step": step}), flush=True)
+    profilers = {"jax": jax_operations, "torch": torch_operations}
+    backend = keras.backend.backend()
+    if backend in profilers:
+        kinds = profilers[backend](lambda: causal_lm.train_on_batch(x, y))
+        top = sorted(kinds.items(), key=lambda item: -item[1][0])[: args.top]
+        for kind, (seconds, count) in top:
+            print(json.dumps({"kind": kind, "seconds": seconds, "count": count}))
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.worker:
+        return run_worker(args)
+    argv = [
+        *("--config", args.config, "--memory", args.memory),
+        *("--repeats", str(args.repeats), "--top", str(args.top), "--worker"),
+    ]
+    print(f"config {args.config}, memory {args.memory}\n")
+    for backend in args.backends:
+        lines = list(
+            worker_lines(
+                "recipes.benchmarks.step_profile",
+                backend,
+                argv,
+                {"KERAS_BACKEND": backend},
+            )
+        )
+        if not lines:
+            continue
+        timing, *kinds = lines
+        forward, step = timing["forward"], timing["step"]
+        print(f"## {backend}\n")
+        print(
+            "| forward (ms) | step (ms) | backward + optimizer (ms) | step / forward |"
+        )
+        print("|---|---|---|---|")
+        print(
+            f"| {1e3 * forward:.1f} | {1e3 * step:.1f} | "
+            f"{1e3 * (step - forward):.1f} | {step / forward:.2f} |\n"
+        )
+        if kinds:
+            print("| operation | ms per step | calls per step |")
+            print("|---|---|---|")
+            for kind in kinds:
+                print(
+                    f"| {kind['kind']} | {1e3 * kind['seconds']:.1f} "
+                    f"| {kind['count']:g} |"
+                )
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
