@@ -18,6 +18,10 @@ never overwritten (a new `-N` suffix is chosen instead), gets:
 - `training/memory/`, `training/no_memory/`: a `.keras` checkpoint, a CSV
   log and TensorBoard logs of each run;
 - `results.json` and `results.md`.
+
+`--data-parallel` trains on several devices, each with its share of the
+lanes and only their memories: every device JAX sees, or one `torchrun`
+process per device on torch (`recipes/data_parallel.py`, docs/scaling.md).
 """
 
 import contextlib
