@@ -34,6 +34,7 @@ from keras_memtrans.models import PRESETS
 from recipes.benchmarks.train_step import BACKENDS
 from recipes.benchmarks.train_step import model_config
 from recipes.benchmarks.train_step import parse_memory
+from recipes.benchmarks.train_step import with_memory
 from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
 
@@ -61,13 +62,7 @@ def fastest(function, repeats):
 
 def build(config, memory):
     memory_size, memory_kind = parse_memory(memory)
-    backbone = dict(config["backbone"])
-    if memory_size is not None:
-        backbone["memory_options"] = dict(
-            backbone.get("memory_options") or {},
-            memory_size=memory_size,
-            memory_kind=memory_kind,
-        )
+    backbone = with_memory(config["backbone"], memory_size, memory_kind)
     causal_lm = build_causal_lm(
         backbone, config["vocabulary_size"], None, memory_size is not None, seed=0
     )

@@ -90,16 +90,23 @@ def parse_memory(memory):
     return int(size), kind or "auto"
 
 
-def seconds_per_step(config, memory, args):
-    """Mean seconds of one training step of the Keras model inside `fit`."""
-    memory_size, memory_kind = parse_memory(memory)
-    backbone = dict(config["backbone"])
+def with_memory(backbone, memory_size, memory_kind):
+    """The backbone arguments with a memory of this size and kind (none
+    for a `memory_size` of None)."""
+    backbone = dict(backbone)
     if memory_size is not None:
         backbone["memory_options"] = dict(
             backbone.get("memory_options") or {},
             memory_size=memory_size,
             memory_kind=memory_kind,
         )
+    return backbone
+
+
+def seconds_per_step(config, memory, args):
+    """Mean seconds of one training step of the Keras model inside `fit`."""
+    memory_size, memory_kind = parse_memory(memory)
+    backbone = with_memory(config["backbone"], memory_size, memory_kind)
     vocabulary = config["vocabulary_size"]
     causal_lm = build_causal_lm(
         backbone,

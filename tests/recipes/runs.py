@@ -1,7 +1,9 @@
 """Recipe runs on the `tiny` preset, for the recipe tests."""
 
 import keras
+import pytest
 
+from recipes import checkpointing
 from recipes import train
 
 
@@ -36,3 +38,23 @@ def recipe_args(tmp_path, *flags, output="out"):
 def run(tmp_path, *flags, output="out"):
     """Runs `recipes.train` in this process; it must succeed."""
     assert train.main(recipe_args(tmp_path, *flags, output=output)) == 0
+
+
+class Interrupted(Exception):
+    """Stands for a kill right after a checkpoint was written."""
+
+
+def run_until_checkpoint(tmp_path, monkeypatch, step, *flags, output):
+    """Runs `recipes.train` in this process and stops it, as a kill would,
+    right after it has written checkpoint `step`."""
+    save = checkpointing.save_checkpoint
+
+    def save_then_stop(causal_lm, directory, saved_step, state, processes):
+        save(causal_lm, directory, saved_step, state, processes)
+        if saved_step == step:
+            raise Interrupted
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        train.main(recipe_args(tmp_path, *flags, output=output))
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save)

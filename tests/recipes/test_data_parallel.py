@@ -21,7 +21,7 @@ from recipes import train
 from tests.recipes.conftest import RESUMED_SCHEDULE
 from tests.recipes.runs import recipe_args
 from tests.recipes.runs import run
-from tests.recipes.test_train_durability import Interrupted
+from tests.recipes.runs import run_until_checkpoint
 from tests.recipes.test_train_durability import epoch_losses
 from tests.recipes.test_train_durability import results
 
@@ -38,24 +38,29 @@ ON_TORCH = pytest.mark.skipif(
 )
 
 
+def assert_same_run(parallel, single, rtol):
+    """A data-parallel run of 3 steps, one epoch each, on 2 devices (or
+    processes) logged the single-device run's per-step losses and reached
+    its held-out NLL."""
+    losses = epoch_losses(parallel)
+    assert sorted(losses) == [0, 1, 2]
+    np.testing.assert_allclose(
+        [losses[step] for step in range(3)],
+        [epoch_losses(single)[step] for step in range(3)],
+        rtol=rtol,
+    )
+    (want,), (got,) = results(single), results(parallel)
+    np.testing.assert_allclose(got["validation_nll"], want["validation_nll"], rtol=rtol)
+    for output, devices in ((parallel, 2), (single, 1)):
+        assert json.loads((output / "results.json").read_text())["devices"] == devices
+
+
 @ON_JAX
 def test_a_data_parallel_run_equals_the_single_device_run(tmp_path):
     per_step = ("--checkpoint-every", "1")  # an epoch, and a logged loss, per step
     run(tmp_path, *per_step, output="one")
     run(tmp_path, *per_step, "--data-parallel", output="two")
-    one, two = tmp_path / "one", tmp_path / "two"
-    losses = epoch_losses(two)
-    assert sorted(losses) == [0, 1, 2]
-    np.testing.assert_allclose(
-        [losses[step] for step in range(3)],
-        [epoch_losses(one)[step] for step in range(3)],
-        rtol=1e-5,
-    )
-    (want,), (got,) = results(one), results(two)
-    np.testing.assert_allclose(got["validation_nll"], want["validation_nll"], rtol=1e-5)
-    report = json.loads((two / "results.json").read_text())
-    assert report["devices"] == 2
-    assert json.loads((one / "results.json").read_text())["devices"] == 1
+    assert_same_run(tmp_path / "two", tmp_path / "one", rtol=1e-5)
 
 
 @ON_JAX
@@ -63,17 +68,7 @@ def test_a_data_parallel_run_resumes_with_the_same_later_losses(
     tmp_path, monkeypatch, uninterrupted_run
 ):
     schedule = (*RESUMED_SCHEDULE, "--memory-kind", "exact", "--data-parallel")
-    save = checkpointing.save_checkpoint
-
-    def save_then_stop(causal_lm, directory, step, state, processes):
-        save(causal_lm, directory, step, state, processes)
-        if step == 4:
-            raise Interrupted
-
-    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_stop)
-    with pytest.raises(Interrupted):
-        train.main(recipe_args(tmp_path, *schedule, output="parts"))
-    monkeypatch.setattr(checkpointing, "save_checkpoint", save)
+    run_until_checkpoint(tmp_path, monkeypatch, 4, *schedule, output="parts")
     assert train.main(["--resume", str(tmp_path / "parts")]) == 0
     parts = tmp_path / "parts"
     assert json.loads((parts / "results.json").read_text())["devices"] == 2
@@ -139,20 +134,9 @@ def test_two_torch_processes_train_as_one_device(tmp_path, memory_kind):
     run(tmp_path, *flags, output="one")
     torchrun(torchrun_command(tmp_path, *flags, output="two"))
     one, two = tmp_path / "one", tmp_path / "two"
-    losses = epoch_losses(two)
-    assert sorted(losses) == [0, 1, 2]
-    np.testing.assert_allclose(
-        [losses[step] for step in range(3)],
-        [epoch_losses(one)[step] for step in range(3)],
-        rtol=tolerance,
-    )
-    (want,), (got,) = results(one), results(two)
-    np.testing.assert_allclose(
-        got["validation_nll"], want["validation_nll"], rtol=tolerance
-    )
-    assert json.loads((two / "results.json").read_text())["devices"] == 2
+    assert_same_run(two, one, rtol=tolerance)
     # Each process's memories, caches and carried keys are its own lane of
-    # the single-device run's (sizes stored as scalars are the same).
+    # the single-device run's (each file stores its own batch size: 1 lane).
     whole = final_lane_states(one)
     for process in (0, 1):
         own = final_lane_states(two, process)

@@ -18,14 +18,12 @@ from recipes import reporting
 from recipes import train
 from tests.arrays import to_numpy
 from tests.recipes.conftest import RESUMED_SCHEDULE
+from tests.recipes.runs import Interrupted
 from tests.recipes.runs import recipe_args
 from tests.recipes.runs import run
+from tests.recipes.runs import run_until_checkpoint
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
-
-
-class Interrupted(Exception):
-    """Stands for a kill right after a checkpoint was written."""
 
 
 def epoch_losses(output_dir, name="memory"):
@@ -47,18 +45,8 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(
     # 1e-5 on JAX, against 1e-5 everywhere with the exact memory.
     tolerance = {"exact": 1e-5, "scann": 1e-4}[memory_kind]
     schedule = (*RESUMED_SCHEDULE, "--memory-kind", memory_kind)
-    save = checkpointing.save_checkpoint
-
-    def save_then_stop(causal_lm, directory, step, state, processes):
-        save(causal_lm, directory, step, state, processes)
-        if step == 4:
-            raise Interrupted
-
-    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_stop)
-    with pytest.raises(Interrupted):
-        train.main(recipe_args(tmp_path, *schedule, output="parts"))
+    run_until_checkpoint(tmp_path, monkeypatch, 4, *schedule, output="parts")
     assert not (tmp_path / "parts" / "results.json").exists()
-    monkeypatch.setattr(checkpointing, "save_checkpoint", save)
     assert train.main(["--resume", str(tmp_path / "parts")]) == 0
 
     whole, parts = (uninterrupted_run(memory_kind), tmp_path / "parts")
