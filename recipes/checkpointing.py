@@ -27,9 +27,7 @@ import shutil
 import keras
 
 from keras_memtrans.memory import atomic_files
-from recipes.data_parallel import Processes
-
-SINGLE = Processes()  # a run of one process
+from recipes.data_parallel import SINGLE
 
 
 def atomic_write(path, data):

@@ -212,6 +212,9 @@ class Processes:
         return logs
 
 
+SINGLE = Processes()  # a run of one process
+
+
 class LaneShard(keras.utils.PyDataset):
     """Lanes `[index * n, (index + 1) * n)` of every batch of a stream of
     `count * n` lanes: one process's share of a data-parallel stream."""

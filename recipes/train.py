@@ -41,11 +41,11 @@ from keras_memtrans.models import MemorizingTransformerCausalLM
 from keras_memtrans.models import MemorizingTransformerPreprocessor
 from keras_memtrans.models import MemorizingTransformerTokenizer
 from recipes import checkpointing
-from recipes.checkpointing import SINGLE
 from recipes.common import build_causal_lm
 from recipes.common import compile_for_training
 from recipes.common import save_preset
 from recipes.common import split_corpus
+from recipes.data_parallel import SINGLE
 from recipes.data_parallel import GlobalLogs
 from recipes.data_parallel import TokenLoss
 from recipes.data_parallel import start_data_parallel

@@ -40,6 +40,7 @@ from keras_memtrans import ExactMemory
 from keras_memtrans import KNNAttention
 from keras_memtrans import ScannMemory
 from keras_memtrans import SegmentAttention
+from recipes.benchmarks.timing import call_times
 
 LANES, HEADS, HEAD_DIM, QUERIES, K, SEGMENT = 4, 4, 64, 256, 32, 512
 
@@ -98,12 +99,8 @@ def text_queries_and_keys(tokens_per_lane):
 
 
 def timed(function, repeats):
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - start)
+    """Median seconds of `repeats` calls after a warm-up, and a result."""
+    times, result = call_times(function, repeats)
     return statistics.median(times), result
 
 

@@ -25,12 +25,12 @@ import json
 import re
 import sys
 import tempfile
-import time
 
 import keras
 import numpy as np
 
 from keras_memtrans.models import PRESETS
+from recipes.benchmarks.timing import call_times
 from recipes.benchmarks.train_step import BACKENDS
 from recipes.benchmarks.train_step import model_config
 from recipes.benchmarks.train_step import parse_memory
@@ -51,13 +51,8 @@ def parse_args(argv):
 
 
 def fastest(function, repeats):
-    function()  # warm-up (and compilation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """The fastest of `repeats` calls, after a warm-up."""
+    return min(call_times(function, repeats)[0])
 
 
 def build(config, memory):
