@@ -27,7 +27,7 @@ import shutil
 import keras
 
 from keras_memtrans.memory import atomic_files
-from recipes.data_parallel import SINGLE
+from recipes.processes import SINGLE
 
 
 def atomic_write(path, data):
@@ -70,7 +70,7 @@ def save_checkpoint(causal_lm, directory, step, state, processes=SINGLE):
         directory: the run's training directory.
         step: int, the training steps done.
         state: a JSON-serialisable dict saved as `state.json` (with `step`).
-        processes: the run's `recipes.data_parallel.Processes`: process 0
+        processes: the run's `recipes.processes.Processes`: process 0
             writes the model and the state, each process its own lanes'
             states (in `lane_states/process-<index>` when there are several).
     """
@@ -81,7 +81,8 @@ def save_checkpoint(causal_lm, directory, step, state, processes=SINGLE):
         checkpoints.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # what a killed save left
         partial.mkdir()
-        causal_lm.save(partial / "model.keras")
+        with processes.alone():
+            causal_lm.save(partial / "model.keras")
     processes.barrier()
     lane_states = processes.lane_states(partial)
     causal_lm.backbone.save_lane_states(lane_states, training=True)
@@ -122,7 +123,7 @@ class StepCheckpoint(keras.callbacks.Callback):
         first_step: int, the step `fit` starts at (a resumed run's).
         state: callable taking the epoch's logs and returning the extra
             JSON state to save.
-        processes: the run's `recipes.data_parallel.Processes`.
+        processes: the run's `recipes.processes.Processes`.
     """
 
     def __init__(self, directory, every, steps, first_step, state, processes=SINGLE):

@@ -32,7 +32,7 @@ def held_out_scores(causal_lm, stream, global_logs=None):
     The inference state is emptied first, so the scores depend on the
     weights alone, not on what an earlier evaluation left (a ScaNN memory's
     trees depend on where its ring buffer starts writing). `global_logs`
-    (`recipes.data_parallel.Processes.global_logs` of the model) turns one
+    (`recipes.processes.Processes.global_logs` of the model) turns one
     process's scores into those of every process's lanes.
     """
     causal_lm.reset_state(training=False)

@@ -20,7 +20,8 @@ never overwritten (a new `-N` suffix is chosen instead), gets:
 - `results.json` and `results.md`.
 
 `--data-parallel` trains on several devices, each with its share of the
-lanes and only their memories: every device JAX sees, or one `torchrun`
+lanes and only their memories: every device JAX sees (of every host, when
+launched with Keras' `KERAS_DISTRIBUTION_*` variables), or one `torchrun`
 process per device on torch (`recipes/data_parallel.py`, docs/scaling.md).
 """
 
@@ -45,12 +46,10 @@ from recipes.common import build_causal_lm
 from recipes.common import compile_for_training
 from recipes.common import save_preset
 from recipes.common import split_corpus
-from recipes.data_parallel import SINGLE
-from recipes.data_parallel import GlobalLogs
-from recipes.data_parallel import TokenLoss
 from recipes.data_parallel import start_data_parallel
 from recipes.flags import parse_args
 from recipes.flags import resolve_config
+from recipes.processes import SINGLE
 from recipes.reporting import HeldOutCurve
 from recipes.reporting import held_out_scores
 from recipes.reporting import json_safe
@@ -82,8 +81,9 @@ def train_and_evaluate(
 ):
     """Trains one model (from its latest checkpoint, if any), scores it on
     the held-out documents and saves it as the preset `output_dir / name`.
-    With several `processes` (torch `--data-parallel`), each trains on its
-    share of the lanes and process 0 writes the run's files.
+    With several `processes` (`--data-parallel` on torch, or JAX on several
+    hosts), each trains on its share of the lanes and process 0 writes the
+    run's files.
 
     Returns:
         The run's results, or `None` when training diverged (the last good
@@ -105,14 +105,16 @@ def train_and_evaluate(
     # `fit` continues the stream across its epochs; evaluation, one pass.
     train_stream = LaneStreamer(  # every process's lanes
         train_docs,
-        lanes * processes.count,
+        processes.stream_lanes(lanes),
         length,
         shuffle=True,
         repeat=True,
         seed=args.seed,
     )
     validation_stream = processes.lanes(
-        LaneStreamer(validation_docs, lanes * processes.count, length, shuffle=False)
+        LaneStreamer(
+            validation_docs, processes.stream_lanes(lanes), length, shuffle=False
+        )
     )
     steps, first_step = training["steps"], state["step"]
     steps_per_epoch = epoch_length(args, steps)
@@ -134,7 +136,7 @@ def train_and_evaluate(
         keras.callbacks.TensorBoard(str(log_dir / "tensorboard")),
     ]
     callbacks = [
-        *([GlobalLogs(processes)] if processes.count > 1 else []),
+        *processes.callbacks(),
         stop,
         keras.callbacks.TerminateOnNaN(),
         *([curve] if args.eval_every else []),
@@ -175,7 +177,8 @@ def train_and_evaluate(
     else:
         final = held_out_scores(causal_lm, validation_stream, global_logs)
     if processes.is_main and not (output_dir / name).exists():
-        save_preset(causal_lm, output_dir / name)  # unless saved before a kill
+        with processes.alone():  # unless saved before a kill
+            save_preset(causal_lm, output_dir / name)
     return {
         "run": name,
         "memory_layers": list(causal_lm.backbone.memory_layer_indices),
@@ -320,9 +323,7 @@ def main(argv=None):
             )
             if source is not None:
                 initialised_from(causal_lm, source)
-            # Several processes sum their gradients of a loss over all tokens.
-            loss = TokenLoss() if processes.count > 1 else "auto"
-            compile_for_training(causal_lm, training, jit_compile, loss)
+            compile_for_training(causal_lm, training, jit_compile, processes.loss())
             result = train_and_evaluate(
                 name, causal_lm, training, documents, args, output_dir, processes
             )

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_memtrans.memory import host
 from keras_memtrans.memory.host import approx_top_k
 from keras_memtrans.memory.knn_memory import KNNMemory
 from keras_memtrans.memory.ring_buffer import document_lengths_after
@@ -237,35 +238,19 @@ class ExactMemory(KNNMemory):
     def _state_arrays(self):
         if not self.built:
             self.build()
-        keys, values = (  # [batch, heads, slots, dim]
-            ops.convert_to_numpy(variable.value).astype("float32")
-            for variable in (self.keys, self.values)
-        )
-        return {
-            "keys": keys,
-            "values": values,
-            "positions": ops.convert_to_numpy(self.positions.value),
-            "next_slot": ops.convert_to_numpy(self.next_slot.value),
-            "document_length": ops.convert_to_numpy(self.document_length.value),
+        arrays = {
+            name: host.process_rows(getattr(self, name).value)
+            for name in ("keys", "values", "positions", "next_slot", "document_length")
         }
+        for name in ("keys", "values"):  # [batch, heads, slots, dim]
+            arrays[name] = arrays[name].astype("float32")
+        return arrays
 
     def _restore_state(self, arrays):
         if not self.built:
             self.build()
-        updates = [
-            (variable, ops.convert_to_tensor(arrays[name], variable.dtype))
-            for name, variable in (("keys", self.keys), ("values", self.values))
-        ]
-        updates += [
-            (self.positions, ops.convert_to_tensor(arrays["positions"], "int32")),
-            (self.next_slot, ops.convert_to_tensor(arrays["next_slot"], "int32")),
-            (
-                self.document_length,
-                ops.convert_to_tensor(arrays["document_length"], "int32"),
-            ),
-        ]
-        for variable, value in updates:
-            variable.assign(value)
+        for name in ("keys", "values", "positions", "next_slot", "document_length"):
+            host.assign_process_rows(getattr(self, name), arrays[name])
 
     def get_config(self):
         config = super().get_config()

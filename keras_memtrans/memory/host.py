@@ -5,7 +5,9 @@ searchers on the host. Its methods are called from inside the model's call,
 which may run eagerly (torch, TF eager), inside a `tf.function` (TF `fit`)
 or inside `jax.jit` (JAX `fit`). `host_call` runs a NumPy function in all
 three situations; `approx_top_k` exposes the accelerator-friendly
-approximate top-k that `keras.ops` lacks. Backends are imported lazily,
+approximate top-k that `keras.ops` lacks. `process_rows` and
+`assign_process_rows` read and write the lanes a process holds of a state
+a JAX distribution shards over several processes (hosts). Backends are imported lazily,
 inside the function that needs them: nothing else in the package imports
 tensorflow, jax or torch.
 """
@@ -40,6 +42,78 @@ def distributed_devices():
     if distribution is None:
         return 1
     return int(np.prod(distribution.device_mesh.shape))
+
+
+def split_across_processes(value):
+    """Whether `value` is a JAX array sharded over the devices of several
+    processes (a `keras.distribution` over several hosts), of which this
+    process holds some rows only."""
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return (
+        isinstance(value, jax.Array)
+        and not value.is_fully_addressable
+        and not value.is_fully_replicated
+    )
+
+
+def _process_shards(value):
+    """`{first row: shard data}` of this process's shards of `value`, split
+    along its first axis (a shard replicated on several local devices
+    counted once)."""
+    return {
+        shard.index[0].indices(value.shape[0])[0]: shard.data
+        for shard in value.addressable_shards
+    }
+
+
+def process_row_count(value):
+    """The number of rows (lanes) of `value` that this process holds: all
+    of them unless `split_across_processes(value)`."""
+    if not split_across_processes(value):
+        return value.shape[0]
+    return sum(data.shape[0] for data in _process_shards(value).values())
+
+
+def process_rows(value):
+    """The rows of `value` this process holds, as one NumPy array: all of
+    them, unless the array is split across processes
+    (`split_across_processes`): then this process's rows, in order, of an
+    array sharded along its first axis (the lanes). A replicated array is
+    whole in every process."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            if value.is_fully_replicated:
+                return np.asarray(value.addressable_data(0))
+            shards = _process_shards(value)
+            return np.concatenate([np.asarray(shards[row]) for row in sorted(shards)])
+    return ops.convert_to_numpy(value)
+
+
+def assign_process_rows(variable, rows):
+    """Assigns `rows`, as `process_rows(variable.value)` reads them, to
+    `variable`: where the variable is split across processes, each process
+    gives its own rows and together they make the whole value; a variable
+    replicated over several processes gets the same `rows` from each."""
+    value = variable.value
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            rows = np.asarray(rows, jax.numpy.dtype(variable.dtype))
+            if value.is_fully_replicated:
+                whole = jax.device_put(rows, value.sharding)
+            else:
+                whole = jax.make_array_from_process_local_data(
+                    value.sharding, rows, value.shape
+                )
+            variable.assign(whole)
+            return
+    variable.assign(ops.convert_to_tensor(rows, variable.dtype))
 
 
 def host_call(function, *arrays, result_specs):

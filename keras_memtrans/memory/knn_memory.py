@@ -144,13 +144,14 @@ class KNNMemory(LaneState):
             self.read_only = previous
 
     def _state_specs(self):
-        vectors = (self.batch_size, self.num_heads, self.memory_size, self.head_dim)
+        lanes = self.process_batch_size
+        vectors = (lanes, self.num_heads, self.memory_size, self.head_dim)
         return {
             "keys": (vectors, "float32"),
             "values": (vectors, "float32"),
-            "positions": ((self.batch_size, self.memory_size), "int32"),
+            "positions": ((lanes, self.memory_size), "int32"),
             "next_slot": ((), "int32"),
-            "document_length": ((self.batch_size,), "int32"),
+            "document_length": ((lanes,), "int32"),
         }
 
     def _read_saved(self, path):

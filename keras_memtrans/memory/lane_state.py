@@ -18,8 +18,8 @@ import uuid
 
 import keras
 import numpy as np
-from keras import ops
 
+from keras_memtrans.memory import host
 from keras_memtrans.memory.atomic_files import atomic_save_npz
 from keras_memtrans.memory.atomic_files import atomic_write
 from keras_memtrans.memory.atomic_files import checked_array
@@ -100,6 +100,22 @@ class LaneState(keras.layers.Layer):
         """Empties every lane."""
         raise NotImplementedError
 
+    @property
+    def process_batch_size(self):
+        """The lanes this process holds: `batch_size`, or, where a JAX
+        `keras.distribution` shards the lanes over the devices of several
+        processes (hosts), this process's share. `save` writes them and
+        `load` reads them, so each process saves and restores its own."""
+        for variable in self.variables:
+            if host.split_across_processes(variable.value):
+                return host.process_row_count(variable.value)
+        return self.batch_size
+
+    def _sizes(self):
+        """The sizes a file holds: `SIZE_NAMES`, with this process's lanes."""
+        sizes = {name: getattr(self, name) for name in self.SIZE_NAMES}
+        return dict(sizes, batch_size=self.process_batch_size)
+
     def save(self, path):
         """Saves the contents to the single `.npz` file `path`, atomically.
 
@@ -110,7 +126,7 @@ class LaneState(keras.layers.Layer):
             self.build()
         arrays = {self.CLASS_ARRAY: np.array(type(self).__name__)}
         arrays.update(
-            {name: np.array(getattr(self, name), "int64") for name in self.SIZE_NAMES}
+            {name: np.array(size, "int64") for name, size in self._sizes().items()}
         )
         arrays.update(self._state_arrays())
         atomic_save_npz(path, arrays)
@@ -145,26 +161,27 @@ class LaneState(keras.layers.Layer):
         saved_kind = str(arrays[self.CLASS_ARRAY])
         if saved_kind != kind:
             raise ValueError(f"{path!r} holds {saved_kind}, not {kind}.")
-        for name in self.SIZE_NAMES:
+        for name, size in self._sizes().items():
             saved = int(checked_array(arrays, name, (), "int64", path))
-            if saved != getattr(self, name):
+            if saved != size:
                 raise ValueError(
                     f"The {kind} saved in {path!r} has `{name}` {saved}, "
-                    f"this one {getattr(self, name)}."
+                    f"this one {size}."
                 )
         for name, (shape, dtype) in self._state_specs().items():
             arrays[name] = checked_array(arrays, name, shape, dtype, path)
         return arrays
 
     def _state_specs(self):
-        """The saved arrays: a dict from name to `(shape, NumPy dtype)`."""
+        """The saved arrays: a dict from name to `(shape, NumPy dtype)`,
+        lanes first (`process_batch_size` of them) where an array has lanes."""
         raise NotImplementedError
 
     def _state_arrays(self):
         """The contents as a dict of NumPy arrays, as `_state_specs` declares
         them (by default: the variables of those names, as they are)."""
         return {
-            name: ops.convert_to_numpy(getattr(self, name).value).astype(dtype)
+            name: host.process_rows(getattr(self, name).value).astype(dtype)
             for name, (_, dtype) in self._state_specs().items()
         }
 
@@ -176,8 +193,7 @@ class LaneState(keras.layers.Layer):
         it changes anything.
         """
         for name in self._state_specs():
-            variable = getattr(self, name)
-            variable.assign(ops.convert_to_tensor(arrays[name], variable.dtype))
+            host.assign_process_rows(getattr(self, name), arrays[name])
 
     def save_own_variables(self, store):
         """Saves nothing: lane state is runtime state, not weights."""

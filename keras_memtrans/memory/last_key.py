@@ -92,9 +92,10 @@ class LastKey(LaneState):
         self.present.assign(ops.zeros(self.present.shape, "bool"))
 
     def _state_specs(self):
+        lanes = self.process_batch_size
         return {
-            "keys": ((self.batch_size, self.num_heads, self.head_dim), "float32"),
-            "present": ((self.batch_size,), "bool"),
+            "keys": ((lanes, self.num_heads, self.head_dim), "float32"),
+            "present": ((lanes,), "bool"),
         }
 
 

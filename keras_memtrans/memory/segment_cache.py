@@ -118,9 +118,10 @@ class SegmentCache(LaneState):
         self.mask.assign(ops.zeros(self.mask.shape, "bool"))
 
     def _state_specs(self):
-        vectors = (self.batch_size, self.cache_length, self.num_heads, self.head_dim)
+        lanes = self.process_batch_size
+        vectors = (lanes, self.cache_length, self.num_heads, self.head_dim)
         return {
             "keys": (vectors, "float32"),
             "values": (vectors, "float32"),
-            "mask": ((self.batch_size, self.cache_length), "bool"),
+            "mask": ((lanes, self.cache_length), "bool"),
         }

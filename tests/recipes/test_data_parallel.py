@@ -1,13 +1,16 @@
 """`recipes.train --data-parallel`: on JAX the run on two devices (the forced
-host devices of tests/conftest.py), on torch two `torchrun` processes
-(gloo), give the single-device run's losses and memories and resume from
-their checkpoints; TensorFlow, and settings that cannot work, are refused
-with the reason before anything is written."""
+host devices of tests/conftest.py) and the run of two JAX processes (hosts),
+on torch two `torchrun` processes (gloo), give the single-device run's
+losses and memories and resume from their checkpoints; TensorFlow, and
+settings that cannot work, are refused with the reason before anything is
+written."""
 
+import contextlib
 import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +29,7 @@ from tests.recipes.test_train_durability import epoch_losses
 from tests.recipes.test_train_durability import results
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
+TORCH_ENVIRONMENT = dict(os.environ, OMP_NUM_THREADS="1")
 ON_JAX = pytest.mark.skipif(
     keras.backend.backend() != "jax",
     reason="keras.distribution's data parallelism is JAX's (torch's is "
@@ -70,17 +74,10 @@ def test_a_data_parallel_run_resumes_with_the_same_later_losses(
     schedule = (*RESUMED_SCHEDULE, "--memory-kind", "exact", "--data-parallel")
     run_until_checkpoint(tmp_path, monkeypatch, 4, *schedule, output="parts")
     assert train.main(["--resume", str(tmp_path / "parts")]) == 0
-    parts = tmp_path / "parts"
-    assert json.loads((parts / "results.json").read_text())["devices"] == 2
     # Steps 5-8 on two devices, from the checkpoint of step 4 written on two
     # devices: the losses of the uninterrupted run (on one device, which
     # equals a run on two).
-    whole = uninterrupted_run("exact")
-    np.testing.assert_allclose(
-        epoch_losses(parts)[1], epoch_losses(whole)[1], rtol=1e-5
-    )
-    (want,), (got,) = results(whole), results(parts)
-    np.testing.assert_allclose(got["validation_nll"], want["validation_nll"], rtol=1e-5)
+    assert_resumed(tmp_path / "parts", uninterrupted_run("exact"))
 
 
 def torchrun_command(tmp_path, *flags, output):
@@ -93,12 +90,74 @@ def torchrun_command(tmp_path, *flags, output):
     ]
 
 
-def torchrun(command):
-    environment = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        command, cwd=REPOSITORY, env=environment, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def jax_processes(arguments):
+    """`(command, environment)` of each of two JAX processes, as on two
+    hosts of one device each, running `recipes.train arguments` together:
+    Keras' `KERAS_DISTRIBUTION_*` variables join them (gloo on CPUs)."""
+    with socket.socket() as probe:  # a free port for the coordinator
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    one_device = " ".join(f for f in flags if "device_count" not in f)
+    return [
+        (
+            [sys.executable, "-m", "recipes.train", *arguments],
+            dict(
+                os.environ,
+                KERAS_BACKEND="jax",
+                XLA_FLAGS=one_device,
+                OMP_NUM_THREADS="1",
+                KERAS_DISTRIBUTION_JOB_ADDRESSES=f"localhost:{port}",
+                KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+                KERAS_DISTRIBUTION_PROCESS_ID=str(index),
+            ),
+        )
+        for index in range(2)
+    ]
+
+
+def start(processes, log):
+    """Starts each `(command, environment)` of `processes`, each in its own
+    process group, writing to the file `log`."""
+    children = []
+    with open(log, "ab") as output:
+        for command, environment in processes:
+            children.append(
+                subprocess.Popen(
+                    command,
+                    cwd=REPOSITORY,
+                    env=environment,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    return children
+
+
+def succeed(processes, log):
+    """Runs `processes` (see `start`) to the end; each must succeed."""
+    children = start(processes, log)
+    codes = [child.wait(timeout=600) for child in children]
+    assert codes == [0] * len(children), log.read_text()[-6000:]
+
+
+def kill_after_checkpoint(children, output, step, log):
+    """Kills `children` (and their processes) once the run in `output` has
+    written its checkpoint `step`."""
+    latest = output / "training" / "memory" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    try:
+        while not (latest.exists() and int(latest.read_text()[5:]) >= step):
+            assert all(child.poll() is None for child in children), log.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):  # a group that ended
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    assert not (output / "results.json").exists()
 
 
 def lane_state_arrays(directory):
@@ -122,24 +181,13 @@ def final_lane_states(output, process=None):
     return lane_state_arrays(directory)
 
 
-@ON_TORCH
-@pytest.mark.parametrize("memory_kind", ["exact", "scann"])
-def test_two_torch_processes_train_as_one_device(tmp_path, memory_kind):
-    # Each process keeps ScaNN searchers of its own lane; an approximate
-    # search over other trees than the single process's (its held-out NLL
-    # differed by 2e-5 relative) is compared as a resumed ScaNN run is
-    # (tests/recipes/test_train_durability.py).
-    tolerance = {"exact": 1e-5, "scann": 1e-4}[memory_kind]
-    flags = ("--checkpoint-every", "1", "--memory-kind", memory_kind)
-    run(tmp_path, *flags, output="one")
-    torchrun(torchrun_command(tmp_path, *flags, output="two"))
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert_same_run(two, one, rtol=tolerance)
-    # Each process's memories, caches and carried keys are its own lane of
-    # the single-device run's (each file stores its own batch size: 1 lane).
-    whole = final_lane_states(one)
+def assert_own_lanes(parallel, single):
+    """Each of the two processes of the run `parallel` saved, as its lane
+    states, its own lane of the single-device run's memories, caches and
+    carried keys (each file stores its own batch size: 1 lane)."""
+    whole = final_lane_states(single)
     for process in (0, 1):
-        own = final_lane_states(two, process)
+        own = final_lane_states(parallel, process)
         assert own.keys() == whole.keys()
         for name, array in whole.items():
             if array.ndim and name.split("/")[-1] != "next_slot":
@@ -152,44 +200,68 @@ def test_two_torch_processes_train_as_one_device(tmp_path, memory_kind):
                 np.testing.assert_array_equal(own[name], array, err_msg=name)
 
 
-@ON_TORCH
-def test_a_killed_torch_data_parallel_run_resumes_with_the_same_later_losses(
-    tmp_path, uninterrupted_run
-):
-    schedule = (*RESUMED_SCHEDULE, "--memory-kind", "exact")
-    log = tmp_path / "torchrun.log"
-    environment = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(log, "wb") as output:
-        child = subprocess.Popen(
-            torchrun_command(tmp_path, *schedule, output="parts"),
-            cwd=REPOSITORY,
-            env=environment,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: every process
-        )
-    parts = tmp_path / "parts"
-    latest = parts / "training" / "memory" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    try:
-        while not (latest.exists() and int(latest.read_text()[5:]) >= 4):
-            assert child.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-    finally:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-    assert not (parts / "results.json").exists()
-    command = torchrun_command(tmp_path, output="parts")
-    launcher = command[: command.index("recipes.train") + 1]
-    torchrun([*launcher, "--resume", str(parts)])
-    whole = uninterrupted_run("exact")
+def assert_resumed(parts, whole):
+    """The run `parts`, killed after step 4 and resumed, logged the later
+    losses of the uninterrupted run `whole` and reached its held-out NLL."""
     np.testing.assert_allclose(
         epoch_losses(parts)[1], epoch_losses(whole)[1], rtol=1e-5
     )
     (want,), (got,) = results(whole), results(parts)
     assert got["steps"] == 8
     np.testing.assert_allclose(got["validation_nll"], want["validation_nll"], rtol=1e-5)
+    assert json.loads((parts / "results.json").read_text())["devices"] == 2
+
+
+@ON_JAX
+def test_two_jax_processes_train_as_one_device(tmp_path):
+    flags = ("--checkpoint-every", "1", "--memory-kind", "exact")
+    run(tmp_path, *flags, output="one")
+    arguments = recipe_args(tmp_path, *flags, "--data-parallel", output="two")
+    succeed(jax_processes(arguments), tmp_path / "processes.log")
+    assert_same_run(tmp_path / "two", tmp_path / "one", rtol=1e-5)
+    assert_own_lanes(tmp_path / "two", tmp_path / "one")
+
+
+@ON_JAX
+def test_killed_jax_processes_resume_with_the_same_later_losses(
+    tmp_path, uninterrupted_run
+):
+    schedule = (*RESUMED_SCHEDULE, "--memory-kind", "exact", "--data-parallel")
+    parts, log = tmp_path / "parts", tmp_path / "processes.log"
+    arguments = recipe_args(tmp_path, *schedule, output="parts")
+    kill_after_checkpoint(start(jax_processes(arguments), log), parts, 4, log)
+    # Each process restores its own lanes' states from the checkpoint.
+    succeed(jax_processes(["--resume", str(parts)]), log)
+    assert_resumed(parts, uninterrupted_run("exact"))
+
+
+@ON_TORCH
+@pytest.mark.parametrize("memory_kind", ["exact", "scann"])
+def test_two_torch_processes_train_as_one_device(tmp_path, memory_kind):
+    # Each process keeps ScaNN searchers of its own lane; an approximate
+    # search over other trees than the single process's (its held-out NLL
+    # differed by 2e-5 relative) is compared as a resumed ScaNN run is
+    # (tests/recipes/test_train_durability.py).
+    tolerance = {"exact": 1e-5, "scann": 1e-4}[memory_kind]
+    flags = ("--checkpoint-every", "1", "--memory-kind", memory_kind)
+    run(tmp_path, *flags, output="one")
+    torchrun = [(torchrun_command(tmp_path, *flags, output="two"), TORCH_ENVIRONMENT)]
+    succeed(torchrun, tmp_path / "torchrun.log")
+    assert_same_run(tmp_path / "two", tmp_path / "one", rtol=tolerance)
+    assert_own_lanes(tmp_path / "two", tmp_path / "one")
+
+
+@ON_TORCH
+def test_a_killed_torch_data_parallel_run_resumes_with_the_same_later_losses(
+    tmp_path, uninterrupted_run
+):
+    schedule = (*RESUMED_SCHEDULE, "--memory-kind", "exact")
+    parts, log = tmp_path / "parts", tmp_path / "torchrun.log"
+    command = torchrun_command(tmp_path, *schedule, output="parts")
+    kill_after_checkpoint(start([(command, TORCH_ENVIRONMENT)], log), parts, 4, log)
+    launcher = command[: command.index("recipes.train") + 1]
+    succeed([([*launcher, "--resume", str(parts)], TORCH_ENVIRONMENT)], log)
+    assert_resumed(parts, uninterrupted_run("exact"))
 
 
 # Settings `--data-parallel` cannot work with on JAX, and the error naming why.
