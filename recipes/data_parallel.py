@@ -22,6 +22,7 @@ docs/scaling.md says how to launch it on TPU VMs and multi-GPU hosts.
 
 import keras
 
+from keras_memtrans.memory.factory import HOST_MEMORY_KINDS
 from keras_memtrans.models import MemorizingTransformerBackbone
 from recipes.jax_processes import process_major_devices
 from recipes.jax_processes import start_jax_processes
@@ -66,9 +67,9 @@ def start_data_parallel(backbone_config, devices=None):
         model_lanes = processes.model_lanes(batch_size)
         return None, processes, dict(backbone_config, batch_size=model_lanes)
     memory_kind = backbone_config["memory_options"].get("memory_kind")
-    if backbone_config["memory_layer_indices"] and memory_kind == "scann":
+    if backbone_config["memory_layer_indices"] and memory_kind in HOST_MEMORY_KINDS:
         raise ValueError(
-            "--data-parallel cannot use --memory-kind scann on JAX: a ScaNN "
+            f"--data-parallel cannot use --memory-kind {memory_kind} on JAX: a ScaNN "
             "memory's searchers are called back on one host, which a step "
             "spread over devices does not do correctly. Use --memory-kind "
             "exact or auto (auto picks the in-graph exact memory there)."

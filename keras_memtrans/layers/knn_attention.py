@@ -45,8 +45,11 @@ class KNNAttention(SegmentAttention):
         num_neighbors: int. Memory entries each query retrieves (`k`).
         memory_kind: `"exact"` (`ExactMemory`: in-graph ring buffer, exact
             top-k, compiles with XLA), `"scann"` (`ScannMemory`: host
-            memory searched with ScaNN; turns `jit_compile` off on
-            TensorFlow and torch, runs inside `jax.jit` on JAX) or `"auto"`:
+            memory searched with ScaNN's trees; turns `jit_compile` off on
+            TensorFlow and torch, runs inside `jax.jit` on JAX),
+            `"scann_exact"` (the host memory with ScaNN's brute-force
+            searchers: exact, and on a CPU faster than `"exact"`) or
+            `"auto"`:
             `"scann"` from `memory_size >= 32768` (the crossover measured in
             docs/memory_lookup.md) when `scann` is installed, else
             `"exact"` (see `make_memory`).

@@ -15,8 +15,19 @@ from keras_memtrans.memory.scann_memory import ScannMemory
 # measured crossover of docs/memory_lookup.md.
 SCANN_MIN_MEMORY_SIZE = 32768
 
-MEMORY_CLASSES = {"exact": ExactMemory, "scann": ScannMemory}
+# Each kind's class and its arguments beyond the sizes.
+MEMORY_CLASSES = {
+    "exact": (ExactMemory, {}),
+    "scann": (ScannMemory, {"searcher": "tree"}),
+    "scann_exact": (ScannMemory, {"searcher": "brute_force"}),
+}
 MEMORY_KINDS = ("auto", *MEMORY_CLASSES)
+# The kinds whose memory lives on the host (called back from the step).
+HOST_MEMORY_KINDS = tuple(
+    kind
+    for kind, (memory_class, _) in MEMORY_CLASSES.items()
+    if memory_class is ScannMemory
+)
 
 
 def check_memory_kind(memory_kind):
@@ -43,15 +54,17 @@ def make_memory(
     Args:
         memory_kind: `"exact"` (`ExactMemory`: in-graph ring buffer, exact
             top-k, compiles with XLA), `"scann"` (`ScannMemory`: host memory
-            searched with ScaNN) or `"auto"`: `"scann"` from
+            searched with ScaNN's trees), `"scann_exact"` (`ScannMemory`
+            with ScaNN's brute-force searchers: the exact top-k on the
+            host) or `"auto"`: `"scann"` from
             `memory_size >= SCANN_MIN_MEMORY_SIZE` (32768, the crossover
             measured in docs/memory_lookup.md) when `scann` is installed
             and no `keras.distribution` spreads the step over several
             devices (a host memory cannot run there), else `"exact"`.
         batch_size, num_heads, head_dim, memory_size: the memory's sizes
             (see `KNNMemory`).
-        top_k, recall_target: the exact memory's top-k (see `ExactMemory`);
-            ignored by ScaNN.
+        top_k, recall_target: the in-graph memory's top-k (see
+            `ExactMemory`); ignored by ScaNN.
         num_leaves, num_leaves_to_search: the ScaNN trees (see
             `ScannMemory`); ignored by the exact memory.
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`).
@@ -73,29 +86,28 @@ def make_memory(
         memory_size=memory_size,
         **kwargs,
     )
-    use_scann = memory_kind == "scann" or (
-        memory_kind == "auto"
-        and memory_size >= SCANN_MIN_MEMORY_SIZE
-        and distributed_devices() == 1
-    )
-    memory = None
-    if use_scann:
-        try:
-            memory = ScannMemory(
-                num_leaves=num_leaves,
-                num_leaves_to_search=num_leaves_to_search,
-                **sizes,
-            )
-        except ImportError:
-            if memory_kind == "scann":
-                raise
-            warnings.warn(
-                f"`memory_size={memory_size}` selects ScannMemory, but `scann` "
-                "is not installed (`pip install keras-memtrans[scann]`): using "
-                "ExactMemory.",
-                stacklevel=2,
-            )
-    if memory is None:
+    kind = memory_kind
+    if kind == "auto":
+        large = memory_size >= SCANN_MIN_MEMORY_SIZE
+        kind = "scann" if large and distributed_devices() == 1 else "exact"
+    memory_class, options = MEMORY_CLASSES[kind]
+    if memory_class is ScannMemory:
+        options = dict(
+            options, num_leaves=num_leaves, num_leaves_to_search=num_leaves_to_search
+        )
+    else:
+        options = dict(options, top_k=top_k, recall_target=recall_target)
+    try:
+        memory = memory_class(**options, **sizes)
+    except ImportError:
+        if memory_kind != "auto":
+            raise
+        warnings.warn(
+            f"`memory_size={memory_size}` selects ScannMemory, but `scann` "
+            "is not installed (`pip install keras-memtrans[scann]`): using "
+            "ExactMemory.",
+            stacklevel=2,
+        )
         memory = ExactMemory(top_k=top_k, recall_target=recall_target, **sizes)
     memory.build()
     return memory

@@ -171,11 +171,16 @@ class RingBuffer:
             twice and `[batch, query, heads, k]`; where a slot is `-1` (none)
             the position is `-1` and the key and value are arbitrary.
         """
-        batch_size, num_heads = self.keys.shape[:2]
+        batch_size, num_heads, memory_size, head_dim = self.keys.shape
         lanes = np.arange(batch_size)[:, None, None, None]
         heads = np.arange(num_heads)[None, None, :, None]
         clipped = np.maximum(slots, 0)
-        keys = self.keys[lanes, heads, clipped]  # [batch, query, heads, k, dim]
-        values = self.values[lanes, heads, clipped]
+        # Flat index of (lane, head, slot) in the [batch * heads * slots] rows:
+        # `take` of whole rows is about twice as fast as fancy indexing.
+        rows = (lanes * num_heads + heads) * memory_size + clipped
+        keys, values = (  # [batch, query, heads, k, head_dim]
+            np.take(vectors.reshape(-1, head_dim), rows, axis=0)
+            for vectors in (self.keys, self.values)
+        )
         positions = np.where(slots >= 0, self.positions[lanes, clipped], -1)
         return keys, values, positions

@@ -85,23 +85,30 @@ def delete_slots(index_slots, slots, memory_size):
 class ScannLaneIndex:
     """The ScaNN searchers of one lane (one per head) and their upkeep.
 
-    A lane is searched exactly until it holds `memory_size // 2` entries,
-    then its searchers are built from its entries (the same entries always
-    give the same trees); from then on every write
-    `upsert`s its slot in place (the evicted entry is replaced, never
-    returned) and an empty one (padding) `delete`s it. Once the lane has been
-    rewritten `memory_size` times since the build, its trees are rebuilt on
-    the current keys. A lane left with fewer than
+    Tree searchers (`num_leaves` set): a lane is searched exactly until it
+    holds `memory_size // 2` entries, then its searchers are built from its
+    entries (the same entries always give the same trees); from then on
+    every write `upsert`s its slot in place (the evicted entry is replaced,
+    never returned) and an empty one (padding) `delete`s it. Once the lane
+    has been rewritten `memory_size` times since the build, its trees are
+    rebuilt on the current keys. A lane left with fewer than
     `min_index_entries(num_leaves)` entries drops its searchers and is
     searched exactly until it again holds `memory_size // 2`: k-means cannot
     train the trees on so few keys.
+
+    Brute-force searchers (`num_leaves=None`): exact scores of every entry
+    with a fused top-k, no tree. They are built at the lane's first entry,
+    kept up to date by the same upserts, deletions and rebuilds (a segment
+    longer than the memory writes some slots twice, which only a rebuild
+    takes), and dropped when the lane is empty.
 
     Args:
         scann: the `scann_ops_pybind` module.
         num_heads: int. Number of heads (searchers).
         memory_size: int. Number of ring-buffer slots.
-        num_leaves: int. Tree partitions per searcher.
-        num_leaves_to_search: int. Partitions visited per query.
+        num_leaves: int. Tree partitions per searcher, or None for
+            brute-force searchers.
+        num_leaves_to_search: int. Partitions visited per query (trees).
         training_sample_size: int. Keys sampled to train the trees.
     """
 
@@ -120,7 +127,12 @@ class ScannLaneIndex:
         self.num_leaves = num_leaves
         self.num_leaves_to_search = num_leaves_to_search
         self.training_sample_size = training_sample_size
-        self.min_entries = min_index_entries(num_leaves)
+        self.brute_force = num_leaves is None
+        if self.brute_force:
+            self.min_entries = self.build_entries = 1
+        else:
+            self.min_entries = min_index_entries(num_leaves)
+            self.build_entries = memory_size // 2
         self.clear()
 
     @property
@@ -139,6 +151,9 @@ class ScannLaneIndex:
         self.searchers = []
         for head in range(self.num_heads):
             builder = self._scann.builder(keys[head, slots], 1, "dot_product")
+            if self.brute_force:
+                self.searchers.append(builder.score_brute_force().build().searcher)
+                continue
             builder = builder.tree(
                 num_leaves=self.num_leaves,
                 num_leaves_to_search=self.num_leaves_to_search,
@@ -181,7 +196,7 @@ class ScannLaneIndex:
         """
         entries = np.count_nonzero(positions >= 0)
         if not self.indexed:
-            if entries >= self.memory_size // 2:
+            if entries >= self.build_entries:
                 self._build(keys, positions)
         elif entries < self.min_entries:
             self.clear()

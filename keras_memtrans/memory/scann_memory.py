@@ -1,4 +1,7 @@
+import concurrent.futures
+import functools
 import math
+import os
 
 import keras
 import numpy as np
@@ -14,6 +17,12 @@ from keras_memtrans.memory.scann_lane_index import min_index_entries
 from keras_memtrans.validation import check_positive_ints
 
 
+@functools.cache
+def search_threads():
+    """The threads that search a memory's lanes, one per core."""
+    return concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
+
+
 def _import_scann():
     try:
         from scann.scann_ops.py import scann_ops_pybind
@@ -23,6 +32,10 @@ def _import_scann():
             "`pip install keras-memtrans[scann]`."
         ) from error
     return scann_ops_pybind
+
+
+# The kinds of ScaNN searcher a `ScannMemory` keeps per (lane, head).
+SEARCHERS = ("tree", "brute_force")
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -37,23 +50,31 @@ class ScannMemory(KNNMemory):
     compile them, so on TensorFlow and torch `supports_jit = False` turns
     `Model.compile`'s `jit_compile` off.
 
-    Each slot of the ring buffer is a searcher document id. A lane is
-    searched exactly until it holds `memory_size // 2` entries, then
-    indexed: writes upsert their slots, padded tokens delete theirs, the
-    trees are rebuilt after `memory_size` writes, and a lane left with
-    fewer than `max(16, 8 * num_leaves)` entries goes back to exact search
-    (`ScannLaneIndex`). A token whose key or value has a non-finite element
-    is stored like a padded token (an empty slot that does not advance its
-    lane's document position), so ScaNN, which cannot index it, never sees
-    it. The trees are seeded by k-means++, so the same writes give the same
-    searchers and results. Resetting a lane drops its searchers. `read_only`
-    is read on the host when the call runs; `save` stores the searchers too.
+    Each slot of the ring buffer is a searcher document id. With tree
+    searchers (`searcher="tree"`) a lane is searched exactly until it
+    holds `memory_size // 2` entries, then indexed: writes upsert their
+    slots, padded tokens delete theirs, the trees are rebuilt after
+    `memory_size` writes, and a lane left with fewer than
+    `max(16, 8 * num_leaves)` entries goes back to exact search
+    (`ScannLaneIndex`). With `searcher="brute_force"` every lane with an
+    entry has ScaNN's brute-force searchers: the exact top-k, scored with
+    SIMD and a fused top-k that never writes the scores out (on a CPU
+    faster than the in-graph `ExactMemory`, docs/performance.md). A token
+    whose key or value has a non-finite element is stored like a padded
+    token (an empty slot that does not advance its lane's document
+    position), so ScaNN, which cannot index it, never sees it. The trees
+    are seeded by k-means++, so the same writes give the same searchers and
+    results. Resetting a lane drops its searchers. `read_only` is read on
+    the host when the call runs; `save` stores the searchers too.
 
     Args:
         batch_size: int. Number of lanes (the fixed batch size).
         num_heads: int. Number of attention heads.
         head_dim: int. Size of each key and value vector.
         memory_size: int. Number of (key, value) pairs kept per lane and head.
+        searcher: `"tree"` (the default: tree partitions, exact scores in
+            the visited leaves) or `"brute_force"` (exact search; the tree
+            arguments are then unused).
         num_leaves: int. Tree partitions per searcher. Defaults to about
             `sqrt(memory_size)`; `memory_size // 2` must be at least
             `max(16, 8 * num_leaves)`.
@@ -85,6 +106,7 @@ class ScannMemory(KNNMemory):
         num_heads,
         head_dim,
         memory_size,
+        searcher="tree",
         num_leaves=None,
         num_leaves_to_search=None,
         training_sample_size=16384,
@@ -108,16 +130,21 @@ class ScannMemory(KNNMemory):
             training_sample_size=training_sample_size,
             optional=("num_leaves", "num_leaves_to_search"),
         )
+        if searcher not in SEARCHERS:
+            raise ValueError(
+                f"`searcher` must be one of {SEARCHERS}, got {searcher!r}."
+            )
         leaves = num_leaves or max(
             1, min(round(math.sqrt(memory_size)), memory_size // 16)
         )
         min_entries = min_index_entries(leaves)
-        if memory_size // 2 < min_entries:
+        if searcher == "tree" and memory_size // 2 < min_entries:
             raise ValueError(
                 f"`memory_size` ({memory_size}) is too small for {leaves} tree "
                 f"leaves: the index is built at memory_size // 2 entries, which "
                 f"must be at least max(16, 8 * num_leaves) = {min_entries}."
             )
+        self.searcher = searcher
         self.num_leaves = num_leaves
         self.num_leaves_to_search = num_leaves_to_search
         self.training_sample_size = training_sample_size
@@ -164,7 +191,7 @@ class ScannMemory(KNNMemory):
                 self._scann,
                 self.num_heads,
                 self.memory_size,
-                self._leaves,
+                self._leaves if self.searcher == "tree" else None,
                 self._leaves_to_search,
                 self.training_sample_size,
             )
@@ -193,16 +220,15 @@ class ScannMemory(KNNMemory):
     def _host_search(self, queries, num_neighbors):
         buffer = self._buffer
         queries = queries.astype("float32")
+
+        def search_lane(lane):
+            return self._indexes[lane].search(
+                queries[lane], buffer.keys[lane], buffer.positions[lane], num_neighbors
+            )
+
+        # The lanes are searched side by side: ScaNN and NumPy release the GIL.
         slots = np.stack(
-            [
-                index.search(
-                    queries[lane],
-                    buffer.keys[lane],
-                    buffer.positions[lane],
-                    num_neighbors,
-                )
-                for lane, index in enumerate(self._indexes)
-            ]
+            list(search_threads().map(search_lane, range(self.batch_size)))
         )  # [batch, query, heads, k]
         return buffer.gather(slots)
 
@@ -213,9 +239,9 @@ class ScannMemory(KNNMemory):
         host_call(self._host_reset, ops.cast(document_start, "bool"), result_specs=())
 
     def search(self, queries, num_neighbors):
-        """Approximate top-k inner-product search, as `KNNMemory.search`.
-
-        Exact when `num_leaves_to_search == num_leaves`. The queries are
+        """Top-k inner-product search, as `KNNMemory.search`: approximate
+        with trees (exact when `num_leaves_to_search == num_leaves`), exact
+        with brute-force searchers. The queries are
         used without gradient.
         """
         self._check_num_neighbors(num_neighbors)
@@ -281,6 +307,7 @@ class ScannMemory(KNNMemory):
         config = super().get_config()
         config.update(
             {
+                "searcher": self.searcher,
                 "num_leaves": self.num_leaves,
                 "num_leaves_to_search": self.num_leaves_to_search,
                 "training_sample_size": self.training_sample_size,

@@ -1,4 +1,5 @@
-"""KNNAttention with the ScaNN memory: memory choice, compiled fit, top_k."""
+"""KNNAttention with the ScaNN memories: memory choice, compiled fit, the
+exact ScaNN search against the in-graph one, top_k."""
 
 import keras
 import numpy as np
@@ -103,6 +104,27 @@ def test_compiled_fit_fills_the_scann_memory_like_the_exact_one():
     assert host.indexed_lanes[0]  # lane 0 is searched with ScaNN
     inference = scann.get_layer("knn_attention").inference_memory
     assert np.all(inference.positions == -1)
+
+
+def test_a_scann_exact_memory_trains_as_the_in_graph_exact_memory():
+    # Both search exactly, so the same weights take the same steps: the
+    # losses of a fit that learns (and so retrieves differently each step)
+    # agree, and so do the trained weights.
+    x, y = stream()
+    host = build_model(memory_kind="scann_exact")
+    exact = build_model(memory_kind="exact")
+    for target, source in zip(exact.trainable_weights, host.trainable_weights):
+        target.assign(ops.convert_to_numpy(source))
+    losses = []
+    for model in (host, exact):
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        history = model.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+        losses.append(history.history["loss"])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    assert losses[0][-1] < losses[0][0]  # it learnt
+    for got, want in zip(host.trainable_weights, exact.trainable_weights):
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want), atol=1e-5)
+    assert host.get_layer("knn_attention").train_memory.indexed_lanes.all()
 
 
 def test_a_lane_padded_after_its_document_ends_keeps_the_step_running():

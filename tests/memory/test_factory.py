@@ -1,6 +1,7 @@
-"""`make_memory` under a `keras.distribution` over two devices: a host
-memory cannot run there, so `"auto"` keeps the in-graph memory and
-`"scann"` is refused with the reason."""
+"""`make_memory`: each kind's memory and searcher; under a
+`keras.distribution` over two devices a host memory cannot run, so
+`"auto"` keeps the in-graph memory and the ScaNN kinds are refused with the
+reason."""
 
 import keras
 import pytest
@@ -29,8 +30,24 @@ def test_auto_picks_the_in_graph_memory_under_a_distribution():
         assert isinstance(make_memory("auto", **SIZES), ExactMemory)
 
 
-def test_a_scann_memory_is_refused_under_a_distribution():
+@pytest.mark.parametrize(
+    "kind, searcher", [("scann", "tree"), ("scann_exact", "brute_force")]
+)
+def test_each_scann_kind_has_its_searcher(kind, searcher):
+    memory = make_memory(kind, **SIZES)
+    assert isinstance(memory, ScannMemory)
+    assert memory.searcher == searcher
+    assert ScannMemory.from_config(memory.get_config()).searcher == searcher
+
+
+@pytest.mark.parametrize("kind", ["scann", "scann_exact"])
+def test_a_scann_memory_is_refused_under_a_distribution(kind):
     with two_devices().scope():
         with pytest.raises(ValueError, match="over 2 devices.*memory_kind='exact'"):
-            make_memory("scann", **SIZES)
-    assert isinstance(make_memory("scann", **SIZES), ScannMemory)  # scope left
+            make_memory(kind, **SIZES)
+    assert isinstance(make_memory(kind, **SIZES), ScannMemory)  # scope left
+
+
+def test_an_unknown_searcher_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="`searcher` must be one of.*'trees'"):
+        ScannMemory(searcher="trees", **SIZES)

@@ -32,6 +32,7 @@ MEMORIES = [
         functools.partial(make_memory, "scann", num_leaves=2, num_leaves_to_search=2),
         id="scann",
     ),
+    pytest.param(functools.partial(make_memory, "scann_exact"), id="scann_exact"),
 ]
 each_memory = pytest.mark.parametrize("make", MEMORIES)
 

@@ -271,6 +271,7 @@ JAX_REFUSALS = [
         r"batch size \(3 lanes\) must divide by the number of devices \(2\)",
     ),
     (["--memory-kind", "scann"], "cannot use --memory-kind scann on JAX"),
+    (["--memory-kind", "scann_exact"], "cannot use --memory-kind scann_exact on"),
 ]
 # TensorFlow refuses `--data-parallel` whatever the settings (the tiny
 # preset's too); torch outside `torchrun` asks for it.
