@@ -164,7 +164,7 @@ def train_and_evaluate(
             steps_per_epoch=steps_per_epoch,
             shuffle=False,  # a PyDataset shuffled by fit would break the lanes
             callbacks=callbacks,
-            verbose=args.verbose,
+            verbose=args.verbose if processes.is_main else 0,  # one progress bar
         )
     latest = checkpointing.latest_checkpoint(log_dir)
     final_state = {"step": 0}
