@@ -1,4 +1,5 @@
 import keras
+from keras import ops
 
 from keras_memtrans.layers.initializers import clone_initializer
 from keras_memtrans.layers.knn_attention import KNNAttention
@@ -174,8 +175,9 @@ class DecoderBlock(keras.layers.Layer):
             x, positions = self.attention(x, return_neighbors=True, **attention_options)
         else:
             x = self.attention(x, **attention_options)
-        hidden_states = hidden_states + self.dropout_layer(x, training=training)
-        outputs = self._feedforward_residual(hidden_states, training)
+        x = self.dropout_layer(x, training=training)
+        hidden_states = fusion_boundary(hidden_states + x)
+        outputs = fusion_boundary(self._feedforward_residual(hidden_states, training))
         if return_neighbors:
             return outputs, positions
         return outputs
@@ -249,3 +251,20 @@ class DecoderBlock(keras.layers.Layer):
             }
         )
         return config
+
+
+def fusion_boundary(hidden_states):
+    """`hidden_states` divided by a 1 computed at run time: the same values
+    (a division by 1 is exact), with a division in the residual stream's
+    gradient.
+
+    XLA's CPU compiler fuses cheap elementwise chains into every consumer
+    rather than computing them once; a division is not cheap to it. Without
+    this, under JAX each layer's weight-gradient fusion recomputed the
+    residual gradient through every layer above it, a cost that grows with
+    the square of the depth (docs/performance.md, "Where a training step's
+    time goes").
+    """
+    # [] 1.0, from the data so that no compiler folds it away
+    one = ops.maximum(ops.cast(ops.isfinite(hidden_states[0, 0, 0]), "float32"), 1.0)
+    return hidden_states / ops.cast(one, hidden_states.dtype)

@@ -3,8 +3,13 @@ import math
 import keras
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from keras_memtrans import DecoderBlock
+from keras_memtrans.layers.decoder_block import fusion_boundary
 from tests.arrays import to_numpy
 
 BATCH, SEGMENT, HIDDEN = 2, 8, 16
@@ -93,3 +98,22 @@ def test_config_round_trip():
     layer = block(use_xl_cache=True, dropout=0.1)
     clone = DecoderBlock.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    hnp.arrays(
+        np.float32, (2, 3, 4), elements=st.floats(width=32, allow_subnormal=False)
+    ),
+    st.sampled_from(["float32", "bfloat16", "float16"]),
+)
+def test_the_fusion_boundary_changes_no_value(x, dtype):
+    # Infinities, NaNs and zeros of either sign included, in the first
+    # element too (the one the run-time 1 is computed from). Subnormals are
+    # left out: JAX's and torch's CPU arithmetic flushes them to zero, in
+    # this division as in every other operation.
+    x = to_numpy(keras.ops.cast(x, dtype)).astype("float32")
+    got = to_numpy(fusion_boundary(keras.ops.cast(x, dtype))).astype("float32")
+    np.testing.assert_array_equal(got, x)  # NaN where x is NaN
+    number = ~np.isnan(x)  # the sign of a NaN means nothing
+    np.testing.assert_array_equal(np.signbit(got)[number], np.signbit(x)[number])
