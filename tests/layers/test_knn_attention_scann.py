@@ -68,12 +68,19 @@ def test_memory_choice():
     )
 
 
+def host_and_exact_models(memory_kind):
+    """A model with a host memory of `memory_kind` and one with the in-graph
+    exact memory, with the same weights."""
+    host = build_model(memory_kind=memory_kind)
+    exact = build_model(memory_kind="exact")
+    for target, source in zip(exact.trainable_weights, host.trainable_weights):
+        target.assign(ops.convert_to_numpy(source))
+    return host, exact
+
+
 def test_compiled_fit_fills_the_scann_memory_like_the_exact_one():
     x, y = stream()
-    scann = build_model(memory_kind="scann")
-    exact = build_model(memory_kind="exact")
-    for target, source in zip(exact.trainable_weights, scann.trainable_weights):
-        target.assign(ops.convert_to_numpy(source))
+    scann, exact = host_and_exact_models("scann")
     # Learning rate 0: both models compute the same keys, whatever they
     # retrieve, so their memories must hold the same entries.
     # torch.compile of a stateful layer is not what users run on CPU (as in
@@ -111,10 +118,7 @@ def test_a_scann_exact_memory_trains_as_the_in_graph_exact_memory():
     # losses of a fit that learns (and so retrieves differently each step)
     # agree, and so do the trained weights.
     x, y = stream()
-    host = build_model(memory_kind="scann_exact")
-    exact = build_model(memory_kind="exact")
-    for target, source in zip(exact.trainable_weights, host.trainable_weights):
-        target.assign(ops.convert_to_numpy(source))
+    host, exact = host_and_exact_models("scann_exact")
     losses = []
     for model in (host, exact):
         model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
