@@ -5,7 +5,8 @@ For one model (`--config peer`, the PyTorch peer's configuration: d_model
 memory in the last layer, k = 32, no XL cache; or any preset), every
 backend of `--backends` runs in its own process and times the model
 without memory and with each memory of `--memories` (`none`, `SIZE` for
-`memory_kind="auto"`, `SIZE:exact`, `SIZE:scann`), each built, compiled
+`memory_kind="auto"`, `SIZE:<kind>` for another kind: `exact`, `scann`,
+`scann_exact`), each built, compiled
 (the recipe's default compile mode) and timed within ONE `fit` of
 `warmup + steps` steps on random tokens: a callback waits for each step's
 loss and stamps the time, and the last `steps` intervals are averaged
@@ -65,7 +66,7 @@ def parse_args(argv):
         "--memories",
         nargs="+",
         default=["none", "8192:exact", "65536", "262144"],
-        help="none, SIZE (memory_kind auto), SIZE:exact or SIZE:scann",
+        help="none, SIZE (memory_kind auto) or SIZE:KIND (exact, scann, scann_exact)",
     )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3, help="at least 1")
