@@ -71,6 +71,12 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3, help="at least 1")
     parser.add_argument("--dtype", default="float32", help="e.g. mixed_bfloat16")
+    parser.add_argument(
+        "--jit-compile",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="Model.compile's jit_compile (auto: the recipe's default)",
+    )
     parser.add_argument("--worker", choices=["keras", "peer"], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -117,7 +123,8 @@ def seconds_per_step(config, memory, args):
         seed=0,
         dtype=args.dtype,
     )
-    causal_lm.compile(optimizer=keras.optimizers.Adam(1e-4))
+    jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
+    causal_lm.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=jit_compile)
     for layer in causal_lm.backbone.memory_layers:
         fill(layer.lane_states(training=True)["memory"])
     lanes, length = backbone["batch_size"], backbone["segment_length"]
@@ -234,6 +241,7 @@ def main(argv=None):
     argv = [
         *("--config", args.config, "--steps", str(args.steps)),
         *("--warmup", str(args.warmup), "--dtype", args.dtype),
+        *("--jit-compile", args.jit_compile),
         "--memories",
         *args.memories,
     ]
@@ -254,7 +262,8 @@ def main(argv=None):
             )
     peer = {line["memory"]: line["seconds"] for line in peer_lines}
     print(
-        f"config {args.config}, dtype {args.dtype}, {tokens} tokens per step, "
+        f"config {args.config}, dtype {args.dtype}, jit_compile "
+        f"{args.jit_compile}, {tokens} tokens per step, "
         f"mean of {args.steps} fit steps after {args.warmup} warm-up steps\n"
     )
     print(
