@@ -113,21 +113,7 @@ def compile_for_training(causal_lm, training, jit_compile="auto", loss="auto"):
             keras.metrics.SparseCategoricalAccuracy("accuracy"),
             keras.metrics.SparseCategoricalCrossentropy("token_nll", from_logits=True),
         ],
-        jit_compile=resolved_jit_compile(causal_lm, jit_compile),
-    )
-
-
-def resolved_jit_compile(causal_lm, jit_compile):
-    """`jit_compile` for `Model.compile`: `"auto"` is Keras' choice, except
-    on TensorFlow, where Keras leaves XLA off on a machine without a GPU or
-    TPU although the step is 7-15% faster with it on this package's models
-    (docs/performance.md, "Compile modes on CPU"): XLA there, unless a host
-    memory rules it out."""
-    if jit_compile != "auto" or keras.backend.backend() != "tensorflow":
-        return jit_compile
-    return all(
-        layer.lane_states(training=True)["memory"].supports_jit
-        for layer in causal_lm.backbone.memory_layers
+        jit_compile=jit_compile,
     )
 
 

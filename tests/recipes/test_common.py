@@ -1,4 +1,3 @@
-import keras
 import pytest
 
 from keras_memtrans.models import PRESETS
@@ -40,22 +39,3 @@ def test_a_saved_preset_is_complete_or_absent(tmp_path):
     with pytest.raises(OSError):
         common.save_preset(causal_lm, tmp_path / "model")
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
-
-
-# What `jit_compile="auto"` gives a model with an in-graph or a host memory:
-# XLA wherever the model allows it, but never torch.compile (Keras' choice
-# on torch); TensorFlow gets XLA on a CPU too, unlike Keras' own "auto".
-AUTO_JIT = {
-    "tensorflow": {"exact": True, "scann": False},
-    "jax": {"exact": True, "scann": True},  # io_callback runs inside jax.jit
-    "torch": {"exact": False, "scann": False},
-}
-
-
-@pytest.mark.parametrize("memory_kind", ["exact", "scann"])
-def test_auto_compiles_with_xla_wherever_the_model_allows(memory_kind):
-    causal_lm = MemorizingTransformerCausalLM(
-        tiny_backbone(memory_options={"memory_kind": memory_kind})
-    )
-    common.compile_for_training(causal_lm, common.TRAINING["tiny"])
-    assert causal_lm.jit_compile == AUTO_JIT[keras.backend.backend()][memory_kind]
