@@ -25,10 +25,14 @@ class ExactMemory(KNNMemory):
     the memory persists across `model.fit` steps on every backend and
     compiles under XLA. Each (lane, head) keeps its slots contiguous: a
     search scores them with one batched matmul, and takes the exact top-k
-    in two stages (`top_k.top_k_slots`), never a sort of every slot. A
-    segment is written with one scatter of whole `head_dim` rows. Resetting
-    a lane only marks its slots empty, so a reset costs `O(memory_size)`
-    integers, not a rewrite of the buffer.
+    in two stages (`top_k.top_k_slots`), never a sort of every slot. The
+    (lane, head)s are searched in blocks of at most `scores_per_block`
+    scores (one `ops.map` step each), so that a block's scores are reduced
+    to its top-k while they are still in the CPU's caches instead of being
+    written whole to memory and read back. A segment is written with one
+    scatter of whole `head_dim` rows. Resetting a lane only marks its slots
+    empty, so a reset costs `O(memory_size)` integers, not a rewrite of the
+    buffer.
     A token whose key or value has a non-finite element is stored like a
     padded token: an empty slot (zero key and value) that does not advance
     its lane's document position, so a NaN or inf never reaches a search.
@@ -46,6 +50,12 @@ class ExactMemory(KNNMemory):
             `approx_max_k` on JAX and TensorFlow (fast on TPU, exact on CPU
             and GPU) and exactly on torch.
         recall_target: float. Recall target of `top_k="approx"`.
+        scores_per_block: int or `None`. How many scores (queries x slots
+            of whole (lane, head)s, one (lane, head) at least) one step of
+            the search computes and reduces at a time. The default, 2**21
+            (8 MB of float32 scores), was the fastest measured on a 2-core
+            CPU (docs/performance.md); `None` scores every lane and head at
+            once.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
@@ -72,11 +82,22 @@ class ExactMemory(KNNMemory):
         memory_size,
         top_k="exact",
         recall_target=0.95,
+        scores_per_block=2**21,
         **kwargs,
     ):
         super().__init__(batch_size, num_heads, head_dim, memory_size, **kwargs)
+        if scores_per_block is not None and (
+            isinstance(scores_per_block, bool)
+            or not isinstance(scores_per_block, int)
+            or scores_per_block < 1
+        ):
+            raise ValueError(
+                "`scores_per_block` must be a positive int or None, "
+                f"got {scores_per_block!r}."
+            )
         self.top_k = top_k
         self.recall_target = recall_target
+        self.scores_per_block = scores_per_block
 
     def build(self, input_shape=None):
         slots = (self.batch_size, self.memory_size)
@@ -140,16 +161,7 @@ class ExactMemory(KNNMemory):
         self._check_num_neighbors(num_neighbors)
         queries = ops.convert_to_tensor(queries, self.compute_dtype)
         queries = ops.stop_gradient(queries)
-        # [batch, heads, query, slots]: one matmul per (lane, head)
-        scores = ops.einsum("bqhd,bhmd->bhqm", queries, self.keys.value)
-        filled = self.positions.value >= 0  # [batch, slots]
-        scores = ops.where(filled[:, None, None, :], scores, float("-inf"))
-        if self.top_k == "approx":
-            _, slots = approx_top_k(scores, num_neighbors, self.recall_target)
-            slots = ops.cast(slots, "int32")
-        else:
-            group_size = group_size_for(self.memory_size, num_neighbors)
-            slots = top_k_slots(scores, num_neighbors, group_size)
+        slots = self._top_slots(queries, num_neighbors)  # [batch, heads, query, k]
         slots = ops.transpose(slots, (0, 2, 1, 3))  # [batch, query, heads, k]
         # Flat index of (lane, head, slot) in the [batch * heads * slots] rows.
         lanes = ops.arange(self.batch_size, dtype="int32")[:, None, None, None]
@@ -164,6 +176,52 @@ class ExactMemory(KNNMemory):
         # [batch * slots] -> [batch, query, heads, k]
         positions = ops.take(ops.reshape(self.positions.value, (-1,)), lane_slots)
         return keys, values, positions
+
+    def _top_slots(self, queries, num_neighbors):
+        """The slots `[batch, heads, query, k]` of each query's top-k,
+        searched in blocks of (lane, head)s."""
+        num_queries = queries.shape[1]
+        rows = self.batch_size * self.num_heads
+        rows_per_block = self._rows_per_block(num_queries)
+        blocks = rows // rows_per_block
+        queries = ops.transpose(queries, (0, 2, 1, 3))  # [batch, heads, query, dim]
+        # [blocks, rows per block, query, dim]: (lane, head) rows, lane-major
+        queries = ops.reshape(queries, (blocks, rows_per_block, -1, self.head_dim))
+        keys = ops.reshape(
+            self.keys.value, (blocks, rows_per_block, self.memory_size, self.head_dim)
+        )  # [blocks, rows per block, slots, dim]
+        filled = ops.repeat(self.positions.value >= 0, self.num_heads, axis=0)
+        filled = ops.reshape(filled, (blocks, rows_per_block, 1, self.memory_size))
+
+        def block_slots(block):
+            queries, keys, filled = block
+            scores = ops.einsum("rqd,rmd->rqm", queries, keys)  # [rows, query, slots]
+            scores = ops.where(filled, scores, float("-inf"))
+            if self.top_k == "approx":
+                _, slots = approx_top_k(scores, num_neighbors, self.recall_target)
+                return ops.cast(slots, "int32")
+            group_size = group_size_for(self.memory_size, num_neighbors)
+            return top_k_slots(scores, num_neighbors, group_size)  # [rows, query, k]
+
+        if blocks == 1:
+            slots = block_slots((queries[0], keys[0], filled[0]))
+        else:  # [blocks, rows per block, query, k]
+            slots = ops.map(block_slots, (queries, keys, filled))
+        return ops.reshape(
+            slots, (self.batch_size, self.num_heads, -1, num_neighbors)
+        )  # [batch, heads, query, k]
+
+    def _rows_per_block(self, num_queries):
+        """The most (lane, head) rows, a divisor of all of them, whose
+        scores fit in `scores_per_block` (one at least; all of them when
+        it is `None`; one when the query count is unknown)."""
+        rows = self.batch_size * self.num_heads
+        if self.scores_per_block is None:
+            return rows
+        if num_queries is None:
+            return 1
+        most = max(1, self.scores_per_block // (num_queries * self.memory_size))
+        return max(d for d in range(1, min(rows, most) + 1) if rows % d == 0)
 
     def append(self, keys, values, padding_mask=None):
         """Writes one segment, as `KNNMemory.append`."""
@@ -254,5 +312,11 @@ class ExactMemory(KNNMemory):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"top_k": self.top_k, "recall_target": self.recall_target})
+        config.update(
+            {
+                "top_k": self.top_k,
+                "recall_target": self.recall_target,
+                "scores_per_block": self.scores_per_block,
+            }
+        )
         return config

@@ -1,5 +1,9 @@
 import keras
 import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from keras_memtrans import ExactMemory
 from tests.arrays import to_numpy
@@ -42,4 +46,54 @@ def test_a_bfloat16_memory_saves_and_loads_its_keys(tmp_path):
     for name in ("keys", "values", "positions", "next_slot", "document_length"):
         np.testing.assert_array_equal(
             to_numpy(getattr(loaded, name)), to_numpy(getattr(memory, name))
+        )
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    st.sampled_from([(1, 1), (2, 3), (4, 2)]),
+    st.sampled_from([None, 1, 40, 80, 200]),
+    st.integers(0, 2**16),
+)
+def test_a_search_in_blocks_returns_each_lanes_numpy_top_k(shape, budget, seed):
+    """Blocks of 1, 2, 4 or every (lane, head) row (5 queries x 8 slots =
+    40 scores a row) find the positions NumPy's top-k finds in each lane,
+    and none in a lane that was emptied."""
+    batch, heads = shape
+    memory = ExactMemory(
+        batch_size=batch,
+        num_heads=heads,
+        head_dim=4,
+        memory_size=8,
+        scores_per_block=budget,
+    )
+    memory.build()
+    rng = np.random.default_rng(seed)
+    keys = rng.normal(size=(batch, 6, heads, 4)).astype("float32")
+    memory.append(keys, -keys)
+    emptied = rng.random(batch) < 0.5
+    memory.reset(emptied)
+    queries = rng.normal(size=(batch, 5, heads, 4)).astype("float32")
+    got_keys, _, positions = (to_numpy(x) for x in memory.search(queries, 3))
+    scores = np.einsum("bqhd,bmhd->bqhm", queries, keys)  # [batch, q, heads, 6]
+    want = np.sort(np.argsort(-scores, axis=-1)[..., :3], axis=-1)
+    want[emptied] = -1
+    np.testing.assert_array_equal(np.sort(positions, axis=-1), want)
+    lanes = np.arange(batch)[:, None, None, None]
+    head_ids = np.arange(heads)[None, None, :, None]
+    kept = ~emptied
+    np.testing.assert_array_equal(
+        got_keys[kept], keys[lanes, positions, head_ids][kept]
+    )
+
+
+@pytest.mark.parametrize("budget", [0, -3, 1.5, True, "8"])
+def test_rejects_a_bad_scores_per_block(budget):
+    with pytest.raises(ValueError, match="scores_per_block"):
+        ExactMemory(
+            batch_size=1,
+            num_heads=1,
+            head_dim=2,
+            memory_size=4,
+            scores_per_block=budget,
         )
