@@ -176,8 +176,10 @@ class DecoderBlock(keras.layers.Layer):
         else:
             x = self.attention(x, **attention_options)
         x = self.dropout_layer(x, training=training)
-        hidden_states = fusion_boundary(hidden_states + x)
-        outputs = fusion_boundary(self._feedforward_residual(hidden_states, training))
+        one = run_time_one(hidden_states)
+        hidden_states = fusion_boundary(hidden_states + x, one)
+        outputs = self._feedforward_residual(hidden_states, training)
+        outputs = fusion_boundary(outputs, one)
         if return_neighbors:
             return outputs, positions
         return outputs
@@ -253,10 +255,16 @@ class DecoderBlock(keras.layers.Layer):
         return config
 
 
-def fusion_boundary(hidden_states):
-    """`hidden_states` divided by a 1 computed at run time: the same values
-    (a division by 1 is exact), with a division in the residual stream's
-    gradient.
+def run_time_one(hidden_states):
+    """A float32 scalar 1.0 computed from `hidden_states`, so that no
+    compiler folds it away."""
+    return ops.maximum(ops.cast(ops.isfinite(hidden_states[0, 0, 0]), "float32"), 1.0)
+
+
+def fusion_boundary(hidden_states, one):
+    """`hidden_states` divided by `one`, a 1 computed at run time
+    (`run_time_one`): the same values (a division by 1 is exact), with a
+    division in the residual stream's gradient.
 
     XLA's CPU compiler fuses cheap elementwise chains into every consumer
     rather than computing them once; a division is not cheap to it. Without
@@ -265,6 +273,4 @@ def fusion_boundary(hidden_states):
     the square of the depth (docs/performance.md, "Where a training step's
     time goes").
     """
-    # [] 1.0, from the data so that no compiler folds it away
-    one = ops.maximum(ops.cast(ops.isfinite(hidden_states[0, 0, 0]), "float32"), 1.0)
     return hidden_states / ops.cast(one, hidden_states.dtype)
