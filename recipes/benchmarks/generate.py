@@ -19,12 +19,12 @@ import argparse
 import hashlib
 import json
 import sys
-import time
 
 import numpy as np
 
 from keras_memtrans.models import PRESETS
 from keras_memtrans.models import get_preset
+from recipes.benchmarks.timing import call_times
 from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
 
@@ -63,11 +63,11 @@ def measure(preset_name, args):
     causal_lm.generate(prompts, max_new_tokens=2)  # compiles
 
     def fastest(max_new_tokens):
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            tokens = causal_lm.generate(prompts, max_new_tokens=max_new_tokens)
-            times.append(time.perf_counter() - start)
+        times, tokens = call_times(
+            lambda: causal_lm.generate(prompts, max_new_tokens=max_new_tokens),
+            args.repeats,
+            warm_up=False,  # compiled above
+        )
         return min(times), tokens
 
     prompt_seconds, _ = fastest(1)

@@ -12,12 +12,12 @@ leaves) on one lane of the memory-lookup benchmark's text keys.
 import argparse
 import math
 import sys
-import time
 
 import numpy as np
 import scann
 
 from recipes.benchmarks import memory_lookup as lookup
+from recipes.benchmarks.timing import call_times
 
 
 def build(points, k):
@@ -33,9 +33,10 @@ def build(points, k):
 
 
 def timed(function):
-    start = time.perf_counter()
-    result = function()
-    return time.perf_counter() - start, result
+    """Seconds of one call of `function` (a build or a first search: no
+    warm-up), and its result."""
+    times, result = call_times(function, 1, warm_up=False)
+    return times[0], result
 
 
 def main(argv=None):

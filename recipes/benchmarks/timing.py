@@ -3,10 +3,12 @@
 import time
 
 
-def call_times(function, repeats):
+def call_times(function, repeats, warm_up=True):
     """Seconds of each of `repeats` calls of `function`, after one untimed
-    call (warm-up and compilation), and the last call's result."""
-    function()
+    call (warm-up and compilation) unless `warm_up` is False, and the last
+    call's result."""
+    if warm_up:
+        function()
     times, result = [], None
     for _ in range(repeats):
         start = time.perf_counter()

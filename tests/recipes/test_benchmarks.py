@@ -7,6 +7,7 @@ import keras
 
 from recipes.benchmarks import accelerator
 from recipes.benchmarks import memory_lookup
+from recipes.benchmarks import scann_layout
 from recipes.benchmarks import step_profile
 
 
@@ -36,6 +37,20 @@ def test_memory_lookup_prints_lookup_and_throughput_tables(capsys):
     # ratio to the dense matmul each, every one a positive number.
     cells = [float(cell) for cell in throughput.strip("| ").split(" | ")]
     assert len(cells) == 8 and min(cells) > 0
+
+
+def test_scann_layout_compares_both_layouts(capsys):
+    scann_layout.main(["--memory-size", "512"])
+    rows = [
+        line.strip("| ").split(" | ")
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| per ")
+    ]
+    assert [row[0] for row in rows] == ["per (lane, head)", "per lane, heads folded"]
+    for _, build, search, recall, other_head in rows:
+        assert float(build) >= 0 and float(search) >= 0
+        assert 0 < float(recall) <= 1
+        assert float(other_head) == 0  # the head tags keep heads apart
 
 
 def test_accelerator_runs_every_benchmark_at_test_size(capfd):
