@@ -31,6 +31,26 @@ def bucket_boundaries(num_buckets, max_distance):
     return starts
 
 
+def toeplitz(diagonals, num_queries, num_keys):
+    """The `[..., query, key]` matrix whose entry `(i, j)` is
+    `diagonals[..., j - i + num_queries - 1]`, from `diagonals`
+    `[..., num_queries + num_keys - 1]`.
+
+    Built by tiling and reshaping, with no gather: its gradient is a sum of
+    slices, where a gather's is a scatter-add over every entry. Each row of
+    the tiled `diagonals`, read with a stride one shorter than a row, starts
+    one diagonal earlier than the row above.
+    """
+    if num_queries == 1:  # one row: the diagonals themselves
+        return diagonals[..., None, :]
+    length = num_queries + num_keys - 1
+    *lead, _ = ops.shape(diagonals)
+    tiled = ops.tile(diagonals, (*[1] * len(lead), num_queries))  # [..., q * length]
+    skewed = tiled[..., num_queries - 1 : num_queries - 1 + num_queries * (length - 1)]
+    skewed = ops.reshape(skewed, (*lead, num_queries, length - 1))  # [..., q, len-1]
+    return skewed[..., :num_keys]
+
+
 @keras.saving.register_keras_serializable(package="keras_memtrans")
 class RelativePositionBias(keras.layers.Layer):
     """T5-style bucketed relative position bias, one learned scalar per head.

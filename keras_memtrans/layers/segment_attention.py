@@ -10,6 +10,7 @@ from keras_memtrans.layers.attention_functions import masked_softmax
 from keras_memtrans.layers.initializers import clone_initializer
 from keras_memtrans.layers.lane_state_mixin import LaneStateMixin
 from keras_memtrans.layers.relative_position_bias import RelativePositionBias
+from keras_memtrans.layers.relative_position_bias import toeplitz
 from keras_memtrans.layers.segment_decoding_mixin import SegmentDecodingMixin
 from keras_memtrans.memory.last_key import LastKey
 from keras_memtrans.memory.last_key import previous_real_keys
@@ -261,7 +262,8 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
             key_mask = ops.ones((batch_size, segment_length), dtype="bool")
         else:
             key_mask = ops.cast(padding_mask, "bool")
-        if query_positions is None:
+        every_query = query_positions is None
+        if every_query:
             query_positions = ops.arange(segment_length)
         cache_length = 0
         if cache is not None:
@@ -276,7 +278,16 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         scale = ops.cast(self.attention_scale, queries.dtype)[:, None, None]
         # [batch, heads, query, key]
         logits = ops.einsum("bqhd,bkhd->bhqk", queries, keys) * scale
-        bias = self.relative_position_bias(relative)  # [heads, query, key]
+        if every_query:  # each diagonal of the bias once: [heads, 1, q + k - 1]
+            num_keys = cache_length + segment_length
+            diagonals = ops.arange(num_keys + segment_length - 1)
+            diagonals = self.relative_position_bias(
+                (diagonals - (segment_length - 1) - cache_length)[None, :]
+            )
+            # [heads, query, key]
+            bias = toeplitz(diagonals[:, 0], segment_length, num_keys)
+        else:
+            bias = self.relative_position_bias(relative)  # [heads, query, key]
         logits = logits + ops.cast(bias, logits.dtype)[None]
         mask = ops.logical_and(relative <= 0, key_mask[:, None, None, :])
         weights = masked_softmax(logits, mask)  # [batch, heads, query, key]

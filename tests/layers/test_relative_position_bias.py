@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from keras_memtrans import RelativePositionBias
 from keras_memtrans.layers.relative_position_bias import bucket_boundaries
+from keras_memtrans.layers.relative_position_bias import toeplitz
 from tests.arrays import to_numpy
 from tests.numpy_reference import t5_bucket
 
@@ -117,6 +118,26 @@ def test_bias_gathers_one_value_per_head():
     assert got.shape == (3, 6, 6)
     buckets = np.array(reference_buckets(relative.ravel(), 8, 16)).reshape(6, 6)
     np.testing.assert_allclose(got, table[buckets].transpose(2, 0, 1))
+
+
+# Few distinct shapes: JAX compiles the ops for each.
+@given(
+    num_queries=st.sampled_from([1, 2, 5, 8]),
+    num_keys=st.sampled_from([1, 3, 8, 13]),
+    heads=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_toeplitz_puts_each_diagonal_on_its_diagonal(
+    num_queries, num_keys, heads, seed
+):
+    diagonals = np.random.default_rng(seed).normal(
+        size=(heads, num_queries + num_keys - 1)
+    )
+    got = to_numpy(toeplitz(diagonals.astype("float32"), num_queries, num_keys))
+    rows = np.arange(num_queries)[:, None]
+    columns = np.arange(num_keys)[None, :]
+    want = diagonals[:, columns - rows + num_queries - 1]  # [heads, q, k]
+    np.testing.assert_array_equal(got, want.astype("float32"))
 
 
 def test_config_round_trip():
