@@ -1,3 +1,5 @@
+import numbers
+
 import keras
 from keras import ops
 
@@ -88,7 +90,7 @@ class ExactMemory(KNNMemory):
         super().__init__(batch_size, num_heads, head_dim, memory_size, **kwargs)
         if scores_per_block is not None and (
             isinstance(scores_per_block, bool)
-            or not isinstance(scores_per_block, int)
+            or not isinstance(scores_per_block, numbers.Integral)
             or scores_per_block < 1
         ):
             raise ValueError(
@@ -97,7 +99,9 @@ class ExactMemory(KNNMemory):
             )
         self.top_k = top_k
         self.recall_target = recall_target
-        self.scores_per_block = scores_per_block
+        self.scores_per_block = (
+            None if scores_per_block is None else int(scores_per_block)
+        )
 
     def build(self, input_shape=None):
         slots = (self.batch_size, self.memory_size)

@@ -87,7 +87,19 @@ def test_a_search_in_blocks_returns_each_lanes_numpy_top_k(shape, budget, seed):
     )
 
 
-@pytest.mark.parametrize("budget", [0, -3, 1.5, True, "8"])
+def test_a_numpy_integer_scores_per_block_is_kept_as_an_int():
+    memory = ExactMemory(
+        batch_size=1,
+        num_heads=1,
+        head_dim=2,
+        memory_size=4,
+        scores_per_block=np.int64(64),
+    )
+    assert memory.get_config()["scores_per_block"] == 64
+    assert type(memory.get_config()["scores_per_block"]) is int
+
+
+@pytest.mark.parametrize("budget", [0, -3, 1.5, True, "8", np.float32(8)])
 def test_rejects_a_bad_scores_per_block(budget):
     with pytest.raises(ValueError, match="scores_per_block"):
         ExactMemory(
