@@ -22,7 +22,8 @@ class DecoderBlock(keras.layers.Layer):
         intermediate_dim: int. Hidden size of the feedforward network.
         memory_options: optional dict of `KNNAttention` memory arguments
             (`memory_size`, `num_neighbors`, `memory_kind`, `top_k`,
-            `recall_target`, `num_leaves`, `num_leaves_to_search`; see
+            `recall_target`, `scores_per_block`, `num_leaves`,
+            `num_leaves_to_search`; see
             `KNNAttention.memory_options()`). Given (`{}` for the defaults),
             the attention also reads a kNN memory; `None`: no memory.
         batch_size: int. Number of lanes (needed for memory or XL cache).

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_memtrans.layers.attention_functions import masked_softmax
 from keras_memtrans.layers.segment_attention import SegmentAttention
+from keras_memtrans.memory.exact_memory import checked_scores_per_block
 from keras_memtrans.memory.factory import check_memory_kind
 from keras_memtrans.memory.factory import make_memory
 from keras_memtrans.validation import check_positive_ints
@@ -48,7 +49,7 @@ class KNNAttention(SegmentAttention):
             memory searched with ScaNN's trees; turns `jit_compile` off on
             TensorFlow and torch, runs inside `jax.jit` on JAX),
             `"scann_exact"` (the host memory with ScaNN's brute-force
-            searchers: exact, and on a CPU faster than `"exact"`) or
+            searchers: exact; on a CPU faster than `"exact"` on torch) or
             `"auto"`:
             `"scann"` from `memory_size >= 32768` (the crossover measured in
             docs/memory_lookup.md) when `scann` is installed, else
@@ -57,6 +58,11 @@ class KNNAttention(SegmentAttention):
             `"approx"` uses `approx_max_k` on JAX and TensorFlow (fast on
             TPU; exact on CPU and GPU), exact top-k on torch.
         recall_target: float. Recall target of `top_k="approx"`.
+        scores_per_block: int or `None`. The exact memory's search scores
+            whole (lane, head)s in blocks of at most this many scores (one
+            (lane, head) at least), each reduced to its top-k while in the
+            CPU's caches; `None` scores every lane at once (see
+            `ExactMemory`).
         num_leaves: optional int. Tree partitions of each ScaNN searcher
             (ScaNN memory only; default about `sqrt(memory_size)`).
         num_leaves_to_search: optional int. Partitions a ScaNN search
@@ -109,6 +115,7 @@ class KNNAttention(SegmentAttention):
         memory_kind="auto",
         top_k="exact",
         recall_target=0.95,
+        scores_per_block=2**21,
         num_leaves=None,
         num_leaves_to_search=None,
         **kwargs,
@@ -132,6 +139,7 @@ class KNNAttention(SegmentAttention):
         self.memory_kind = memory_kind
         self.top_k = top_k
         self.recall_target = recall_target
+        self.scores_per_block = checked_scores_per_block(scores_per_block)
         self.num_leaves = num_leaves
         self.num_leaves_to_search = num_leaves_to_search
 
@@ -166,6 +174,7 @@ class KNNAttention(SegmentAttention):
             memory_size=self.memory_size,
             top_k=self.top_k,
             recall_target=self.recall_target,
+            scores_per_block=self.scores_per_block,
             num_leaves=self.num_leaves,
             num_leaves_to_search=self.num_leaves_to_search,
         )

@@ -88,20 +88,9 @@ class ExactMemory(KNNMemory):
         **kwargs,
     ):
         super().__init__(batch_size, num_heads, head_dim, memory_size, **kwargs)
-        if scores_per_block is not None and (
-            isinstance(scores_per_block, bool)
-            or not isinstance(scores_per_block, numbers.Integral)
-            or scores_per_block < 1
-        ):
-            raise ValueError(
-                "`scores_per_block` must be a positive int or None, "
-                f"got {scores_per_block!r}."
-            )
         self.top_k = top_k
         self.recall_target = recall_target
-        self.scores_per_block = (
-            None if scores_per_block is None else int(scores_per_block)
-        )
+        self.scores_per_block = checked_scores_per_block(scores_per_block)
 
     def build(self, input_shape=None):
         slots = (self.batch_size, self.memory_size)
@@ -324,3 +313,20 @@ class ExactMemory(KNNMemory):
             }
         )
         return config
+
+
+def checked_scores_per_block(scores_per_block):
+    """`scores_per_block` as an int (or `None`); a ValueError unless it is a
+    positive integer or `None`."""
+    if scores_per_block is None:
+        return None
+    if (
+        isinstance(scores_per_block, bool)
+        or not isinstance(scores_per_block, numbers.Integral)
+        or scores_per_block < 1
+    ):
+        raise ValueError(
+            "`scores_per_block` must be a positive int or None, "
+            f"got {scores_per_block!r}."
+        )
+    return int(scores_per_block)

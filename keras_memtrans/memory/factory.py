@@ -45,6 +45,7 @@ def make_memory(
     memory_size,
     top_k="exact",
     recall_target=0.95,
+    scores_per_block=2**21,
     num_leaves=None,
     num_leaves_to_search=None,
     **kwargs,
@@ -63,8 +64,8 @@ def make_memory(
             devices (a host memory cannot run there), else `"exact"`.
         batch_size, num_heads, head_dim, memory_size: the memory's sizes
             (see `KNNMemory`).
-        top_k, recall_target: the in-graph memory's top-k (see
-            `ExactMemory`); ignored by ScaNN.
+        top_k, recall_target, scores_per_block: the in-graph memory's
+            top-k and search blocks (see `ExactMemory`); ignored by ScaNN.
         num_leaves, num_leaves_to_search: the ScaNN trees (see
             `ScannMemory`); ignored by the exact memory.
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`).
@@ -96,7 +97,12 @@ def make_memory(
             options, num_leaves=num_leaves, num_leaves_to_search=num_leaves_to_search
         )
     else:
-        options = dict(options, top_k=top_k, recall_target=recall_target)
+        options = dict(
+            options,
+            top_k=top_k,
+            recall_target=recall_target,
+            scores_per_block=scores_per_block,
+        )
     try:
         memory = memory_class(**options, **sizes)
     except ImportError:
@@ -108,6 +114,11 @@ def make_memory(
             "ExactMemory.",
             stacklevel=2,
         )
-        memory = ExactMemory(top_k=top_k, recall_target=recall_target, **sizes)
+        memory = ExactMemory(
+            top_k=top_k,
+            recall_target=recall_target,
+            scores_per_block=scores_per_block,
+            **sizes,
+        )
     memory.build()
     return memory

@@ -39,7 +39,7 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
             9th of 12 as in the paper). Empty: no memory at all.
         memory_options: optional dict of the memory layers' `KNNAttention`
             memory arguments (`memory_size`, `num_neighbors`, `memory_kind`,
-            `top_k`, `recall_target`, `num_leaves`,
+            `top_k`, `recall_target`, `scores_per_block`, `num_leaves`,
             `num_leaves_to_search`; see `KNNAttention.memory_options()`),
             passed through unchanged; `None` keeps `KNNAttention`'s
             defaults (8192 tokens, 32 neighbours, `"auto"` kind: ScaNN

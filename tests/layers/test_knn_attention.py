@@ -157,3 +157,8 @@ class TestBadMemoryOptions:
         options[name] = value
         with pytest.raises(ValueError, match=name):
             KNNAttention(**options)
+
+    @pytest.mark.parametrize("value", [0, 2.5, True])
+    def test_bad_scores_per_block(self, value):
+        with pytest.raises(ValueError, match="scores_per_block"):
+            KNNAttention(num_heads=2, scores_per_block=value)

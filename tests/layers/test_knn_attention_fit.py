@@ -13,7 +13,7 @@ from tests.arrays import to_numpy
 BATCH, SEGMENT, HIDDEN, STEPS = 2, 8, 16, 4
 
 
-def build_model(use_xl_cache=True, dtype=None):
+def build_model(use_xl_cache=True, dtype=None, **memory_options):
     hidden = keras.Input((SEGMENT, HIDDEN), batch_size=BATCH, name="hidden")
     start = keras.Input((), batch_size=BATCH, dtype="bool", name="document_start")
     x = KNNAttention(
@@ -23,6 +23,7 @@ def build_model(use_xl_cache=True, dtype=None):
         use_xl_cache=use_xl_cache,
         dtype=dtype,
         name="knn_attention",
+        **memory_options,
     )(hidden, document_start=start)
     outputs = keras.layers.Dense(HIDDEN, dtype="float32", name="head")(x)
     return keras.Model({"hidden": hidden, "document_start": start}, outputs)
@@ -80,6 +81,29 @@ def test_compiled_fit_matches_eager_fit(use_xl_cache):
         np.testing.assert_allclose(got[name], want[name], atol=1e-4, err_msg=name)
     for a, b in zip(compiled.get_weights(), eager.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_a_search_in_blocks_trains_as_one_search():
+    # 8 queries x 12 slots a (lane, head): scores_per_block=1 searches the
+    # 2 lanes x 2 heads in 4 blocks (an `ops.map` in the compiled step),
+    # None in one.
+    x, y = stream()
+    models = [build_model(scores_per_block=block) for block in (1, None)]
+    models[1].set_weights(models[0].get_weights())
+    losses = []
+    for model in models:
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1), loss="mse", **compiled_kwargs()
+        )
+        losses.append(
+            model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0).history["loss"]
+        )
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+    got, want = (memory_state(model) for model in models)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
+    for a, b in zip(models[0].get_weights(), models[1].get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_validation_during_fit_leaves_training_memory_alone():
