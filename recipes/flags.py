@@ -93,6 +93,12 @@ def parse_args(argv, description=None):
         "--recall-target", type=finite_float, help="recall target of --top-k approx"
     )
     parser.add_argument(
+        "--scores-per-block",
+        type=positive_int,
+        help="exact memory: the most scores one step of its search computes "
+        "(whole (lane, head)s; one step for a number above them all)",
+    )
+    parser.add_argument(
         "--num-leaves", type=positive_int, help="ScaNN tree partitions per searcher"
     )
     parser.add_argument(

@@ -157,6 +157,7 @@ def test_every_memory_option_of_the_layer_is_a_flag():
         "--memory-kind": ("memory_kind", "exact", "exact"),
         "--top-k": ("top_k", "approx", "approx"),
         "--recall-target": ("recall_target", "0.9", 0.9),
+        "--scores-per-block": ("scores_per_block", "4096", 4096),
         "--num-leaves": ("num_leaves", "4", 4),
         "--num-leaves-to-search": ("num_leaves_to_search", "2", 2),
     }
