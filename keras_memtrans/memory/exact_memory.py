@@ -55,7 +55,7 @@ class ExactMemory(KNNMemory):
         scores_per_block: int or `None`. How many scores (queries x slots
             of whole (lane, head)s, one (lane, head) at least) one step of
             the search computes and reduces at a time. The default, 2**21
-            (8 MB of float32 scores), made the search 1.2-2x faster at 8K
+            (8 MB of float32 scores), made the search 1.15-2x faster at 8K
             on a 2-core CPU (docs/performance.md); `None` scores every lane
             and head at once.
         **kwargs: standard `keras.layers.Layer` arguments.
