@@ -1,6 +1,9 @@
 """Loaded by pytest before any test module imports a backend."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Under pytest-xdist (`tox` runs one worker per core), each worker gets an
 # equal share of the cores: a framework that spins up one thread per core in
@@ -21,4 +24,23 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 if os.environ.get("KERAS_BACKEND") == "jax":
     os.environ["XLA_FLAGS"] = (
         f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    )
+
+# A test builds its model afresh, so JAX traces and XLA compiles the same
+# programs again in test after test, and in the recipes' subprocesses. JAX's
+# persistent compilation cache, in one directory per test run (made here
+# before pytest-xdist starts its workers, which inherit it) and locked for
+# concurrent processes (it locks when its size is bounded), compiles each
+# such program once. Programs that compile in under half a second (JAX's
+# op-by-op eager calls among them) are not cached: writing each cost more
+# than it saved. A cached executable is the one XLA would compile again.
+if os.environ.get("KERAS_BACKEND") == "jax" and (
+    "JAX_COMPILATION_CACHE_DIR" not in os.environ
+):
+    cache = tempfile.mkdtemp(prefix="keras-memtrans-jax-cache-")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=cache,
+        JAX_COMPILATION_CACHE_MAX_SIZE=str(2**30),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
     )

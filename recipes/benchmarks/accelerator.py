@@ -46,8 +46,8 @@ SIZES = {
         "search_sizes": [256],
         "dense_size": 64,
         "presets": ["tiny"],
-        "new_tokens": 2,
-        "repeats": 1,
+        "new_tokens": 16,
+        "repeats": 3,
     },
 }
 

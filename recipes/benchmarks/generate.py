@@ -4,13 +4,14 @@ For each preset of `--presets`, every backend of `--backends` builds the
 untrained model with memory in its own process and continues one random
 prompt per lane (`batch_size` lanes) of a segment and one token: the
 segment is read into memory, and generation goes on from the token.
-After one untimed call (compilation), `generate` is timed for 1 new token
-(the prompt's reading and the first token) and for `1 + new_tokens`, the
-fastest of `--repeats` calls each: decoding runs at `lanes x new_tokens /
-(difference)` tokens/s (a generation longer than the rest of the segment
-also reads the full segment into memory, as a long one does). The digest
-of the greedy tokens lets runs before and after a change check that the
-outputs stay the same.
+`generate` is timed for 1 new token (the prompt's reading and the first
+token) and for `1 + new_tokens`, the fastest of `--repeats` calls each
+after one untimed call of the same length (compilation): decoding runs at
+`lanes x new_tokens / (difference)` tokens/s, or `-` where the difference
+is within the timer's noise (a generation longer than the rest of the
+segment also reads the full segment into memory, as a long one does).
+The digest of the greedy tokens lets runs before and after a change check
+that the outputs stay the same.
 
     python -m recipes.benchmarks.generate --presets quick paper
 """
@@ -60,13 +61,11 @@ def measure(preset_name, args):
     lanes, length = backbone["batch_size"], backbone["segment_length"]
     rng = np.random.default_rng(0)
     prompts = list(rng.integers(1, preset["vocabulary_size"], (lanes, length + 1)))
-    causal_lm.generate(prompts, max_new_tokens=2)  # compiles
 
     def fastest(max_new_tokens):
-        times, tokens = call_times(
+        times, tokens = call_times(  # after a warm-up call of this length
             lambda: causal_lm.generate(prompts, max_new_tokens=max_new_tokens),
             args.repeats,
-            warm_up=False,  # compiled above
         )
         return min(times), tokens
 
@@ -76,7 +75,10 @@ def measure(preset_name, args):
     return {
         "preset": preset_name,
         "prompt_seconds": prompt_seconds,
-        "tokens_per_second": lanes * args.new_tokens / decode_seconds,
+        # None where decoding took less than the timer's noise
+        "tokens_per_second": (
+            lanes * args.new_tokens / decode_seconds if decode_seconds > 0 else None
+        ),
         "digest": hashlib.sha1(np.asarray(tokens, "int32").tobytes()).hexdigest()[:12],
     }
 
@@ -103,9 +105,10 @@ def main(argv=None):
             "recipes.benchmarks.generate", backend, argv, {"KERAS_BACKEND": backend}
         )
         for line in lines:
+            rate = line["tokens_per_second"]
             print(
                 f"| {backend} | {line['preset']} | {line['prompt_seconds']:.3f} "
-                f"| {line['tokens_per_second']:,.1f} | {line['digest']} |",
+                f"| {'-' if rate is None else f'{rate:,.1f}'} | {line['digest']} |",
                 flush=True,
             )
     return 0
