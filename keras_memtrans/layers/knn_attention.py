@@ -216,11 +216,11 @@ class KNNAttention(SegmentAttention):
             queries, self.num_neighbors
         )  # [batch, seg, heads, k, dim] twice, [batch, seg, heads, k]
         found = positions >= 0
-        # An empty slot's key and value are arbitrary (a stale NaN, say);
-        # zeroed, they add exactly nothing where masked weights of 0 meet them.
-        filled = found[..., None]  # [batch, seg, heads, k, 1]
-        memory_keys = ops.where(filled, ops.cast(memory_keys, queries.dtype), 0)
-        memory_values = ops.where(filled, ops.cast(memory_values, local.dtype), 0)
+        # An empty slot's key and value are arbitrary but finite (the
+        # `KNNMemory` contract): its weight of 0 adds exactly nothing, in the
+        # forward pass and the gradient.
+        memory_keys = ops.cast(memory_keys, queries.dtype)
+        memory_values = ops.cast(memory_values, local.dtype)
         scores = ops.einsum(
             "bqhd,bqhkd->bqhk", queries, memory_keys
         )  # [batch, query, heads, k]

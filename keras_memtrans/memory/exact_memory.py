@@ -8,6 +8,7 @@ from keras_memtrans.memory.host import approx_top_k
 from keras_memtrans.memory.knn_memory import KNNMemory
 from keras_memtrans.memory.ring_buffer import document_lengths_after
 from keras_memtrans.memory.ring_buffer import document_positions
+from keras_memtrans.memory.ring_buffer import emptied_non_finite
 from keras_memtrans.memory.ring_buffer import next_slot_after
 from keras_memtrans.memory.ring_buffer import stored_tokens
 from keras_memtrans.memory.ring_buffer import written_slots
@@ -184,12 +185,19 @@ class ExactMemory(KNNMemory):
             self.keys.value, (blocks, rows_per_block, self.memory_size, self.head_dim)
         )  # [blocks, rows per block, slots, dim]
         filled = ops.repeat(self.positions.value >= 0, self.num_heads, axis=0)
-        filled = ops.reshape(filled, (blocks, rows_per_block, 1, self.memory_size))
+        # An empty slot scores -inf: the minimum of its score and this cap.
+        # (Keys are finite, so a score is NaN only where its query is; an
+        # element-wise minimum runs at memory speed on every backend, where
+        # torch's `where` with a broadcast mask does not.)
+        cap = ops.where(filled, float("inf"), float("-inf"))
+        cap = ops.reshape(
+            ops.cast(cap, queries.dtype), (blocks, rows_per_block, 1, self.memory_size)
+        )  # [blocks, rows per block, 1, slots]
 
         def block_slots(block):
-            queries, keys, filled = block
+            queries, keys, cap = block
             scores = ops.einsum("rqd,rmd->rqm", queries, keys)  # [rows, query, slots]
-            scores = ops.where(filled, scores, float("-inf"))
+            scores = ops.minimum(scores, cap)
             if self.top_k == "approx":
                 _, slots = approx_top_k(scores, num_neighbors, self.recall_target)
                 return ops.cast(slots, "int32")
@@ -197,9 +205,9 @@ class ExactMemory(KNNMemory):
             return top_k_slots(scores, num_neighbors, group_size)  # [rows, query, k]
 
         if blocks == 1:
-            slots = block_slots((queries[0], keys[0], filled[0]))
+            slots = block_slots((queries[0], keys[0], cap[0]))
         else:  # [blocks, rows per block, query, k]
-            slots = ops.map(block_slots, (queries, keys, filled))
+            slots = ops.map(block_slots, (queries, keys, cap))
         return ops.reshape(
             slots, (self.batch_size, self.num_heads, -1, num_neighbors)
         )  # [batch, heads, query, k]
@@ -300,6 +308,7 @@ class ExactMemory(KNNMemory):
     def _restore_state(self, arrays):
         if not self.built:
             self.build()
+        arrays = emptied_non_finite(arrays)
         for name in ("keys", "values", "positions", "next_slot", "document_length"):
             host.assign_process_rows(getattr(self, name), arrays[name])
 

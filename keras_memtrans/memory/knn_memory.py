@@ -21,13 +21,17 @@ class KNNMemory(LaneState):
       lane's own memory, `[batch, query, heads, k, head_dim]`, and the
       int32 document positions of their tokens `[batch, query, heads, k]`,
       in no particular order. A position is `-1` where the lane holds fewer
-      than `k` entries; the keys and values there are arbitrary and callers
-      mask them. `num_neighbors` cannot exceed `memory_size`.
+      than `k` entries; the keys and values there are arbitrary but finite
+      and callers mask them (a weight of 0 times a finite vector adds
+      nothing). `num_neighbors` cannot exceed `memory_size`.
     - `append(keys, values, padding_mask=None)` writes a segment,
       `[batch, segment, heads, head_dim]` each, overwriting the oldest
       entries (FIFO). A padded token (`False` in the bool `padding_mask`
       `[batch, segment]`) takes a slot but is stored as empty, never
-      returned, and does not advance its lane's document position.
+      returned, and does not advance its lane's document position; so is
+      a token whose key or value is not finite. A loaded state's
+      non-finite entries are stored as empty too: every key and value a
+      memory holds is finite.
     - `reset_state()` empties every lane and rewinds.
 
     The contents are runtime state, not weights (a `LaneState`): a saved

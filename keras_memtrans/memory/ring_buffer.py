@@ -65,6 +65,32 @@ def document_lengths_after(document_length, padding_mask, xp=np):
     return document_length + xp.sum(padding_mask, axis=1)
 
 
+def emptied_non_finite(arrays):
+    """A memory's state arrays with each entry whose key or value has a
+    non-finite element (in any head) stored as empty, as `stored_tokens`
+    has `write` store such a token: position `-1`, zero key and value.
+
+    A state a memory loads (an old save, a damaged file) then holds finite
+    keys and values only, so a search never returns a NaN or inf, not even
+    from an empty slot.
+
+    Args:
+        arrays: dict of NumPy `keys` and `values`
+            `[batch, heads, memory_size, head_dim]` and `positions`
+            `[batch, memory_size]`, and any others (kept as they are).
+    """
+    keys, values = arrays["keys"], arrays["values"]
+    finite = np.logical_and(
+        np.all(np.isfinite(keys), axis=(1, 3)), np.all(np.isfinite(values), axis=(1, 3))
+    )  # [batch, memory_size]
+    return {
+        **arrays,
+        "keys": np.where(finite[:, None, :, None], keys, 0).astype(keys.dtype),
+        "values": np.where(finite[:, None, :, None], values, 0).astype(values.dtype),
+        "positions": np.where(finite, arrays["positions"], -1).astype("int32"),
+    }
+
+
 class RingBuffer:
     """A NumPy FIFO of (key, value, document position) per lane and head.
 
@@ -169,7 +195,8 @@ class RingBuffer:
         Returns:
             `(keys, values, positions)`: `[batch, query, heads, k, head_dim]`
             twice and `[batch, query, heads, k]`; where a slot is `-1` (none)
-            the position is `-1` and the key and value are arbitrary.
+            the position is `-1` and the key and value are arbitrary finite
+            vectors.
         """
         batch_size, num_heads, memory_size, head_dim = self.keys.shape
         lanes = np.arange(batch_size)[:, None, None, None]

@@ -12,6 +12,7 @@ from keras_memtrans.memory.host import host_call
 from keras_memtrans.memory.host import host_call_supports_jit
 from keras_memtrans.memory.knn_memory import KNNMemory
 from keras_memtrans.memory.ring_buffer import RingBuffer
+from keras_memtrans.memory.ring_buffer import emptied_non_finite
 from keras_memtrans.memory.scann_lane_index import ScannLaneIndex
 from keras_memtrans.memory.scann_lane_index import min_index_entries
 from keras_memtrans.validation import check_positive_ints
@@ -290,7 +291,7 @@ class ScannMemory(KNNMemory):
         return arrays
 
     def _restore_state(self, arrays):
-        buffer = RingBuffer.from_state(arrays)
+        buffer = RingBuffer.from_state(emptied_non_finite(arrays))
         indexes = self._new_indexes()
         for lane, index in enumerate(indexes):
             prefix = f"index/{lane}/"

@@ -2,7 +2,7 @@
 
 A top-k over every slot of a large memory is slow on CPUs (each row of
 scores is sorted or scanned at length `memory_size`). Splitting the slots
-into groups of `group_size` adjacent slots, the `k` groups with the largest
+into groups of `group_size` slots, the `k` groups with the largest
 maxima hold every one of the `k` best slots: a group holding one of them
 has a maximum at least the k-th best score, and at most `k` groups can
 (each such maximum is itself among the `k` best), ties aside. So one
@@ -49,11 +49,14 @@ def top_k_slots(scores, k, group_size):
     if group_size <= 1 or slots % group_size or slots // group_size < k:
         return ops.cast(ops.top_k(scores, k, sorted=False)[1], "int32")
     groups = slots // group_size
-    grouped = ops.reshape(scores, (*lead, groups, group_size))  # [..., g, size]
-    _, best = ops.top_k(ops.max(grouped, axis=-1), k, sorted=False)  # [..., k]
+    # [..., size, groups]: group g holds the slots g, g + groups, g + 2 groups...
+    grouped = ops.reshape(scores, (*lead, group_size, groups))
+    # The maxima of `size` contiguous rows of scores: an element-wise max
+    # along the slots, not a reduction within each short group.
+    _, best = ops.top_k(ops.max(grouped, axis=-2), k, sorted=False)  # [..., k]
     # [..., k, size]: the slots of the chosen groups, flattened to [..., k*size]
-    offsets = ops.arange(group_size, dtype="int32")
-    candidates = ops.cast(best, "int32")[..., None] * group_size + offsets
+    offsets = ops.arange(group_size, dtype="int32") * groups
+    candidates = ops.cast(best, "int32")[..., None] + offsets
     candidates = ops.reshape(candidates, (*lead, k * group_size))
     candidate_scores = ops.take_along_axis(scores, candidates, axis=-1)
     _, chosen = ops.top_k(candidate_scores, k, sorted=False)  # [..., k]

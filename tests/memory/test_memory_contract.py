@@ -276,6 +276,43 @@ def test_save_and_load_give_identical_retrievals_and_behaviour(make, tmp_path):
 
 
 @each_memory
+def test_a_loaded_non_finite_entry_is_stored_as_empty(make, tmp_path):
+    """A saved key or value with a NaN or inf (an old save, or a damaged
+    file; `append` never stores one) loads as an empty slot, as `append`
+    stores it: a search returns finite keys and values only (`KNNAttention`
+    weights an empty slot's by 0, and 0 x NaN is NaN) and never that slot."""
+    rng = np.random.default_rng(12)
+    memory = filled_memory(make, rng)
+    memory.reset(np.array([False, True]))  # lane 1's slots: stale, not empty
+    path, reference = tmp_path / "memory.npz", tmp_path / "reference.npz"
+    memory.save(path)
+    memory.save(reference)
+    with np.load(path) as saved:
+        keys, values = saved["keys"].copy(), saved["values"].copy()
+        positions = saved["positions"].copy()
+    damaged = np.zeros(positions.shape, bool)  # [batch, slots]
+    damaged[0, [3, 17]] = True  # two of lane 0's entries
+    keys[0, 1, 3, 2], values[0, 0, 17, 5] = np.nan, np.inf
+    keys[1], values[1] = np.nan, -np.inf  # every stale slot of lane 1
+    rewrite_npz(path, keys=keys, values=values)
+    emptied = np.where(damaged[:, None, :, None], 0, keys)
+    rewrite_npz(
+        reference,
+        keys=np.where(np.isfinite(emptied), emptied, 0),
+        values=np.where(damaged[:, None, :, None] | ~np.isfinite(values), 0, values),
+        positions=np.where(damaged, -1, positions),
+    )
+    loaded, expected = make(**SIZES), make(**SIZES)
+    loaded.load(path)
+    expected.load(reference)
+    queries = clustered_keys(rng, (BATCH, 5, HEADS, DIM))
+    got = search(loaded, queries)
+    assert np.isfinite(got[0]).all() and np.isfinite(got[1]).all()
+    assert not np.isin(got[2][0], positions[0, damaged[0]]).any()
+    assert_same_entries(got, search(expected, queries))
+
+
+@each_memory
 @pytest.mark.parametrize(
     "damage, error, match",
     [
