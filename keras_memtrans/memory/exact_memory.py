@@ -28,7 +28,7 @@ class ExactMemory(KNNMemory):
     the memory persists across `model.fit` steps on every backend and
     compiles under XLA. Each (lane, head) keeps its slots contiguous: a
     search scores them with one batched matmul, and takes the exact top-k
-    in two stages (`top_k.top_k_slots`), never a sort of every slot. The
+    in two stages (`top_k.top_k_slots`), never one top-k over every slot. The
     (lane, head)s are searched in blocks of at most `scores_per_block`
     scores (one `ops.map` step each), so that a block's scores are reduced
     to its top-k while they are still in the CPU's caches instead of being
