@@ -26,21 +26,31 @@ if os.environ.get("KERAS_BACKEND") == "jax":
         f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
     )
 
-# A test builds its model afresh, so JAX traces and XLA compiles the same
-# programs again in test after test, and in the recipes' subprocesses. JAX's
+# A test builds its model afresh, so XLA compiles the same programs again
+# in test after test, and in the recipes' subprocesses. The backend's
 # persistent compilation cache, in one directory per test run (made here
-# before pytest-xdist starts its workers, which inherit it) and locked for
-# concurrent processes (it locks when its size is bounded), compiles each
-# such program once. Programs that compile in under half a second (JAX's
-# op-by-op eager calls among them) are not cached: writing each cost more
-# than it saved. A cached executable is the one XLA would compile again.
-if os.environ.get("KERAS_BACKEND") == "jax" and (
-    "JAX_COMPILATION_CACHE_DIR" not in os.environ
+# before pytest-xdist starts its workers, which inherit it), compiles each
+# such program once; a cached executable is the one XLA would compile
+# again (TensorFlow checks each entry's program against its own).
+# - JAX: locked for concurrent processes (it locks when its size is
+#   bounded); programs that compile in under half a second (JAX's op-by-op
+#   eager calls among them) are not cached: writing each cost more than it
+#   saved.
+# - TensorFlow: its XLA-compiled steps (the recipe's default on CPU).
+if (backend := os.environ.get("KERAS_BACKEND")) in ("jax", "tensorflow") and (
+    "KERAS_MEMTRANS_TEST_CACHE" not in os.environ
 ):
-    cache = tempfile.mkdtemp(prefix="keras-memtrans-jax-cache-")
+    cache = tempfile.mkdtemp(prefix=f"keras-memtrans-{backend}-cache-")
     atexit.register(shutil.rmtree, cache, ignore_errors=True)
-    os.environ.update(
-        JAX_COMPILATION_CACHE_DIR=cache,
-        JAX_COMPILATION_CACHE_MAX_SIZE=str(2**30),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-    )
+    os.environ["KERAS_MEMTRANS_TEST_CACHE"] = cache
+    if backend == "jax":
+        os.environ.update(
+            JAX_COMPILATION_CACHE_DIR=cache,
+            JAX_COMPILATION_CACHE_MAX_SIZE=str(2**30),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+        )
+    else:
+        os.environ["TF_XLA_FLAGS"] = (
+            f"{os.environ.get('TF_XLA_FLAGS', '')}"
+            f" --tf_xla_persistent_cache_directory={cache}"
+        )

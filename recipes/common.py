@@ -93,10 +93,27 @@ def build_causal_lm(
     return MemorizingTransformerCausalLM(backbone, preprocessor)
 
 
+def recipe_jit_compile(jit_compile):
+    """`Model.compile`'s `jit_compile` for the recipe and its benchmarks:
+    `"auto"` is XLA on TensorFlow too.
+
+    Keras resolves `"auto"` to no XLA for TensorFlow on a machine without
+    a GPU or TPU, where XLA made the peer configuration's step 7-15% faster
+    (docs/performance.md). JAX compiles with XLA anyway and torch stays
+    eager (`torch.compile` gained nothing on CPU). A model whose host
+    memory XLA cannot compile still runs without it: Keras turns
+    `jit_compile=True` off, with a warning.
+    """
+    if jit_compile == "auto" and keras.backend.backend() == "tensorflow":
+        return True
+    return jit_compile
+
+
 def compile_for_training(causal_lm, training, jit_compile="auto", loss="auto"):
     """AdamW with warm-up and cosine decay, clipped gradients, and token
     accuracy and NLL metrics (the recipe's held-out perplexity); `loss` is
-    the causal LM's own (`"auto"`) unless given."""
+    the causal LM's own (`"auto"`) unless given; `jit_compile` as
+    `recipe_jit_compile` resolves it."""
     steps = training["steps"]
     warmup = min(training["warmup_steps"], max(steps // 2, 1))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -113,7 +130,7 @@ def compile_for_training(causal_lm, training, jit_compile="auto", loss="auto"):
             keras.metrics.SparseCategoricalAccuracy("accuracy"),
             keras.metrics.SparseCategoricalCrossentropy("token_nll", from_logits=True),
         ],
-        jit_compile=jit_compile,
+        jit_compile=recipe_jit_compile(jit_compile),
     )
 
 

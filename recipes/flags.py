@@ -75,8 +75,8 @@ def parse_args(argv, description=None):
         "--jit-compile",
         default="auto",
         choices=("auto", "true", "false"),
-        help="XLA (TensorFlow, JAX): auto uses it on accelerators where the "
-        "memory allows",
+        help="XLA (TensorFlow, JAX): auto uses it wherever the memory "
+        "allows (torch: eager)",
     )
     parser.add_argument(
         "--memory-size", type=positive_int, help="tokens per memory lane"

@@ -37,6 +37,7 @@ from recipes.benchmarks.train_step import parse_memory
 from recipes.benchmarks.train_step import with_memory
 from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
+from recipes.common import recipe_jit_compile
 
 
 def parse_args(argv):
@@ -61,7 +62,9 @@ def build(config, memory):
     causal_lm = build_causal_lm(
         backbone, config["vocabulary_size"], None, memory_size is not None, seed=0
     )
-    causal_lm.compile(optimizer=keras.optimizers.Adam(1e-4))
+    causal_lm.compile(
+        optimizer=keras.optimizers.Adam(1e-4), jit_compile=recipe_jit_compile("auto")
+    )
     lanes, length = backbone["batch_size"], backbone["segment_length"]
     rng = np.random.default_rng(0)
     vocabulary = config["vocabulary_size"]

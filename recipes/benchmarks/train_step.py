@@ -38,6 +38,7 @@ from keras_memtrans.models import PRESETS
 from keras_memtrans.models import get_preset
 from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
+from recipes.common import recipe_jit_compile
 
 PEER_CONFIG = {
     "vocabulary_size": 256,
@@ -124,7 +125,10 @@ def seconds_per_step(config, memory, args):
         dtype=args.dtype,
     )
     jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
-    causal_lm.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=jit_compile)
+    causal_lm.compile(
+        optimizer=keras.optimizers.Adam(1e-4),
+        jit_compile=recipe_jit_compile(jit_compile),
+    )
     for layer in causal_lm.backbone.memory_layers:
         fill(layer.lane_states(training=True)["memory"])
     lanes, length = backbone["batch_size"], backbone["segment_length"]

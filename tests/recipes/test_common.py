@@ -1,3 +1,4 @@
+import keras
 import pytest
 
 from keras_memtrans.models import PRESETS
@@ -39,3 +40,27 @@ def test_a_saved_preset_is_complete_or_absent(tmp_path):
     with pytest.raises(OSError):
         common.save_preset(causal_lm, tmp_path / "model")
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+# XLA wherever the backend compiles with it on this CPU: TensorFlow too,
+# where Keras' own "auto" leaves it off without an accelerator.
+XLA_BY_DEFAULT = {"tensorflow": True, "jax": True, "torch": False}
+
+
+@pytest.mark.parametrize(
+    "memory_kind, xla", [("exact", None), ("scann", False), ("scann_exact", False)]
+)
+def test_the_recipe_compiles_with_xla_wherever_the_memory_allows(memory_kind, xla):
+    backend = keras.backend.backend()
+    causal_lm = MemorizingTransformerCausalLM(
+        tiny_backbone(memory_options={"memory_kind": memory_kind})
+    )
+    training = common.TRAINING["tiny"]
+    common.compile_for_training(causal_lm, training)
+    # A host memory keeps XLA off, except on JAX (whose io_callback compiles).
+    if xla is None or backend == "jax":
+        xla = XLA_BY_DEFAULT[backend]
+    assert causal_lm.jit_compile == xla
+    # An explicit choice is kept (where the memory allows it).
+    common.compile_for_training(causal_lm, training, jit_compile=False)
+    assert causal_lm.jit_compile is False
