@@ -31,7 +31,8 @@ if os.environ.get("KERAS_BACKEND") == "jax":
 # persistent compilation cache, in one directory per test run (made here
 # before pytest-xdist starts its workers, which inherit it), compiles each
 # such program once; a cached executable is the one XLA would compile
-# again (TensorFlow checks each entry's program against its own).
+# again (TensorFlow writes each entry atomically and checks its program
+# against its own).
 # - JAX: locked for concurrent processes (it locks when its size is
 #   bounded); programs that compile in under half a second (JAX's op-by-op
 #   eager calls among them) are not cached: writing each cost more than it
