@@ -5,6 +5,7 @@ import os
 import shutil
 import tempfile
 
+BACKEND = os.environ.get("KERAS_BACKEND")
 # Under pytest-xdist (`tox` runs one worker per core), each worker gets an
 # equal share of the cores: a framework that spins up one thread per core in
 # every worker slows them all down (torch by 3x on 2 cores).
@@ -21,7 +22,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 # Two host devices on JAX, for the data-parallel tests (keras.distribution
 # over a 2-device mesh, as on a 2-chip accelerator); every other test runs
 # on the first device, as without the flag.
-if os.environ.get("KERAS_BACKEND") == "jax":
+if BACKEND == "jax":
     os.environ["XLA_FLAGS"] = (
         f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
     )
@@ -38,13 +39,11 @@ if os.environ.get("KERAS_BACKEND") == "jax":
 #   eager calls among them) are not cached: writing each cost more than it
 #   saved.
 # - TensorFlow: its XLA-compiled steps (the recipe's default on CPU).
-if (backend := os.environ.get("KERAS_BACKEND")) in ("jax", "tensorflow") and (
-    "KERAS_MEMTRANS_TEST_CACHE" not in os.environ
-):
-    cache = tempfile.mkdtemp(prefix=f"keras-memtrans-{backend}-cache-")
+if BACKEND in ("jax", "tensorflow") and ("KERAS_MEMTRANS_TEST_CACHE" not in os.environ):
+    cache = tempfile.mkdtemp(prefix=f"keras-memtrans-{BACKEND}-cache-")
     atexit.register(shutil.rmtree, cache, ignore_errors=True)
     os.environ["KERAS_MEMTRANS_TEST_CACHE"] = cache
-    if backend == "jax":
+    if BACKEND == "jax":
         os.environ.update(
             JAX_COMPILATION_CACHE_DIR=cache,
             JAX_COMPILATION_CACHE_MAX_SIZE=str(2**30),

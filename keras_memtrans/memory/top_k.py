@@ -21,7 +21,7 @@ def group_size_for(memory_size, k):
 
     Measured on a 2-core CPU (`docs/performance.md`): at 8K and 65K slots
     the two stages beat one top-k by up to 1.5x under XLA (JAX, TensorFlow),
-    whose top-k (a partial sort, XLA's `TopK`) compares every slot of a row,
+    whose top-k (XLA's `TopK` custom call) reads every slot of a row,
     and larger groups lose again to the gather of their candidates.
     """
     group_size = 1

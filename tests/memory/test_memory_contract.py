@@ -295,11 +295,11 @@ def test_a_loaded_non_finite_entry_is_stored_as_empty(make, tmp_path):
     keys[0, 1, 3, 2], values[0, 0, 17, 5] = np.nan, np.inf
     keys[1], values[1] = np.nan, -np.inf  # every stale slot of lane 1
     rewrite_npz(path, keys=keys, values=values)
-    emptied = np.where(damaged[:, None, :, None], 0, keys)
+    rows = damaged[:, None, :, None]  # [batch, 1, slots, 1]
     rewrite_npz(
         reference,
-        keys=np.where(np.isfinite(emptied), emptied, 0),
-        values=np.where(damaged[:, None, :, None] | ~np.isfinite(values), 0, values),
+        keys=np.where(rows | ~np.isfinite(keys), 0, keys),
+        values=np.where(rows | ~np.isfinite(values), 0, values),
         positions=np.where(damaged, -1, positions),
     )
     loaded, expected = make(**SIZES), make(**SIZES)
