@@ -14,6 +14,12 @@ def l2_normalize(x):
     return ops.cast(x32 / norm, x.dtype)
 
 
+def mask_logits(mask):
+    """The additive logit of a bool `mask`, at its own shape: 0 where it
+    is `True`, a large negative float32 where it is `False`."""
+    return ops.where(mask, 0.0, _MASKED_LOGIT)
+
+
 def masked_softmax(logits, mask, axis=-1):
     """Softmax in float32 over `axis`; masked entries get weight 0."""
     logits = ops.where(mask, ops.cast(logits, "float32"), _MASKED_LOGIT)

@@ -6,7 +6,7 @@ from keras import ops
 from keras_memtrans.layers.attention_functions import check_hidden_rank
 from keras_memtrans.layers.attention_functions import check_lane_inputs
 from keras_memtrans.layers.attention_functions import l2_normalize
-from keras_memtrans.layers.attention_functions import masked_softmax
+from keras_memtrans.layers.attention_functions import mask_logits
 from keras_memtrans.layers.initializers import clone_initializer
 from keras_memtrans.layers.lane_state_mixin import LaneStateMixin
 from keras_memtrans.layers.relative_position_bias import RelativePositionBias
@@ -275,9 +275,9 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         # Key j sits at position j - cache_length relative to segment start.
         key_positions = ops.arange(cache_length + segment_length)[None, :]
         relative = key_positions - cache_length - query_positions[:, None]  # [q, k]
-        scale = ops.cast(self.attention_scale, queries.dtype)[:, None, None]
+        scale = ops.cast(self.attention_scale, queries.dtype)[:, None]  # [heads, 1]
         # [batch, heads, query, key]
-        logits = ops.einsum("bqhd,bkhd->bhqk", queries, keys) * scale
+        logits = ops.einsum("bqhd,bkhd->bhqk", queries * scale, keys)
         if every_query:  # each diagonal of the bias once: [heads, 1, q + k - 1]
             num_keys = cache_length + segment_length
             diagonals = ops.arange(num_keys + segment_length - 1)
@@ -288,11 +288,23 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
             bias = toeplitz(diagonals[:, 0], segment_length, num_keys)
         else:
             bias = self.relative_position_bias(relative)  # [heads, query, key]
-        logits = logits + ops.cast(bias, logits.dtype)[None]
-        mask = ops.logical_and(relative <= 0, key_mask[:, None, None, :])
-        weights = masked_softmax(logits, mask)  # [batch, heads, query, key]
+        # The causal mask goes into the bias and the padding into one logit
+        # per key, so the whole-size work is two additions and the softmax.
+        causal = relative <= 0  # [query, key]
+        bias = ops.cast(bias, "float32") + mask_logits(causal)  # [heads, q, k]
+        key_bias = mask_logits(key_mask)[:, None, None, :]  # [batch, 1, 1, key]
+        logits = ops.cast(logits, "float32") + bias[None] + key_bias
+        weights = ops.softmax(logits, axis=-1)  # [batch, heads, query, key]
         # [batch, query, heads, head_dim]
-        return ops.einsum("bhqk,bkhd->bqhd", ops.cast(weights, values.dtype), values)
+        attended = ops.einsum(
+            "bhqk,bkhd->bqhd", ops.cast(weights, values.dtype), values
+        )
+        # A query that sees no key (padding with no real token before it)
+        # attends to nothing.
+        sees_a_key = ops.any(
+            ops.logical_and(causal[None], key_mask[:, None, :]), axis=-1
+        )  # [batch, query]
+        return attended * ops.cast(sees_a_key, attended.dtype)[:, :, None, None]
 
     def call(
         self, hidden_states, document_start=None, padding_mask=None, training=None

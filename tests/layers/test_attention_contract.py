@@ -233,6 +233,18 @@ def test_padded_hidden_states_never_reach_outputs_or_lane_state(case, smear_keys
 
 
 @cases()
+def test_a_query_that_sees_no_real_key_attends_to_nothing(case):
+    # Lane 0 pads the first 3 tokens of a new document: those queries have
+    # no real key before them (and no cache or memory yet), so their output
+    # is exactly zero, whatever the padded tokens hold.
+    x = segments(1, seed=7)[0]
+    layer = make_layer(case)
+    outputs, _ = attend(layer, x, STARTS[0], MIXED_PADDING)
+    np.testing.assert_array_equal(outputs[0, :3], 0.0)
+    assert np.all(np.abs(outputs[MIXED_PADDING]) > 0)
+
+
+@cases()
 def test_smeared_keys_continue_from_the_previous_segment(case):
     # With lane state the first real key of a continuing segment mixes with
     # the lane's last real key so far; without, or after a document start,
