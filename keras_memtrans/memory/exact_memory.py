@@ -102,6 +102,7 @@ class ExactMemory(KNNMemory):
             initializer="zeros",
             dtype=self.compute_dtype,
             trainable=False,
+            autocast=False,
         )
         self.values = self.add_weight(
             name="values",
@@ -109,6 +110,7 @@ class ExactMemory(KNNMemory):
             initializer="zeros",
             dtype=self.compute_dtype,
             trainable=False,
+            autocast=False,
         )
         self.positions = self.add_weight(
             name="positions",
@@ -116,6 +118,7 @@ class ExactMemory(KNNMemory):
             initializer=keras.initializers.Constant(-1),
             dtype="int32",
             trainable=False,
+            autocast=False,
         )
         self.next_slot = self.add_weight(
             name="next_slot",
@@ -123,6 +126,7 @@ class ExactMemory(KNNMemory):
             initializer="zeros",
             dtype="int32",
             trainable=False,
+            autocast=False,
         )
         self.document_length = self.add_weight(
             name="document_length",
@@ -130,6 +134,7 @@ class ExactMemory(KNNMemory):
             initializer="zeros",
             dtype="int32",
             trainable=False,
+            autocast=False,
         )
         self.built = True
 
@@ -250,41 +255,39 @@ class ExactMemory(KNNMemory):
         for variable, update in ((self.keys, keys), (self.values, values)):
             update = ops.where(stored[:, :, None, None], update, 0)
             update = ops.transpose(update, (0, 2, 1, 3))  # [batch, heads, seg, dim]
-            variable.assign(self._written(variable.value, update, next_slot))
-        self.positions.assign(self._written(self.positions.value, positions, next_slot))
+            host.scatter_update_variable(
+                variable, *self._ring_entries(update, next_slot)
+            )
+        host.scatter_update_variable(
+            self.positions, *self._ring_entries(positions, next_slot)
+        )
         self.next_slot.assign(following)
         self.document_length.assign(
             document_lengths_after(document_length, mask, xp=ops)
         )
 
-    def _written(self, buffer, update, next_slot):
-        """`buffer` with `update` written to the slots from `next_slot` on,
-        wrapping around the ring: one scatter of whole rows.
+    def _ring_entries(self, update, next_slot):
+        """`(indices, entries)` that write `update` to the slots from
+        `next_slot` on, wrapping around the ring: `ops.scatter_update`'s
+        arguments for the buffer of the same layout.
 
         Args:
-            buffer: keys or values `[batch, heads, slots, dim]`, or
-                positions `[batch, slots]`.
-            update: at most `memory_size` entries, laid out like `buffer`.
+            update: keys or values `[batch, heads, seg, dim]`, or positions
+                `[batch, seg]`, of at most `memory_size` entries.
             next_slot: int32 scalar, the first slot written.
+
+        Returns:
+            int32 `[entries, 3]` (lane, head, slot) or `[entries, 2]` (lane,
+            slot), and the entries `[entries, dim]` or `[entries]`.
         """
-        vectors = len(buffer.shape) == 4
-        rows = self.batch_size * (self.num_heads if vectors else 1)
-        length = update.shape[2 if vectors else 1]
+        *lead, length = update.shape[:3] if len(update.shape) == 4 else update.shape
         slots = written_slots(next_slot, length, self.memory_size, xp=ops)
-        row_ids = ops.arange(rows, dtype="int32")[:, None]
-        # [rows, length, 2]: (row of a lane or a lane's head, slot) per entry
-        indices = ops.stack(
-            [
-                ops.broadcast_to(row_ids, (rows, length)),
-                ops.broadcast_to(slots[None, :], (rows, length)),
-            ],
-            axis=-1,
-        )
-        indices = ops.reshape(indices, (rows * length, 2))
-        tail = (self.head_dim,) if vectors else ()
-        table = ops.reshape(buffer, (rows, self.memory_size, *tail))
-        entries = ops.reshape(update, (rows * length, *tail))
-        return ops.reshape(ops.scatter_update(table, indices, entries), buffer.shape)
+        grids = ops.meshgrid(
+            *(ops.arange(size, dtype="int32") for size in lead), slots, indexing="ij"
+        )  # each [*lead, seg]
+        indices = ops.reshape(ops.stack(grids, axis=-1), (-1, len(grids)))
+        tail = update.shape[len(grids) :]
+        return indices, ops.reshape(update, (-1, *tail))
 
     def reset_state(self):
         """Empties every lane and rewinds the ring buffer."""

@@ -5,7 +5,9 @@ searchers on the host. Its methods are called from inside the model's call,
 which may run eagerly (torch, TF eager), inside a `tf.function` (TF `fit`)
 or inside `jax.jit` (JAX `fit`). `host_call` runs a NumPy function in all
 three situations; `approx_top_k` exposes the accelerator-friendly
-approximate top-k that `keras.ops` lacks. `process_rows` and
+approximate top-k that `keras.ops` lacks. `scatter_update_variable`
+writes entries of a variable in place where `ops.scatter_update` would
+copy it whole. `process_rows` and
 `assign_process_rows` read and write the lanes a process holds of a state
 a JAX distribution shards over several processes (hosts). Backends are imported lazily,
 inside the function that needs them: nothing else in the package imports
@@ -114,6 +116,41 @@ def assign_process_rows(variable, rows):
             variable.assign(whole)
             return
     variable.assign(ops.convert_to_tensor(rows, variable.dtype))
+
+
+def scatter_update_variable(variable, indices, updates):
+    """`variable.assign(ops.scatter_update(variable.value, indices, updates))`,
+    in place on torch.
+
+    Torch's `scatter_update` returns a fresh copy of the whole variable
+    and `assign` copies it back: for a memory's buffer, two passes over it
+    and a fresh allocation of its size (page faults on every segment
+    written). Torch writes the entries in place instead, outside a
+    stateless or symbolic scope (there `assign` records an update, or the
+    inputs have no data). XLA (JAX, TensorFlow) already writes a variable's
+    scatter in place inside a compiled step.
+
+    Args:
+        variable: the `keras.Variable` to write.
+        indices: int `[entries, rank]`: where each entry goes, as the
+            leading indices of the variable.
+        updates: `[entries, ...]` in the variable's dtype: the entries.
+    """
+    if keras.backend.backend() == "torch":
+        # Keras has no public test for either scope (see `host_call`).
+        from keras.src.backend.common.stateless_scope import in_stateless_scope
+        from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+
+        if not (in_stateless_scope() or in_symbolic_scope()):
+            import torch
+
+            indices = ops.convert_to_tensor(indices).long()
+            with torch.no_grad():
+                variable.value.index_put_(
+                    tuple(indices.unbind(-1)), ops.convert_to_tensor(updates)
+                )
+            return
+    variable.assign(ops.scatter_update(variable.value, indices, updates))
 
 
 def host_call(function, *arrays, result_specs):
