@@ -45,6 +45,7 @@ def parse_args(argv):
     parser.add_argument("--config", default="peer", choices=["peer", *sorted(PRESETS)])
     parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
     parser.add_argument("--memory", default="none", help="none, SIZE or SIZE:KIND")
+    parser.add_argument("--dtype", default="float32", help="e.g. mixed_bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top", type=int, default=8, help="operation kinds shown")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -56,11 +57,16 @@ def fastest(function, repeats):
     return min(call_times(function, repeats)[0])
 
 
-def build(config, memory):
+def build(config, memory, dtype):
     memory_size, memory_kind = parse_memory(memory)
     backbone = with_memory(config["backbone"], memory_size, memory_kind)
     causal_lm = build_causal_lm(
-        backbone, config["vocabulary_size"], None, memory_size is not None, seed=0
+        backbone,
+        config["vocabulary_size"],
+        None,
+        memory_size is not None,
+        seed=0,
+        dtype=dtype,
     )
     causal_lm.compile(
         optimizer=keras.optimizers.Adam(1e-4), jit_compile=recipe_jit_compile("auto")
@@ -116,7 +122,7 @@ def torch_operations(step):
 
 
 def run_worker(args):
-    causal_lm, x, y = build(model_config(args.config), args.memory)
+    causal_lm, x, y = build(model_config(args.config), args.memory, args.dtype)
     forward = fastest(lambda: causal_lm.predict_on_batch(x), args.repeats)
     step = fastest(lambda: causal_lm.train_on_batch(x, y), args.repeats)
     print(json.dumps({"forward": forward, "step": step}), flush=True)
@@ -134,10 +140,10 @@ def main(argv=None):
     if args.worker:
         return run_worker(args)
     argv = [
-        *("--config", args.config, "--memory", args.memory),
+        *("--config", args.config, "--memory", args.memory, "--dtype", args.dtype),
         *("--repeats", str(args.repeats), "--top", str(args.top), "--worker"),
     ]
-    print(f"config {args.config}, memory {args.memory}\n")
+    print(f"config {args.config}, memory {args.memory}, dtype {args.dtype}\n")
     for backend in args.backends:
         lines = list(
             worker_lines(

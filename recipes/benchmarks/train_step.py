@@ -158,11 +158,19 @@ def fill(memory):
 
 
 def peer_seconds_per_step(memory, args):
-    """Mean seconds of one training step of the PyTorch peer (torch eager)."""
+    """Mean seconds of one training step of the PyTorch peer (torch eager;
+    its forward pass under `torch.autocast` in the `--dtype`'s compute
+    dtype for a mixed policy)."""
     import torch
     from memorizing_transformers_pytorch import MemorizingTransformer
 
     memory_size, _ = parse_memory(memory)
+    compute_dtype = keras.DTypePolicy(args.dtype).compute_dtype
+    autocast = torch.autocast(
+        "cpu",
+        dtype=getattr(torch, compute_dtype),
+        enabled=compute_dtype != "float32",
+    )
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as directory:
         model = MemorizingTransformer(
@@ -182,7 +190,8 @@ def peer_seconds_per_step(memory, args):
         stamps = StepStamps()
         with model.knn_memories_context(batch_size=4) as knn_memories:
             for batch in data:
-                loss = model(batch[:, :-1], knn_memories, labels=batch[:, 1:])
+                with autocast:
+                    loss = model(batch[:, :-1], knn_memories, labels=batch[:, 1:])
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
