@@ -157,6 +157,12 @@ def fill(memory):
     memory.append(keys, keys)
 
 
+def peer_runs(dtype):
+    """Whether the peer's memory runs under the policy `dtype`: its faiss
+    search takes float32 queries only (a bfloat16 one fails in NumPy)."""
+    return keras.DTypePolicy(dtype).compute_dtype == "float32"
+
+
 def peer_seconds_per_step(memory, args):
     """Mean seconds of one training step of the PyTorch peer (torch eager;
     its forward pass under `torch.autocast` in the `--dtype`'s compute
@@ -221,6 +227,8 @@ def run_worker(args):
     each: `{"memory": ..., "seconds": ...}`."""
     config = model_config(args.config)
     for memory in args.memories:
+        if args.worker == "peer" and memory != "none" and not peer_runs(args.dtype):
+            continue
         if args.worker == "peer":
             seconds = peer_seconds_per_step(memory, args)
         else:
@@ -274,6 +282,11 @@ def main(argv=None):
                 )
             )
     peer = {line["memory"]: line["seconds"] for line in peer_lines}
+    if peer_lines and not peer_runs(args.dtype):
+        print(
+            "the peer's memory takes float32 only: no peer row with memory "
+            f"under {args.dtype}\n"
+        )
     print(
         f"config {args.config}, dtype {args.dtype}, jit_compile "
         f"{args.jit_compile}, {tokens} tokens per step, "
