@@ -11,7 +11,8 @@ with the optimizer. Then the profiler of the backend, where it has one
 this script reads, records two training steps and the operation kinds
 that took the most time are printed, per step: XLA's fused operations on
 JAX (from `jax.profiler`'s trace, kinds named without their numeric
-suffix), torch's operators by self CPU time (`torch.profiler`).
+suffix), torch's operators by self CPU time (`torch.profiler`; with
+`--shapes`, one row per operator and input shapes).
 TensorFlow gets the timings only.
 
     python -m recipes.benchmarks.step_profile --config peer
@@ -19,6 +20,7 @@ TensorFlow gets the timings only.
 
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -48,6 +50,11 @@ def parse_args(argv):
     parser.add_argument("--dtype", default="float32", help="e.g. mixed_bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top", type=int, default=8, help="operation kinds shown")
+    parser.add_argument(
+        "--shapes",
+        action="store_true",
+        help="torch: one row per operator and input shapes",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -108,16 +115,20 @@ def jax_operations(step):
     return kinds
 
 
-def torch_operations(step):
-    """`{operator: (seconds, count)}` per step, by self CPU time, in 2 steps."""
+def torch_operations(step, shapes=False):
+    """`{operator: (seconds, count)}` per step, by self CPU time, in 2 steps;
+    with `shapes`, one entry per operator and input shapes."""
     import torch.profiler
 
-    with torch.profiler.profile() as profile:
+    with torch.profiler.profile(record_shapes=shapes) as profile:
         for _ in range(2):
             step()
     return {
-        event.key: [event.self_cpu_time_total / 1e6 / 2, event.count / 2]
-        for event in profile.key_averages()
+        f"{event.key} {event.input_shapes}" if shapes else event.key: [
+            event.self_cpu_time_total / 1e6 / 2,
+            event.count / 2,
+        ]
+        for event in profile.key_averages(group_by_input_shape=shapes)
     }
 
 
@@ -126,7 +137,10 @@ def run_worker(args):
     forward = fastest(lambda: causal_lm.predict_on_batch(x), args.repeats)
     step = fastest(lambda: causal_lm.train_on_batch(x, y), args.repeats)
     print(json.dumps({"forward": forward, "step": step}), flush=True)
-    profilers = {"jax": jax_operations, "torch": torch_operations}
+    profilers = {
+        "jax": jax_operations,
+        "torch": functools.partial(torch_operations, shapes=args.shapes),
+    }
     backend = keras.backend.backend()
     if backend in profilers:
         kinds = profilers[backend](lambda: causal_lm.train_on_batch(x, y))
@@ -142,6 +156,7 @@ def main(argv=None):
     argv = [
         *("--config", args.config, "--memory", args.memory, "--dtype", args.dtype),
         *("--repeats", str(args.repeats), "--top", str(args.top), "--worker"),
+        *(["--shapes"] if args.shapes else []),
     ]
     print(f"config {args.config}, memory {args.memory}, dtype {args.dtype}\n")
     for backend in args.backends:

@@ -31,6 +31,10 @@ def test_memory_lookup_prints_lookup_and_throughput_tables(capsys):
     output = capsys.readouterr().out
     lookup, throughput = table_rows(output)
     assert lookup.startswith("| 512 |")
+    # Times, their ratio, recall, build, and ScaNN's and the exact memory's
+    # appends: every one a number, none negative (a tiny one prints as 0).
+    lookup_cells = [float(cell) for cell in lookup.strip("| ").split(" | ")[1:]]
+    assert len(lookup_cells) == 7 and min(lookup_cells) >= 0
     assert throughput.startswith("| 256 |")
     assert "GFLOP/s" in output
     # The search, the scores alone and ScaNN's brute force: a time and a
@@ -79,7 +83,10 @@ def test_accelerator_runs_every_benchmark_at_test_size(capfd):
 def test_step_profile_times_the_step_and_names_where_it_goes(capfd):
     backend = keras.backend.backend()
     step_profile.main(
-        ["--config", "tiny", "--backends", backend, "--repeats", "1", "--top", "3"]
+        [
+            *("--config", "tiny", "--backends", backend),
+            *("--repeats", "1", "--top", "3", "--shapes"),
+        ]
     )
     output = capfd.readouterr().out
     rows = re.findall(
@@ -95,3 +102,5 @@ def test_step_profile_times_the_step_and_names_where_it_goes(capfd):
     # operators; TensorFlow gets the timings only.
     assert len(operations) == {"jax": 3, "torch": 3}.get(backend, 0)
     assert all(float(ms) >= 0 for _, ms, _ in operations)
+    if backend == "torch":  # --shapes: each operator with its input shapes
+        assert all("[" in name for name, _, _ in operations)
