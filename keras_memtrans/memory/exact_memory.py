@@ -189,20 +189,27 @@ class ExactMemory(KNNMemory):
         keys = ops.reshape(
             self.keys.value, (blocks, rows_per_block, self.memory_size, self.head_dim)
         )  # [blocks, rows per block, slots, dim]
+        # An empty slot scores -inf through one more dimension of the score
+        # matmul: each query gets a 1 there, each key 0 (filled) or -inf
+        # (empty). Keys are finite, so a filled slot's score is unchanged
+        # and an empty one's is -inf (NaN only where its query is), without
+        # a pass over the scores: a block's keys are copied instead, a
+        # `query / (dim + 1)` of the scores' size.
         filled = ops.repeat(self.positions.value >= 0, self.num_heads, axis=0)
-        # An empty slot scores -inf: the minimum of its score and this cap.
-        # (Keys are finite, so a score is NaN only where its query is; an
-        # element-wise minimum runs at memory speed on every backend, where
-        # torch's `where` with a broadcast mask does not.)
-        cap = ops.where(filled, float("inf"), float("-inf"))
-        cap = ops.reshape(
-            ops.cast(cap, queries.dtype), (blocks, rows_per_block, 1, self.memory_size)
-        )  # [blocks, rows per block, 1, slots]
+        empty_logit = ops.where(filled, 0.0, float("-inf"))  # [rows, slots]
+        empty_logit = ops.reshape(
+            ops.cast(empty_logit, queries.dtype),
+            (blocks, rows_per_block, self.memory_size, 1),
+        )  # [blocks, rows per block, slots, 1]
+        # [blocks, rows per block, query, dim + 1]
+        queries = ops.concatenate([queries, ops.ones_like(queries[..., :1])], axis=-1)
 
         def block_slots(block):
-            queries, keys, cap = block
+            queries, keys, empty_logit = block
+            keys = ops.concatenate(
+                [keys, empty_logit], axis=-1
+            )  # [rows, slots, dim + 1]
             scores = ops.einsum("rqd,rmd->rqm", queries, keys)  # [rows, query, slots]
-            scores = ops.minimum(scores, cap)
             if self.top_k == "approx":
                 _, slots = approx_top_k(scores, num_neighbors, self.recall_target)
                 return ops.cast(slots, "int32")
@@ -210,9 +217,9 @@ class ExactMemory(KNNMemory):
             return top_k_slots(scores, num_neighbors, group_size)  # [rows, query, k]
 
         if blocks == 1:
-            slots = block_slots((queries[0], keys[0], cap[0]))
+            slots = block_slots((queries[0], keys[0], empty_logit[0]))
         else:  # [blocks, rows per block, query, k]
-            slots = ops.map(block_slots, (queries, keys, cap))
+            slots = ops.map(block_slots, (queries, keys, empty_logit))
         return ops.reshape(
             slots, (self.batch_size, self.num_heads, -1, num_neighbors)
         )  # [batch, heads, query, k]
