@@ -192,9 +192,11 @@ class ExactMemory(KNNMemory):
         # An empty slot scores -inf through one more dimension of the score
         # matmul: each query gets a 1 there, each key 0 (filled) or -inf
         # (empty). Keys are finite, so a filled slot's score is unchanged
-        # and an empty one's is -inf (NaN only where its query is), without
-        # a pass over the scores: a block's keys are copied instead, a
-        # `query / (dim + 1)` of the scores' size.
+        # and an empty one's is -inf, without a pass over the scores: a
+        # block's keys are copied instead, a `query / (dim + 1)` of the
+        # scores' size. (An empty slot scores NaN only where the query is
+        # not finite, or so large that its score with the slot's stale key
+        # overflows; `KNNAttention`'s queries are unit vectors.)
         filled = ops.repeat(self.positions.value >= 0, self.num_heads, axis=0)
         empty_logit = ops.where(filled, 0.0, float("-inf"))  # [rows, slots]
         empty_logit = ops.reshape(
