@@ -24,8 +24,9 @@ class ExactMemory(KNNMemory):
     non-trainable variables (`keys` and `values`
     `[batch, heads, memory_size, head_dim]` in the layer's compute dtype,
     `positions` `[batch, memory_size]` with `-1` for an empty slot,
-    `next_slot` and `document_length` `[batch]`), updated with `assign`, so
-    the memory persists across `model.fit` steps on every backend and
+    `next_slot` and `document_length` `[batch]`), updated with `assign`
+    (a segment's entries in place on torch: `host.scatter_update_variable`),
+    so the memory persists across `model.fit` steps on every backend and
     compiles under XLA. Each (lane, head) keeps its slots contiguous: a
     search scores them with one batched matmul, and takes the exact top-k
     in two stages (`top_k.top_k_slots`), never one top-k over every slot. The
@@ -193,7 +194,7 @@ class ExactMemory(KNNMemory):
         # matmul: each query gets a 1 there, each key 0 (filled) or -inf
         # (empty). Keys are finite, so a filled slot's score is unchanged
         # and an empty one's is -inf, without a pass over the scores: a
-        # block's keys are copied instead, a `query / (dim + 1)` of the
+        # block's keys are copied instead, `(dim + 1) / query` of the
         # scores' size. (An empty slot scores NaN only where the query is
         # not finite, or so large that its score with the slot's stale key
         # overflows; `KNNAttention`'s queries are unit vectors.)
