@@ -15,9 +15,12 @@ def l2_normalize(x):
 
 
 def mask_logits(mask):
-    """The additive logit of a bool `mask`, at its own shape: 0 where it
-    is `True`, a large negative float32 where it is `False`."""
-    return ops.where(mask, 0.0, _MASKED_LOGIT)
+    """The float32 logit to add for a bool `mask`, at its own shape.
+
+    0 where `mask` is `True`, a large negative number where it is `False`;
+    float32 whatever `floatx` is (in float16 the number would be `-inf`).
+    """
+    return ops.cast(ops.logical_not(mask), "float32") * _MASKED_LOGIT
 
 
 def masked_softmax(logits, mask, axis=-1):

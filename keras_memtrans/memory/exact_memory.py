@@ -1,7 +1,9 @@
 import numbers
 
 import keras
+import ml_dtypes
 from keras import ops
+from keras.backend import standardize_dtype
 
 from keras_memtrans.memory import host
 from keras_memtrans.memory.host import approx_top_k
@@ -190,29 +192,39 @@ class ExactMemory(KNNMemory):
         keys = ops.reshape(
             self.keys.value, (blocks, rows_per_block, self.memory_size, self.head_dim)
         )  # [blocks, rows per block, slots, dim]
-        # An empty slot scores -inf through one more dimension of the score
-        # matmul: each query gets a 1 there, each key 0 (filled) or -inf
-        # (empty). Keys are finite, so a filled slot's score is unchanged
-        # and an empty one's is -inf, without a pass over the scores: a
-        # block's keys are copied instead, `(dim + 1) / query` of the
-        # scores' size. (An empty slot scores NaN only where the query is
-        # not finite, or so large that its score with the slot's stale key
-        # overflows; `KNNAttention`'s queries are unit vectors.)
         filled = ops.repeat(self.positions.value >= 0, self.num_heads, axis=0)
-        empty_logit = ops.where(filled, 0.0, float("-inf"))  # [rows, slots]
-        empty_logit = ops.reshape(
-            ops.cast(empty_logit, queries.dtype),
-            (blocks, rows_per_block, self.memory_size, 1),
-        )  # [blocks, rows per block, slots, 1]
-        # [blocks, rows per block, query, dim + 1]
-        queries = ops.concatenate([queries, ops.ones_like(queries[..., :1])], axis=-1)
+        # An empty slot must rank below every filled one, at the cost of one
+        # pass over the smaller of a block's keys and its scores. With more
+        # queries than `dim + 1`, one more dimension of the score matmul does
+        # it: each query gets a 1 there, each key 0 (filled) or half the
+        # dtype's lowest value (empty; finite, so that no kernel meets an
+        # infinity). Otherwise (one token while generating) each score is
+        # capped by +inf (filled) or -inf (empty). Keys are finite and
+        # `KNNAttention`'s queries unit vectors, so no score reaches either
+        # bound.
+        mask_in_matmul = num_queries is not None and num_queries > self.head_dim + 1
+        if mask_in_matmul:
+            dtype = standardize_dtype(queries.dtype)
+            lowest = -0.5 * float(ml_dtypes.finfo(dtype).max)
+            empty = ops.cast(ops.where(filled, 0.0, lowest), dtype)  # [rows, slots]
+            # [blocks, rows per block, slots, 1]
+            empty = ops.reshape(empty, (blocks, rows_per_block, self.memory_size, 1))
+            # [blocks, rows per block, query, dim + 1]
+            queries = ops.concatenate([queries, ops.ones_like(queries[..., :1])], -1)
+        else:
+            empty = ops.where(filled, float("inf"), float("-inf"))  # [rows, slots]
+            empty = ops.reshape(
+                ops.cast(empty, queries.dtype),
+                (blocks, rows_per_block, 1, self.memory_size),
+            )  # [blocks, rows per block, 1, slots]
 
         def block_slots(block):
-            queries, keys, empty_logit = block
-            keys = ops.concatenate(
-                [keys, empty_logit], axis=-1
-            )  # [rows, slots, dim + 1]
+            queries, keys, empty = block
+            if mask_in_matmul:
+                keys = ops.concatenate([keys, empty], -1)  # [rows, slots, dim + 1]
             scores = ops.einsum("rqd,rmd->rqm", queries, keys)  # [rows, query, slots]
+            if not mask_in_matmul:
+                scores = ops.minimum(scores, empty)
             if self.top_k == "approx":
                 _, slots = approx_top_k(scores, num_neighbors, self.recall_target)
                 return ops.cast(slots, "int32")
@@ -220,9 +232,9 @@ class ExactMemory(KNNMemory):
             return top_k_slots(scores, num_neighbors, group_size)  # [rows, query, k]
 
         if blocks == 1:
-            slots = block_slots((queries[0], keys[0], empty_logit[0]))
+            slots = block_slots((queries[0], keys[0], empty[0]))
         else:  # [blocks, rows per block, query, k]
-            slots = ops.map(block_slots, (queries, keys, empty_logit))
+            slots = ops.map(block_slots, (queries, keys, empty))
         return ops.reshape(
             slots, (self.batch_size, self.num_heads, -1, num_neighbors)
         )  # [batch, heads, query, k]
@@ -290,14 +302,17 @@ class ExactMemory(KNNMemory):
             int32 `[entries, 3]` (lane, head, slot) or `[entries, 2]` (lane,
             slot), and the entries `[entries, dim]` or `[entries]`.
         """
-        *lead, length = update.shape[:3] if len(update.shape) == 4 else update.shape
+        vectors = len(update.shape) == 4
+        lead = (self.batch_size, self.num_heads) if vectors else (self.batch_size,)
+        length = update.shape[len(lead)]
         slots = written_slots(next_slot, length, self.memory_size, xp=ops)
         grids = ops.meshgrid(
             *(ops.arange(size, dtype="int32") for size in lead), slots, indexing="ij"
         )  # each [*lead, seg]
+        # [entries, rank]: (lane, head, slot) or (lane, slot) per entry
         indices = ops.reshape(ops.stack(grids, axis=-1), (-1, len(grids)))
-        tail = update.shape[len(grids) :]
-        return indices, ops.reshape(update, (-1, *tail))
+        tail = (self.head_dim,) if vectors else ()
+        return indices, ops.reshape(update, (-1, *tail))  # [entries, *tail]
 
     def reset_state(self):
         """Empties every lane and rewinds the ring buffer."""

@@ -119,16 +119,17 @@ def assign_process_rows(variable, rows):
 
 
 def scatter_update_variable(variable, indices, updates):
-    """`variable.assign(ops.scatter_update(variable.value, indices, updates))`,
-    in place on torch.
+    """`variable.assign(ops.scatter_update(...))`, in place on torch.
 
     Torch's `scatter_update` returns a fresh copy of the whole variable
     and `assign` copies it back: for a memory's buffer, two passes over it
     and a fresh allocation of its size (page faults on every segment
     written). Torch writes the entries in place instead, outside a
     stateless or symbolic scope (there `assign` records an update, or the
-    inputs have no data). XLA (JAX, TensorFlow) already writes a variable's
-    scatter in place inside a compiled step.
+    inputs have no data). XLA (JAX, TensorFlow with `jit_compile`) writes a
+    variable's scatter in place inside a compiled step; TensorFlow's graph
+    mode without XLA copies it. The variable must not be autocast (its
+    `value` is then the variable's own tensor).
 
     Args:
         variable: the `keras.Variable` to write.
@@ -147,7 +148,8 @@ def scatter_update_variable(variable, indices, updates):
             indices = ops.convert_to_tensor(indices).long()
             with torch.no_grad():
                 variable.value.index_put_(
-                    tuple(indices.unbind(-1)), ops.convert_to_tensor(updates)
+                    tuple(indices.unbind(-1)),
+                    ops.convert_to_tensor(updates, variable.dtype),
                 )
             return
     variable.assign(ops.scatter_update(variable.value, indices, updates))

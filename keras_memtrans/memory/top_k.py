@@ -39,7 +39,7 @@ def top_k_slots(scores, k, group_size):
     last axis, exact up to ties.
 
     Args:
-        scores: float `[..., slots]`; empty slots score `-inf`.
+        scores: float `[..., slots]`; empty slots score below every filled one.
         k: int. How many slots to return.
         group_size: int. Slots per group (`group_size_for`); 1, or one that
             does not divide the slots into at least `k` groups, gives one

@@ -53,12 +53,18 @@ def test_a_bfloat16_memory_saves_and_loads_its_keys(tmp_path):
 @given(
     st.sampled_from([(1, 1), (2, 3), (4, 2)]),
     st.sampled_from([None, 1, 40, 80, 200]),
+    st.sampled_from([1, 5, 9]),
     st.integers(0, 2**16),
 )
-def test_a_search_in_blocks_returns_each_lanes_numpy_top_k(shape, budget, seed):
+def test_a_search_in_blocks_returns_each_lanes_numpy_top_k(
+    shape, budget, num_queries, seed
+):
     """Blocks of 1, 2, 4 or every (lane, head) row (5 queries x 8 slots =
     40 scores a row) find the positions NumPy's top-k finds in each lane,
-    and none in a lane that was emptied."""
+    and none in a lane that was emptied: 2 slots never written and the
+    emptied lanes' stale keys rank below every real score, negative ones
+    included, whichever way the search ranks them last (a cap on the
+    scores up to `head_dim + 1` queries, one more score dimension above)."""
     batch, heads = shape
     memory = ExactMemory(
         batch_size=batch,
@@ -73,7 +79,7 @@ def test_a_search_in_blocks_returns_each_lanes_numpy_top_k(shape, budget, seed):
     memory.append(keys, -keys)
     emptied = rng.random(batch) < 0.5
     memory.reset(emptied)
-    queries = rng.normal(size=(batch, 5, heads, 4)).astype("float32")
+    queries = rng.normal(size=(batch, num_queries, heads, 4)).astype("float32")
     got_keys, _, positions = (to_numpy(x) for x in memory.search(queries, 3))
     scores = np.einsum("bqhd,bmhd->bqhm", queries, keys)  # [batch, q, heads, 6]
     want = np.sort(np.argsort(-scores, axis=-1)[..., :3], axis=-1)
