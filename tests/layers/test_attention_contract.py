@@ -238,10 +238,12 @@ def test_a_query_that_sees_no_real_key_attends_to_nothing(case):
     # no real key before them (and no cache or memory yet), so their output
     # is exactly zero, whatever the padded tokens hold.
     x = segments(1, seed=7)[0]
-    layer = make_layer(case)
-    outputs, _ = attend(layer, x, STARTS[0], MIXED_PADDING)
-    np.testing.assert_array_equal(outputs[0, :3], 0.0)
-    assert np.all(np.abs(outputs[MIXED_PADDING]) > 0)
+    noise = np.random.default_rng(8).normal(0.0, 10.0, x.shape).astype("float32")
+    for padded_values in (x, noise):
+        inputs = np.where(MIXED_PADDING[..., None], x, padded_values)
+        outputs, _ = attend(make_layer(case), inputs, STARTS[0], MIXED_PADDING)
+        np.testing.assert_array_equal(outputs[0, :3], 0.0)
+        assert np.all(np.abs(outputs[MIXED_PADDING]) > 0)
 
 
 @cases()
