@@ -36,3 +36,20 @@ def check_positive_ints(optional=(), **values):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+def checked_scores_per_block(scores_per_block):
+    """`scores_per_block` as an int (or `None`); a ValueError unless it is a
+    positive integer or `None`."""
+    if scores_per_block is None:
+        return None
+    if (
+        isinstance(scores_per_block, bool)
+        or not isinstance(scores_per_block, numbers.Integral)
+        or scores_per_block < 1
+    ):
+        raise ValueError(
+            "`scores_per_block` must be a positive int or None, "
+            f"got {scores_per_block!r}."
+        )
+    return int(scores_per_block)

@@ -5,10 +5,10 @@ from keras import ops
 
 from keras_memtrans.layers.attention_functions import masked_softmax
 from keras_memtrans.layers.segment_attention import SegmentAttention
-from keras_memtrans.memory.exact_memory import checked_scores_per_block
 from keras_memtrans.memory.factory import check_memory_kind
 from keras_memtrans.memory.factory import make_memory
 from keras_memtrans.validation import check_positive_ints
+from keras_memtrans.validation import checked_scores_per_block
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -177,6 +177,7 @@ class KNNAttention(SegmentAttention):
             scores_per_block=self.scores_per_block,
             num_leaves=self.num_leaves,
             num_leaves_to_search=self.num_leaves_to_search,
+            segment_length=input_shape[1],
         )
         self.built = True
 
@@ -205,16 +206,21 @@ class KNNAttention(SegmentAttention):
             return outputs, positions
         return outputs
 
-    def _mix_extra_attention(self, queries, local, states):
-        """Attends to each query's nearest memory entries, mixed by the gate.
+    def _mix_extra_attention(self, queries, local, states, segment=None):
+        """Attends to each query's nearest memory entries, mixed by the gate,
+        and appends `segment` to the memory (`search_and_append`).
 
         Returns:
             `(attended, positions)`: `[batch, query, heads, head_dim]` and the
             int `[batch, query, heads, k]` document positions retrieved.
         """
-        memory_keys, memory_values, positions = states["memory"].search(
-            queries, self.num_neighbors
-        )  # [batch, seg, heads, k, dim] twice, [batch, seg, heads, k]
+        memory = states["memory"]
+        if segment is None:
+            found = memory.search(queries, self.num_neighbors)
+        else:
+            found = memory.search_and_append(queries, self.num_neighbors, *segment)
+        # [batch, seg, heads, k, dim] twice, [batch, seg, heads, k]
+        memory_keys, memory_values, positions = found
         found = positions >= 0
         # An empty slot's key and value are arbitrary but finite (the
         # `KNNMemory` contract): its weight of 0 adds exactly nothing, in the
@@ -233,11 +239,6 @@ class KNNAttention(SegmentAttention):
         mixed = gate * retrieved + (1.0 - gate) * local
         has_memory = ops.any(found, axis=-1, keepdims=True)  # [b, seg, heads, 1]
         return ops.where(has_memory, mixed, local), positions
-
-    def _write_lane_states(self, states, keys, values, padding_mask):
-        """Appends this segment to the memory, and writes the XL cache."""
-        states["memory"].append(keys, values, padding_mask)
-        super()._write_lane_states(states, keys, values, padding_mask)
 
     def compute_output_spec(
         self,

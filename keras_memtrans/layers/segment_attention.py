@@ -316,8 +316,9 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         """The attention skeleton, with three hooks for subclasses.
 
         Resets the lanes whose document starts, projects, attends locally,
-        lets `_mix_extra_attention` mix in any other attention, lets
-        `_write_lane_states` record this segment, and projects the output.
+        lets `_mix_extra_attention` mix in any other attention (and record
+        the segment in a state it reads), lets `_write_lane_states` record
+        this segment, and projects the output.
 
         Returns:
             `(outputs, extra)`: `[batch, segment, hidden_dim]` and what
@@ -336,17 +337,22 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         attended = self._local_attention(
             queries, keys, values, padding_mask, states.get("cache")
         )
-        attended, extra = self._mix_extra_attention(queries, attended, states)
+        attended, extra = self._mix_extra_attention(
+            queries, attended, states, (keys, values, padding_mask)
+        )
         self._write_lane_states(states, keys, values, padding_mask)
         return self.output_projection(attended), extra
 
-    def _mix_extra_attention(self, queries, local, states):
+    def _mix_extra_attention(self, queries, local, states, segment=None):
         """Hook: mixes other attention into the local one.
 
         Args:
             queries: normalised `[batch, query, heads, head_dim]`.
             local: the local attention `[batch, query, heads, head_dim]`.
             states: this mode's `lane_states()`.
+            segment: this segment's `(keys, values, padding_mask)`, which
+                the hook may record in a state it reads (`KNNAttention`'s
+                memory); `None` while generating (nothing is written).
 
         Returns:
             `(attended, extra)`: the mixed `[batch, query, heads, head_dim]`

@@ -1,35 +1,40 @@
-import numbers
-
 import keras
-import ml_dtypes
+import numpy as np
 from keras import ops
-from keras.backend import standardize_dtype
 
 from keras_memtrans.memory import host
-from keras_memtrans.memory.host import approx_top_k
+from keras_memtrans.memory.block_search import top_slots_in_blocks
 from keras_memtrans.memory.knn_memory import KNNMemory
 from keras_memtrans.memory.ring_buffer import document_lengths_after
 from keras_memtrans.memory.ring_buffer import document_positions
 from keras_memtrans.memory.ring_buffer import emptied_non_finite
 from keras_memtrans.memory.ring_buffer import next_slot_after
+from keras_memtrans.memory.ring_buffer import saved_slots
 from keras_memtrans.memory.ring_buffer import stored_tokens
 from keras_memtrans.memory.ring_buffer import written_slots
-from keras_memtrans.memory.top_k import group_size_for
-from keras_memtrans.memory.top_k import top_k_slots
+from keras_memtrans.validation import check_positive_ints
+from keras_memtrans.validation import checked_scores_per_block
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
 class ExactMemory(KNNMemory):
     """An in-graph `KNNMemory`: variables of fixed shape, exact top-k.
 
-    The ring buffer of `memory_size` slots shared by all lanes lives in
+    The ring buffer of `num_slots` slots shared by all lanes lives in
     non-trainable variables (`keys` and `values`
-    `[batch, heads, memory_size, head_dim]` in the layer's compute dtype,
-    `positions` `[batch, memory_size]` with `-1` for an empty slot,
+    `[batch, heads, num_slots, head_dim]` in the layer's compute dtype,
+    `positions` `[batch, num_slots]` with `-1` for an empty slot,
     `next_slot` and `document_length` `[batch]`), updated with `assign`
     (a segment's entries in place on torch: `host.scatter_update_variable`),
     so the memory persists across `model.fit` steps on every backend and
-    compiles under XLA. Each (lane, head) keeps its slots contiguous: a
+    compiles under XLA. The ring has `memory_size` slots plus
+    `segment_length` spare ones: a search skips the `segment_length` slots
+    from `next_slot` on (the oldest, or the segment just written), so it
+    always sees the last `memory_size` slots written before them. That lets
+    `search_and_append` write a segment before it searches: XLA writes a
+    buffer in place only when nothing reads it before the write in the
+    same step, and otherwise copies the whole buffer, twice per variable
+    (docs/performance.md). Each (lane, head) keeps its slots contiguous: a
     search scores them with one batched matmul, and takes the exact top-k
     in two stages (`top_k.top_k_slots`), never one top-k over every slot. The
     (lane, head)s are searched in blocks of at most `scores_per_block`
@@ -62,6 +67,10 @@ class ExactMemory(KNNMemory):
             (8 MB of float32 scores), made the search 1.15-2x faster at 8K
             on a 2-core CPU (docs/performance.md); `None` scores every lane
             and head at once.
+        segment_length: int or `None`. The longest segment
+            `search_and_append` writes before it searches (the attention
+            layer's segment length): the ring's spare slots. `None`: no
+            spare slot; `search_and_append` then searches first.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
@@ -89,16 +98,29 @@ class ExactMemory(KNNMemory):
         top_k="exact",
         recall_target=0.95,
         scores_per_block=2**21,
+        segment_length=None,
         **kwargs,
     ):
         super().__init__(batch_size, num_heads, head_dim, memory_size, **kwargs)
+        check_positive_ints(segment_length=segment_length, optional=("segment_length",))
         self.top_k = top_k
         self.recall_target = recall_target
         self.scores_per_block = checked_scores_per_block(scores_per_block)
+        self.segment_length = segment_length
+
+    @property
+    def spare_slots(self):
+        """The ring's slots beyond `memory_size`: `segment_length` or 0."""
+        return self.segment_length or 0
+
+    @property
+    def num_slots(self):
+        """The ring's slots per lane: `memory_size + spare_slots`."""
+        return self.memory_size + self.spare_slots
 
     def build(self, input_shape=None):
-        slots = (self.batch_size, self.memory_size)
-        vectors = (self.batch_size, self.num_heads, self.memory_size, self.head_dim)
+        slots = (self.batch_size, self.num_slots)
+        vectors = (self.batch_size, self.num_heads, self.num_slots, self.head_dim)
         self.keys = self.add_weight(
             name="keys",
             shape=vectors,
@@ -160,96 +182,66 @@ class ExactMemory(KNNMemory):
         queries through the retrieved keys, which are gathered afresh (so a
         later write to the memory never alters what backpropagation reads).
         """
+        return self._search(queries, num_neighbors, self.next_slot.value)
+
+    def search_and_append(
+        self, queries, num_neighbors, keys, values, padding_mask=None
+    ):
+        """`search`, then `append`, as `KNNMemory.search_and_append`.
+
+        A segment of at most `segment_length` tokens is written first, into
+        the spare slots, and the search skips them: the same results, with
+        the buffers written in place under XLA.
+        """
+        segment_length = keys.shape[1]
+        if (
+            self.read_only
+            or host.in_symbolic_build()  # torch's build: tensors without data
+            or segment_length is None
+            or segment_length > self.spare_slots
+        ):
+            return super().search_and_append(
+                queries, num_neighbors, keys, values, padding_mask
+            )
+        start = ops.copy(self.next_slot.value)  # torch's is written in place
+        self.append(keys, values, padding_mask)
+        return self._search(queries, num_neighbors, start)
+
+    def _search(self, queries, num_neighbors, skipped_from):
+        """The search of the slots outside the `spare_slots` from slot
+        `skipped_from` (an int32 scalar) on."""
         self._check_num_neighbors(num_neighbors)
         queries = ops.convert_to_tensor(queries, self.compute_dtype)
         queries = ops.stop_gradient(queries)
-        slots = self._top_slots(queries, num_neighbors)  # [batch, heads, query, k]
+        # [batch, slots]: a slot's position where it is searched, else -1
+        skipped = ops.mod(ops.arange(self.num_slots) - skipped_from, self.num_slots)
+        positions = ops.where(
+            (skipped >= self.spare_slots)[None, :], self.positions.value, -1
+        )
+        # [batch, heads, query, k]
+        slots = top_slots_in_blocks(
+            queries,
+            self.keys.value,
+            positions >= 0,
+            num_neighbors,
+            self.scores_per_block,
+            self.top_k,
+            self.recall_target,
+        )
         slots = ops.transpose(slots, (0, 2, 1, 3))  # [batch, query, heads, k]
         # Flat index of (lane, head, slot) in the [batch * heads * slots] rows.
         lanes = ops.arange(self.batch_size, dtype="int32")[:, None, None, None]
         heads = ops.arange(self.num_heads, dtype="int32")[None, None, :, None]
-        lane_slots = lanes * self.memory_size + slots
-        rows = (lanes * self.num_heads + heads) * self.memory_size + slots
+        lane_slots = lanes * self.num_slots + slots
+        rows = (lanes * self.num_heads + heads) * self.num_slots + slots
         keys, values = (
             # [batch * heads * slots, head_dim] rows, taken at `rows`
             ops.take(ops.reshape(variable.value, (-1, self.head_dim)), rows, axis=0)
             for variable in (self.keys, self.values)
         )  # [batch, query, heads, k, head_dim]
         # [batch * slots] -> [batch, query, heads, k]
-        positions = ops.take(ops.reshape(self.positions.value, (-1,)), lane_slots)
+        positions = ops.take(ops.reshape(positions, (-1,)), lane_slots)
         return keys, values, positions
-
-    def _top_slots(self, queries, num_neighbors):
-        """The slots `[batch, heads, query, k]` of each query's top-k,
-        searched in blocks of (lane, head)s."""
-        num_queries = queries.shape[1]
-        rows = self.batch_size * self.num_heads
-        rows_per_block = self._rows_per_block(num_queries)
-        blocks = rows // rows_per_block
-        queries = ops.transpose(queries, (0, 2, 1, 3))  # [batch, heads, query, dim]
-        # [blocks, rows per block, query, dim]: (lane, head) rows, lane-major
-        queries = ops.reshape(queries, (blocks, rows_per_block, -1, self.head_dim))
-        keys = ops.reshape(
-            self.keys.value, (blocks, rows_per_block, self.memory_size, self.head_dim)
-        )  # [blocks, rows per block, slots, dim]
-        filled = ops.repeat(self.positions.value >= 0, self.num_heads, axis=0)
-        # An empty slot must rank below every filled one, at the cost of one
-        # pass over the smaller of a block's keys and its scores. With more
-        # queries than `dim + 1`, one more dimension of the score matmul does
-        # it: each query gets a 1 there, each key 0 (filled) or half the
-        # dtype's lowest value (empty; finite, so that no kernel meets an
-        # infinity). Otherwise (one token while generating) each score is
-        # capped by +inf (filled) or -inf (empty). Keys are finite and
-        # `KNNAttention`'s queries unit vectors, so no score reaches either
-        # bound.
-        mask_in_matmul = num_queries is not None and num_queries > self.head_dim + 1
-        if mask_in_matmul:
-            dtype = standardize_dtype(queries.dtype)
-            lowest = -0.5 * float(ml_dtypes.finfo(dtype).max)
-            empty = ops.cast(ops.where(filled, 0.0, lowest), dtype)  # [rows, slots]
-            # [blocks, rows per block, slots, 1]
-            empty = ops.reshape(empty, (blocks, rows_per_block, self.memory_size, 1))
-            # [blocks, rows per block, query, dim + 1]
-            queries = ops.concatenate([queries, ops.ones_like(queries[..., :1])], -1)
-        else:
-            empty = ops.where(filled, float("inf"), float("-inf"))  # [rows, slots]
-            empty = ops.reshape(
-                ops.cast(empty, queries.dtype),
-                (blocks, rows_per_block, 1, self.memory_size),
-            )  # [blocks, rows per block, 1, slots]
-
-        def block_slots(block):
-            queries, keys, empty = block
-            if mask_in_matmul:
-                keys = ops.concatenate([keys, empty], -1)  # [rows, slots, dim + 1]
-            scores = ops.einsum("rqd,rmd->rqm", queries, keys)  # [rows, query, slots]
-            if not mask_in_matmul:
-                scores = ops.minimum(scores, empty)
-            if self.top_k == "approx":
-                _, slots = approx_top_k(scores, num_neighbors, self.recall_target)
-                return ops.cast(slots, "int32")
-            group_size = group_size_for(self.memory_size, num_neighbors)
-            return top_k_slots(scores, num_neighbors, group_size)  # [rows, query, k]
-
-        if blocks == 1:
-            slots = block_slots((queries[0], keys[0], empty[0]))
-        else:  # [blocks, rows per block, query, k]
-            slots = ops.map(block_slots, (queries, keys, empty))
-        return ops.reshape(
-            slots, (self.batch_size, self.num_heads, -1, num_neighbors)
-        )  # [batch, heads, query, k]
-
-    def _rows_per_block(self, num_queries):
-        """The most (lane, head) rows, a divisor of all of them, whose
-        scores fit in `scores_per_block` (one at least; all of them when
-        it is `None`; one when the query count is unknown)."""
-        rows = self.batch_size * self.num_heads
-        if self.scores_per_block is None:
-            return rows
-        if num_queries is None:
-            return 1
-        most = max(1, self.scores_per_block // (num_queries * self.memory_size))
-        return max(d for d in range(1, min(rows, most) + 1) if rows % d == 0)
 
     def append(self, keys, values, padding_mask=None):
         """Writes one segment, as `KNNMemory.append`."""
@@ -268,10 +260,10 @@ class ExactMemory(KNNMemory):
         document_length = self.document_length.value
         positions = document_positions(document_length, mask, xp=ops)
         next_slot = self.next_slot.value
-        following = next_slot_after(next_slot, segment_length, self.memory_size)
-        if segment_length > self.memory_size:  # only its last tokens remain
-            dropped = segment_length - self.memory_size
-            next_slot = (next_slot + dropped) % self.memory_size
+        following = next_slot_after(next_slot, segment_length, self.num_slots)
+        if segment_length > self.num_slots:  # only its last tokens remain
+            dropped = segment_length - self.num_slots
+            next_slot = (next_slot + dropped) % self.num_slots
             keys, values = keys[:, dropped:], values[:, dropped:]
             stored, positions = stored[:, dropped:], positions[:, dropped:]
         for variable, update in ((self.keys, keys), (self.values, values)):
@@ -295,7 +287,7 @@ class ExactMemory(KNNMemory):
 
         Args:
             update: keys or values `[batch, heads, seg, dim]`, or positions
-                `[batch, seg]`, of at most `memory_size` entries.
+                `[batch, seg]`, of at most `num_slots` entries.
             next_slot: int32 scalar, the first slot written.
 
         Returns:
@@ -305,7 +297,7 @@ class ExactMemory(KNNMemory):
         vectors = len(update.shape) == 4
         lead = (self.batch_size, self.num_heads) if vectors else (self.batch_size,)
         length = update.shape[len(lead)]
-        slots = written_slots(next_slot, length, self.memory_size, xp=ops)
+        slots = written_slots(next_slot, length, self.num_slots, xp=ops)
         grids = ops.meshgrid(
             *(ops.arange(size, dtype="int32") for size in lead), slots, indexing="ij"
         )  # each [*lead, seg]
@@ -331,14 +323,39 @@ class ExactMemory(KNNMemory):
         }
         for name in ("keys", "values"):  # [batch, heads, slots, dim]
             arrays[name] = arrays[name].astype("float32")
+        # The file holds the `memory_size` slots a search sees, as a ring
+        # without spare slots (the same arrays where there are none).
+        ring_slots = saved_slots(
+            int(arrays["next_slot"]), self.memory_size, self.spare_slots
+        )
+        arrays["keys"], arrays["values"] = (
+            arrays[name][:, :, ring_slots] for name in ("keys", "values")
+        )
+        arrays["positions"] = arrays["positions"][:, ring_slots]
+        arrays["next_slot"] = np.asarray(arrays["next_slot"] % self.memory_size)
         return arrays
 
     def _restore_state(self, arrays):
         if not self.built:
             self.build()
         arrays = emptied_non_finite(arrays)
-        for name in ("keys", "values", "positions", "next_slot", "document_length"):
-            host.assign_process_rows(getattr(self, name), arrays[name])
+        ring_slots = saved_slots(
+            int(arrays["next_slot"]), self.memory_size, self.spare_slots
+        )
+        lanes = arrays["positions"].shape[0]
+        ring = {
+            "positions": np.full((lanes, self.num_slots), -1, "int32"),
+            "next_slot": arrays["next_slot"],
+            "document_length": arrays["document_length"],
+        }
+        ring["positions"][:, ring_slots] = arrays["positions"]
+        for name in ("keys", "values"):
+            ring[name] = np.zeros(
+                (lanes, self.num_heads, self.num_slots, self.head_dim), "float32"
+            )
+            ring[name][:, :, ring_slots] = arrays[name]
+        for name, array in ring.items():
+            host.assign_process_rows(getattr(self, name), array)
 
     def get_config(self):
         config = super().get_config()
@@ -347,23 +364,7 @@ class ExactMemory(KNNMemory):
                 "top_k": self.top_k,
                 "recall_target": self.recall_target,
                 "scores_per_block": self.scores_per_block,
+                "segment_length": self.segment_length,
             }
         )
         return config
-
-
-def checked_scores_per_block(scores_per_block):
-    """`scores_per_block` as an int (or `None`); a ValueError unless it is a
-    positive integer or `None`."""
-    if scores_per_block is None:
-        return None
-    if (
-        isinstance(scores_per_block, bool)
-        or not isinstance(scores_per_block, numbers.Integral)
-        or scores_per_block < 1
-    ):
-        raise ValueError(
-            "`scores_per_block` must be a positive int or None, "
-            f"got {scores_per_block!r}."
-        )
-    return int(scores_per_block)

@@ -48,6 +48,7 @@ def make_memory(
     scores_per_block=2**21,
     num_leaves=None,
     num_leaves_to_search=None,
+    segment_length=None,
     **kwargs,
 ):
     """A `KNNMemory` of the given kind.
@@ -68,6 +69,9 @@ def make_memory(
             top-k and search blocks (see `ExactMemory`); ignored by ScaNN.
         num_leaves, num_leaves_to_search: the ScaNN trees (see
             `ScannMemory`); ignored by the exact memory.
+        segment_length: the longest segment the attention layer writes (the
+            exact memory's spare slots, see `ExactMemory`); ignored by
+            ScaNN.
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`).
 
     Returns:
@@ -102,6 +106,7 @@ def make_memory(
             top_k=top_k,
             recall_target=recall_target,
             scores_per_block=scores_per_block,
+            segment_length=segment_length,
         )
     try:
         memory = memory_class(**options, **sizes)
@@ -118,6 +123,7 @@ def make_memory(
             top_k=top_k,
             recall_target=recall_target,
             scores_per_block=scores_per_block,
+            segment_length=segment_length,
             **sizes,
         )
     memory.build()

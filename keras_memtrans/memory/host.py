@@ -118,6 +118,16 @@ def assign_process_rows(variable, rows):
     variable.assign(ops.convert_to_tensor(rows, variable.dtype))
 
 
+def in_symbolic_build():
+    """Whether the layers run inside Keras' symbolic scope: torch's
+    `compute_output_spec` (e.g. `fit`'s symbolic build) runs them on
+    tensors without data there (device `meta`), where no state may change.
+    Keras has no public test for it."""
+    from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+
+    return in_symbolic_scope()
+
+
 def scatter_update_variable(variable, indices, updates):
     """`variable.assign(ops.scatter_update(...))`, in place on torch.
 
@@ -138,11 +148,10 @@ def scatter_update_variable(variable, indices, updates):
         updates: `[entries, ...]` in the variable's dtype: the entries.
     """
     if keras.backend.backend() == "torch":
-        # Keras has no public test for either scope (see `host_call`).
+        # Keras has no public test for the stateless scope either.
         from keras.src.backend.common.stateless_scope import in_stateless_scope
-        from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
-        if not (in_stateless_scope() or in_symbolic_scope()):
+        if not (in_stateless_scope() or in_symbolic_build()):
             import torch
 
             indices = ops.convert_to_tensor(indices).long()
@@ -211,13 +220,9 @@ def host_call(function, *arrays, result_specs):
         for result, (shape, _) in zip(results, specs):
             result.set_shape(shape)
     else:
-        # Keras has no public test for it: torch's `compute_output_spec`
-        # (e.g. `fit`'s symbolic build) runs the layers on real tensors inside
-        # a SymbolicScope, where host state must not change; shape-only
-        # zeros are returned instead.
-        from keras.src.backend.common.symbolic_scope import in_symbolic_scope
-
-        if in_symbolic_scope():
+        # Host state must not change in a symbolic build: shape-only zeros
+        # are returned instead.
+        if in_symbolic_build():
             results = [np.zeros(shape, dtype) for shape, dtype in specs]
         else:
             results = wrapped(*(ops.convert_to_numpy(a) for a in arrays))

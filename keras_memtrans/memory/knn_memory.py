@@ -24,6 +24,8 @@ class KNNMemory(LaneState):
       than `k` entries; the keys and values there are arbitrary but finite
       and callers mask them (a weight of 0 times a finite vector adds
       nothing). `num_neighbors` cannot exceed `memory_size`.
+    - `search_and_append(queries, num_neighbors, keys, values,
+      padding_mask=None)` is `search`, then `append`.
     - `append(keys, values, padding_mask=None)` writes a segment,
       `[batch, segment, heads, head_dim]` each, overwriting the oldest
       entries (FIFO). A padded token (`False` in the bool `padding_mask`
@@ -112,6 +114,24 @@ class KNNMemory(LaneState):
             where a lane holds fewer than `k` entries.
         """
         raise NotImplementedError
+
+    def search_and_append(
+        self, queries, num_neighbors, keys, values, padding_mask=None
+    ):
+        """`search`, then `append`: the search sees the memory before the
+        segment. The attention layer's one call per segment; a memory may
+        do the two in another order when the results are the same.
+
+        Args:
+            queries, num_neighbors: as `search`.
+            keys, values, padding_mask: as `append`.
+
+        Returns:
+            `search`'s `(keys, values, positions)`.
+        """
+        found = self.search(queries, num_neighbors)
+        self.append(keys, values, padding_mask)
+        return found
 
     def append(self, keys, values, padding_mask=None):
         """Writes one segment; the oldest slots are overwritten (FIFO).

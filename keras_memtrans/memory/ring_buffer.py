@@ -23,6 +23,30 @@ def next_slot_after(next_slot, segment_length, memory_size):
     return (next_slot + segment_length) % memory_size
 
 
+def saved_slots(next_slot, memory_size, spare_slots):
+    """Where a saved memory's slots lie in a ring with spare slots.
+
+    A ring of `memory_size + spare_slots` slots whose `next_slot` is
+    `next_slot` is searched outside the `spare_slots` slots from
+    `next_slot` on (`ExactMemory`). Saved, it is the ring of the
+    `memory_size` slots searched, oldest first from its `next_slot`
+    (`next_slot % memory_size`): with no spare slot, the same ring.
+
+    Returns:
+        The ring slot `[memory_size]` of each saved slot.
+
+    Example:
+    >>> saved_slots(1, 4, 2).tolist()  # ring slots 3, 4, 5, 0 from saved 1 on
+    [0, 3, 4, 5]
+    """
+    steps = np.arange(memory_size)
+    slots = np.empty_like(steps)
+    slots[(next_slot + steps) % memory_size] = (next_slot + spare_slots + steps) % (
+        memory_size + spare_slots
+    )
+    return slots
+
+
 def stored_tokens(keys, values, padding_mask, xp=np):
     """Which tokens of a segment a memory stores: bool `[batch, segment]`.
 

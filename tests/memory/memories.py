@@ -1,9 +1,31 @@
-"""Shared helpers of the memory tests: test keys, a FIFO reference and
-damaged saved memories."""
+"""Shared helpers of the memory tests: every memory, test keys, a FIFO
+reference and damaged saved memories."""
 
 import collections
+import functools
 
 import numpy as np
+import pytest
+
+from keras_memtrans.memory.factory import make_memory
+from tests.arrays import to_numpy
+
+MEMORIES = [
+    pytest.param(functools.partial(make_memory, "exact"), id="exact"),
+    # Spare slots for segments of up to 12 tokens: `search_and_append`
+    # writes those before it searches.
+    pytest.param(
+        functools.partial(make_memory, "exact", segment_length=12), id="exact_spare"
+    ),
+    pytest.param(functools.partial(make_memory, "exact", top_k="approx"), id="approx"),
+    # Every leaf visited: ScaNN scores every key, so its results are exact.
+    pytest.param(
+        functools.partial(make_memory, "scann", num_leaves=2, num_leaves_to_search=2),
+        id="scann",
+    ),
+    pytest.param(functools.partial(make_memory, "scann_exact"), id="scann_exact"),
+]
+each_memory = pytest.mark.parametrize("make", MEMORIES)
 
 
 def clustered_keys(rng, shape, num_clusters=4, noise=0.05):
@@ -93,3 +115,16 @@ class FifoReference:
             best = np.argsort(-scores, axis=-1)[..., :num_neighbors]  # [q, heads, k]
             found[lane, ..., : best.shape[-1]] = positions[best]
         return np.sort(found, axis=-1)
+
+
+def held_entries(memory):
+    """What a search of `memory` sees: the positions `[batch, memory_size]`
+    (`-1`, for empty slots, first) and keys `[batch, memory_size, heads,
+    dim]` in that order, whatever the memory's ring layout."""
+    sizes = (memory.batch_size, 1, memory.num_heads, memory.head_dim)
+    keys, _, positions = memory.search(np.ones(sizes, "float32"), memory.memory_size)
+    keys, positions = to_numpy(keys)[:, 0], to_numpy(positions)[:, 0]
+    order = np.argsort(positions, axis=-1)  # [batch, heads, slots]
+    positions = np.take_along_axis(positions, order, axis=-1)
+    keys = np.take_along_axis(keys, order[..., None], axis=-2)
+    return positions[:, 0], keys.transpose(0, 2, 1, 3)

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from keras_memtrans import ExactMemory
 from tests.arrays import to_numpy
+from tests.memory.memories import assert_same_entries
 
 
 def test_padded_tokens_advance_the_ring_but_not_the_document():
@@ -115,3 +116,40 @@ def test_rejects_a_bad_scores_per_block(budget):
             memory_size=4,
             scores_per_block=budget,
         )
+
+
+def test_a_memory_saved_with_spare_slots_loads_into_one_without_and_back(tmp_path):
+    """The file holds the `memory_size` slots a search sees, whatever the
+    spare slots: memories with and without them, fed the same segments
+    (wrapping around both rings), load each other's files and then answer
+    alike, before and after one more segment."""
+    sizes = dict(batch_size=2, num_heads=2, head_dim=4, memory_size=8)
+    spare, plain = ExactMemory(**sizes, segment_length=3), ExactMemory(**sizes)
+    spare.build()
+    plain.build()
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        keys = rng.normal(size=(2, 3, 2, 4)).astype("float32")
+        for memory in (spare, plain):
+            memory.search_and_append(keys[:, :1], 2, keys, -keys)
+    spare.save(tmp_path / "spare.npz")
+    plain.save(tmp_path / "plain.npz")
+    from_spare, from_plain = (
+        ExactMemory(**sizes),
+        ExactMemory(**sizes, segment_length=3),
+    )
+    from_spare.load(tmp_path / "spare.npz")
+    from_plain.load(tmp_path / "plain.npz")
+    memories = (spare, plain, from_spare, from_plain)
+    queries = rng.normal(size=(2, 4, 2, 4)).astype("float32")
+    for step in range(2):
+        if step:
+            keys = rng.normal(size=(2, 3, 2, 4)).astype("float32")
+            for memory in memories:
+                memory.append(keys, -keys)
+        results = [
+            tuple(to_numpy(x) for x in memory.search(queries, 8)) for memory in memories
+        ]
+        assert np.sum(results[0][2] >= 0) == 2 * 4 * 2 * 8  # every slot filled
+        for result in results[1:]:
+            assert_same_entries(result, results[0])

@@ -1,10 +1,10 @@
 """The `KNNMemory` contract, checked on every memory.
 
-A new memory joins these tests with one line in `MEMORIES`: a factory
-taking the four sizes, building the memory like `make_memory` does.
+A new memory joins these tests with one line in `MEMORIES`
+(tests/memory/memories.py): a factory taking the four sizes, building the
+memory like `make_memory` does.
 """
 
-import functools
 import os
 import re
 
@@ -16,25 +16,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from keras_memtrans.memory.factory import make_memory
 from keras_memtrans.memory.knn_memory import KNNMemory
 from tests.arrays import to_numpy
 from tests.memory.memories import FifoReference
 from tests.memory.memories import assert_same_entries
 from tests.memory.memories import clustered_keys
+from tests.memory.memories import each_memory
 from tests.memory.memories import rewrite_npz
-
-MEMORIES = [
-    pytest.param(functools.partial(make_memory, "exact"), id="exact"),
-    pytest.param(functools.partial(make_memory, "exact", top_k="approx"), id="approx"),
-    # Every leaf visited: ScaNN scores every key, so its results are exact.
-    pytest.param(
-        functools.partial(make_memory, "scann", num_leaves=2, num_leaves_to_search=2),
-        id="scann",
-    ),
-    pytest.param(functools.partial(make_memory, "scann_exact"), id="scann_exact"),
-]
-each_memory = pytest.mark.parametrize("make", MEMORIES)
 
 # ScaNN with 2 leaves needs memory_size // 2 >= 16 entries to build its trees.
 BATCH, HEADS, DIM, MEMORY = 2, 2, 8, 32

@@ -7,6 +7,7 @@ from keras_memtrans.data import LaneStreamer
 from keras_memtrans.models import MemorizingTransformerCausalLM
 from keras_memtrans.models import MemorizingTransformerTokenizer
 from tests.arrays import to_numpy
+from tests.memory.memories import held_entries
 from tests.models.conftest import tiny_backbone
 
 
@@ -111,7 +112,7 @@ def test_generate_reads_a_long_prompt_into_memory(preprocessor, documents):
     assert isinstance(text, str)
     memory = causal_lm.backbone.memory_layers[0].inference_memory
     # Every complete segment of prompt and continuation was committed.
-    stored = int(np.sum(to_numpy(memory.positions)[0] >= 0))
+    stored = int(np.sum(held_entries(memory)[0][0] >= 0))
     assert stored == min(256, (prompt_tokens + 40 - 1) // 32 * 32)
 
 
