@@ -11,12 +11,13 @@ from keras_memtrans.memory.factory import make_memory
 from tests.arrays import to_numpy
 
 MEMORIES = [
-    pytest.param(functools.partial(make_memory, "exact"), id="exact"),
-    # Spare slots for segments of up to 12 tokens: `search_and_append`
-    # writes those before it searches.
+    # Spare slots for segments of up to 12 tokens, as `KNNAttention` builds
+    # it: `search_and_append` writes those before it searches.
     pytest.param(
-        functools.partial(make_memory, "exact", segment_length=12), id="exact_spare"
+        functools.partial(make_memory, "exact", segment_length=12), id="exact"
     ),
+    # No spare slot (a segment length unknown when built): the write after
+    # the search.
     pytest.param(functools.partial(make_memory, "exact", top_k="approx"), id="approx"),
     # Every leaf visited: ScaNN scores every key, so its results are exact.
     pytest.param(

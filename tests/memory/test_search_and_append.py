@@ -24,7 +24,7 @@ def reference_entries(reference, lane, positions, head):
 
 
 @each_memory
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(write_plans())
 def test_search_and_append_searches_the_memory_before_the_segment(make, plan):
     """Over any write/reset/padding plan (segments of 1 to 37 tokens, up to
