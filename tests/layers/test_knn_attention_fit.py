@@ -9,6 +9,7 @@ import pytest
 
 from keras_memtrans import KNNAttention
 from tests.arrays import to_numpy
+from tests.memory.memories import held_entries
 
 BATCH, SEGMENT, HIDDEN, STEPS = 2, 8, 16, 4
 
@@ -49,9 +50,7 @@ def memory_state(model, memory="train_memory"):
 
 def searched_positions(model, memory="train_memory"):
     """The positions `[batch, memory_size]` a search of `memory` sees."""
-    state = getattr(model.get_layer("knn_attention"), memory)
-    queries = np.ones((BATCH, 1, state.num_heads, state.head_dim), "float32")
-    return to_numpy(state.search(queries, state.memory_size)[2])[:, 0, 0]
+    return held_entries(getattr(model.get_layer("knn_attention"), memory))[0]
 
 
 def compiled_kwargs():
