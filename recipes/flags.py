@@ -13,6 +13,7 @@ import pathlib
 
 from keras_memtrans import KNNAttention
 from keras_memtrans.memory.factory import MEMORY_KINDS
+from keras_memtrans.memory.factory import resolve_memory_kind
 from keras_memtrans.models import PRESETS
 from keras_memtrans.models import get_preset
 from recipes.common import TRAINING
@@ -204,16 +205,31 @@ def resolve_config(args):
     return backbone, training, vocabulary_size
 
 
-def memory_bytes(backbone, options):
-    """Bytes the memories of a backbone config hold, with its memory
-    `options` resolved: two memories (training and inference) per memory
-    layer, of keys and values of float32, plus int32 positions."""
+def memory_slots(backbone, options):
+    """Slots per lane of each memory of a backbone config, with its memory
+    `options` resolved: `memory_size`, plus a segment's spare slots in an
+    exact memory (see `ExactMemory`)."""
+    kind = resolve_memory_kind(options["memory_kind"], options["memory_size"])
+    spare = backbone["segment_length"] if kind == "exact" else 0
+    return options["memory_size"] + spare
+
+
+def bytes_per_memory_slot(backbone):
+    """Bytes of one slot of every memory of one lane of a backbone config:
+    two memories (training and inference) per memory layer, each slot a
+    float32 key and value per head and an int32 position."""
     head_dim = backbone.get("head_dim") or (
         backbone["hidden_dim"] // backbone["num_heads"]
     )
-    slots = backbone["batch_size"] * options["memory_size"]
-    per_memory = slots * (2 * backbone["num_heads"] * head_dim * 4 + 4)
+    per_memory = 2 * backbone["num_heads"] * head_dim * 4 + 4
     return 2 * len(backbone["memory_layer_indices"]) * per_memory
+
+
+def memory_bytes(backbone, options):
+    """Bytes the memories of a backbone config hold, with its memory
+    `options` resolved: `memory_slots` per lane of `bytes_per_memory_slot`."""
+    slots = backbone["batch_size"] * memory_slots(backbone, options)
+    return slots * bytes_per_memory_slot(backbone)
 
 
 def check_model_settings(backbone):

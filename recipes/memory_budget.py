@@ -7,7 +7,8 @@ Data-parallel training (`recipes.train --data-parallel`) gives each device
   16 per parameter (float32);
 - per lane and memory layer, two memories (training and inference) of
   `memory_size` slots, each slot a float32 key and value per head and an
-  int32 position: `recipes.flags.memory_bytes`;
+  int32 position (`recipes.flags.bytes_per_memory_slot`), plus a segment's
+  spare slots (the memory on a device is an `ExactMemory`);
 - per lane and memory layer, the exact search's float32 scores
   `[heads, segment, memory_size]`, written once per step;
 - per lane, the other activations a step keeps for backpropagation,
@@ -29,7 +30,7 @@ import numpy as np
 
 from keras_memtrans.models import MemorizingTransformerBackbone
 from keras_memtrans.models import get_preset
-from recipes.flags import memory_bytes
+from recipes.flags import bytes_per_memory_slot
 
 # Devices of docs/scaling.md: name -> bytes of accelerator memory.
 DEVICES = {"H100 (80 GB)": 80e9, "TPU v5e chip (16 GB)": 16e9}
@@ -53,17 +54,17 @@ def parameter_count(backbone_config, vocabulary_size):
 
 
 def bytes_per_lane(config, vocabulary_size):
-    """`(fixed, per_slot)`: the bytes a lane costs apart from its memories,
-    and those of each memory slot (memories and search scores)."""
+    """`(fixed, per_slot)`: the bytes a lane costs apart from its
+    `memory_size` slots (activations and the memories' spare slots), and
+    those of each of these slots (memories and search scores)."""
     hidden, heads = config["hidden_dim"], config["num_heads"]
     segment = config["segment_length"]
     attended = 2 * segment if config.get("use_xl_cache", True) else segment
     per_layer = segment * hidden * (34 + 5 * heads * attended / hidden)
     activations = config["num_layers"] * per_layer + 3 * 4 * segment * vocabulary_size
-    lane = dict(config, batch_size=1)
-    memories = memory_bytes(lane, dict(config["memory_options"], memory_size=1))
+    slot = bytes_per_memory_slot(config)
     scores = len(config["memory_layer_indices"]) * heads * segment * 4
-    return activations, memories + scores
+    return activations + segment * slot, slot + scores
 
 
 def largest_memory(capacity, lanes, fixed, lane_fixed, per_slot, headroom):
@@ -82,7 +83,8 @@ def main(argv=None):
     print(
         f"preset {args.preset}: {parameters:,} parameters ({fixed / 1e9:.2f} GB "
         f"with AdamW and gradients); per lane {lane_fixed / 1e9:.2f} GB of "
-        f"activations and {per_slot:,.0f} bytes per memory slot (backend "
+        f"activations and spare memory slots, and {per_slot:,.0f} bytes per "
+        f"memory slot (backend "
         f"{keras.backend.backend()}, headroom {args.headroom:.0%})\n"
     )
     print("| device | lanes per device | largest memory_size per lane |")

@@ -37,6 +37,19 @@ def check_memory_kind(memory_kind):
         raise ValueError(f"`memory_kind` must be one of {kinds}, got {memory_kind!r}.")
 
 
+def resolve_memory_kind(memory_kind, memory_size):
+    """The kind of memory `make_memory` builds for `memory_kind`: `"auto"`
+    resolved to `"scann"` from `memory_size >= SCANN_MIN_MEMORY_SIZE` when
+    no `keras.distribution` spreads the step over several devices, else to
+    `"exact"` (`make_memory` falls back to `"exact"` when `scann` is not
+    installed); any other kind unchanged."""
+    check_memory_kind(memory_kind)
+    if memory_kind != "auto":
+        return memory_kind
+    large = memory_size >= SCANN_MIN_MEMORY_SIZE
+    return "scann" if large and distributed_devices() == 1 else "exact"
+
+
 def make_memory(
     memory_kind,
     batch_size,
@@ -83,7 +96,6 @@ def make_memory(
     >>> type(memory).__name__
     'ExactMemory'
     """
-    check_memory_kind(memory_kind)
     sizes = dict(
         batch_size=batch_size,
         num_heads=num_heads,
@@ -91,10 +103,7 @@ def make_memory(
         memory_size=memory_size,
         **kwargs,
     )
-    kind = memory_kind
-    if kind == "auto":
-        large = memory_size >= SCANN_MIN_MEMORY_SIZE
-        kind = "scann" if large and distributed_devices() == 1 else "exact"
+    kind = resolve_memory_kind(memory_kind, memory_size)
     memory_class, options = MEMORY_CLASSES[kind]
     if memory_class is ScannMemory:
         options = dict(

@@ -13,6 +13,16 @@ def test_a_tiny_preset_slot_costs_its_two_memories_and_its_scores():
     assert per_slot == memories + heads * segment * 4
 
 
+def test_a_lane_also_holds_a_segment_of_spare_slots_in_each_memory():
+    config = memory_budget.get_preset("tiny")["backbone"]
+    fixed, _ = memory_budget.bytes_per_lane(config, 512)
+    no_memory, _ = memory_budget.bytes_per_lane(
+        dict(config, memory_layer_indices=()), 512
+    )
+    heads, head_dim, segment = 2, 16, 32
+    assert fixed - no_memory == segment * 2 * (2 * heads * head_dim * 4 + 4)
+
+
 @pytest.mark.parametrize("lanes", [1, 3, 8])
 def test_the_largest_memory_fits_and_one_slot_more_does_not(lanes):
     fixed, lane_fixed, per_slot, capacity = 3e9, 0.7e9, 32776, 80e9

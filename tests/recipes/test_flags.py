@@ -1,0 +1,40 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_memtrans import KNNAttention
+from keras_memtrans.models import MemorizingTransformerBackbone
+from keras_memtrans.models import get_preset
+from recipes import flags
+
+
+def held_memory_bytes(backbone):
+    """Bytes of the lane arrays (keys, values, positions) of every memory
+    a built backbone holds, counted from its variables."""
+    total = 0
+    for layer in backbone._flatten_layers():
+        if not isinstance(layer, KNNAttention):
+            continue
+        for training in (True, False):
+            memory = layer.lane_states(training)["memory"]
+            for variable in (memory.keys, memory.values, memory.positions):
+                itemsize = np.dtype(keras.backend.standardize_dtype(variable.dtype))
+                total += int(np.prod(variable.shape)) * itemsize.itemsize
+    return total
+
+
+@pytest.mark.parametrize("memory_kind", ["exact", "auto"])
+def test_memory_bytes_are_the_bytes_the_built_memories_hold(memory_kind):
+    config = dict(get_preset("tiny")["backbone"], memory_layer_indices=(0, 1))
+    config["memory_options"] = dict(config["memory_options"], memory_kind=memory_kind)
+    backbone = MemorizingTransformerBackbone(vocabulary_size=512, **config)
+    options = {**KNNAttention.memory_options(), **config["memory_options"]}
+    assert flags.memory_bytes(config, options) == held_memory_bytes(backbone)
+
+
+def test_a_scann_memory_holds_no_spare_slots():
+    config = get_preset("tiny")["backbone"]  # 2 lanes, 2 heads of 16
+    options = {**KNNAttention.memory_options(), "memory_kind": "scann"}
+    options["memory_size"] = 256
+    slot = 2 * (2 * 2 * 16 * 4 + 4)  # training and inference memories
+    assert flags.memory_bytes(config, options) == 2 * 256 * slot
