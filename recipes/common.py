@@ -113,7 +113,9 @@ def compile_for_training(causal_lm, training, jit_compile="auto", loss="auto"):
     """AdamW with warm-up and cosine decay, clipped gradients, and token
     accuracy and NLL metrics (the recipe's held-out perplexity); `loss` is
     the causal LM's own (`"auto"`) unless given; `jit_compile` as
-    `recipe_jit_compile` resolves it."""
+    `recipe_jit_compile` resolves it. The optimizer's variables are made
+    here: made inside the first step, they make TensorFlow trace the step
+    twice (once to create them, once to run it)."""
     steps = training["steps"]
     warmup = min(training["warmup_steps"], max(steps // 2, 1))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -132,6 +134,7 @@ def compile_for_training(causal_lm, training, jit_compile="auto", loss="auto"):
         ],
         jit_compile=recipe_jit_compile(jit_compile),
     )
+    causal_lm.optimizer.build(causal_lm.trainable_variables)
 
 
 def save_preset(causal_lm, directory):

@@ -1,4 +1,5 @@
 import keras
+import numpy as np
 import pytest
 
 from keras_memtrans.models import PRESETS
@@ -64,3 +65,30 @@ def test_the_recipe_compiles_with_xla_wherever_the_memory_allows(memory_kind, xl
     # An explicit choice is kept (where the memory allows it).
     common.compile_for_training(causal_lm, training, jit_compile=False)
     assert causal_lm.jit_compile is False
+
+
+class CountedSteps(MemorizingTransformerCausalLM):
+    """Counts the calls of `train_step`: once per trace in a compiled
+    step, once per step when eager."""
+
+    steps = 0
+
+    def train_step(self, *args, **kwargs):
+        self.steps += 1
+        return super().train_step(*args, **kwargs)
+
+
+def test_the_compiled_training_step_is_traced_once():
+    # Optimizer variables made inside the first step made TensorFlow trace
+    # the step twice: once to create them, once to run it.
+    causal_lm = CountedSteps(tiny_backbone())
+    common.compile_for_training(causal_lm, common.TRAINING["tiny"])
+    lanes, length = causal_lm.backbone.batch_size, causal_lm.backbone.segment_length
+    x = {
+        "token_ids": np.ones((3 * lanes, length), "int32"),
+        "document_start": np.zeros((3 * lanes,), bool),
+        "padding_mask": np.ones((3 * lanes, length), bool),
+    }
+    causal_lm.fit(x, x["token_ids"], batch_size=lanes, shuffle=False, verbose=0)
+    eager = keras.backend.backend() == "torch" and not causal_lm.jit_compile
+    assert causal_lm.steps == (3 if eager else 1)
