@@ -84,8 +84,8 @@ def main(argv=None):
         f"preset {args.preset}: {parameters:,} parameters ({fixed / 1e9:.2f} GB "
         f"with AdamW and gradients); per lane {lane_fixed / 1e9:.2f} GB of "
         f"activations and spare memory slots, and {per_slot:,.0f} bytes per "
-        f"memory slot (backend "
-        f"{keras.backend.backend()}, headroom {args.headroom:.0%})\n"
+        f"memory slot (backend {keras.backend.backend()}, headroom "
+        f"{args.headroom:.0%})\n"
     )
     print("| device | lanes per device | largest memory_size per lane |")
     print("|---|---|---|")

@@ -12,9 +12,7 @@ def held_memory_bytes(backbone):
     """Bytes of the lane arrays (keys, values, positions) of every memory
     a built backbone holds, counted from its variables."""
     total = 0
-    for layer in backbone._flatten_layers():
-        if not isinstance(layer, KNNAttention):
-            continue
+    for layer in backbone.memory_layers:
         for training in (True, False):
             memory = layer.lane_states(training)["memory"]
             for variable in (memory.keys, memory.values, memory.positions):
