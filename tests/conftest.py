@@ -20,6 +20,13 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "keras"))
 
 
+def pytest_collection_modifyitems(items):
+    # The recipe tests train whole runs, some in groups that one worker
+    # runs (tests/recipes/runs.py): they go first, so that the workers share
+    # them out from the start, not one worker finishing a group at the end.
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/recipes/"))
+
+
 def pytest_report_header():
     return f"keras {keras.__version__}, backend: {keras.backend.backend()}"
 

@@ -6,11 +6,27 @@ import pytest
 from recipes import checkpointing
 from recipes import train
 
+# `tox` runs the tests with `--dist loadgroup`: the tests that read one
+# session fixture's run go to one pytest-xdist worker, which makes the run
+# once (each worker would otherwise make its own).
+COMPARED_RUN = pytest.mark.xdist_group("compared_run")
+UNINTERRUPTED_RUN = pytest.mark.xdist_group("uninterrupted_run")
+
+# The recipe's own compile mode, except on TensorFlow, whose XLA compile of
+# each step function is most of a tiny run's time there (a 3-step run took
+# 12 s with it and 5 s without, alone on this machine). The recipe's XLA
+# default on TensorFlow is tested end to end by
+# `test_trains_exactly_the_steps_asked_for_across_epochs` and
+# `test_the_compiled_training_step_is_traced_once`.
+COMPILE_MODE = (
+    ("--jit-compile", "false") if keras.backend.backend() == "tensorflow" else ()
+)
+
 
 def recipe_args(tmp_path, *flags, output="out"):
     """`recipes.train` arguments: the tiny preset for 3 steps on a corpus of
     four 20,000-character documents (made once under `tmp_path`), writing to
-    `tmp_path / output`; later `flags` take precedence."""
+    `tmp_path / output`, in `COMPILE_MODE`; later `flags` take precedence."""
     corpus = tmp_path / "corpus"
     if not corpus.exists():
         corpus.mkdir()
@@ -31,6 +47,7 @@ def recipe_args(tmp_path, *flags, output="out"):
         "0",
         "--validation-fraction",
         "0.25",
+        *COMPILE_MODE,
         *flags,
     ]
 

@@ -22,6 +22,7 @@ import pytest
 from recipes import checkpointing
 from recipes import train
 from tests.recipes.conftest import RESUMED_SCHEDULE
+from tests.recipes.runs import UNINTERRUPTED_RUN
 from tests.recipes.runs import recipe_args
 from tests.recipes.runs import run
 from tests.recipes.runs import run_until_checkpoint
@@ -68,6 +69,7 @@ def test_a_data_parallel_run_equals_the_single_device_run(tmp_path):
 
 
 @ON_JAX
+@UNINTERRUPTED_RUN
 def test_a_data_parallel_run_resumes_with_the_same_later_losses(
     tmp_path, monkeypatch, uninterrupted_run
 ):
@@ -213,6 +215,7 @@ def assert_resumed(parts, whole):
 
 
 @ON_JAX
+@UNINTERRUPTED_RUN
 def test_two_jax_processes_train_as_one_device_and_resume_when_killed(
     tmp_path, uninterrupted_run
 ):
@@ -247,6 +250,7 @@ def test_two_torch_processes_train_as_one_device(tmp_path, memory_kind):
 
 
 @ON_TORCH
+@UNINTERRUPTED_RUN
 def test_a_killed_torch_data_parallel_run_resumes_with_the_same_later_losses(
     tmp_path, uninterrupted_run
 ):

@@ -7,6 +7,10 @@ import pytest
 from recipes import inspect_memory
 from tests.recipes.test_train import run
 
+# One pytest-xdist worker runs this module (`--dist loadgroup`, see
+# tests/recipes/runs.py): it makes the `compare_run` once.
+pytestmark = pytest.mark.xdist_group("inspect_memory")
+
 
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory):

@@ -18,6 +18,8 @@ from recipes import reporting
 from recipes import train
 from tests.arrays import to_numpy
 from tests.recipes.conftest import RESUMED_SCHEDULE
+from tests.recipes.runs import COMPARED_RUN
+from tests.recipes.runs import UNINTERRUPTED_RUN
 from tests.recipes.runs import Interrupted
 from tests.recipes.runs import recipe_args
 from tests.recipes.runs import run
@@ -36,6 +38,7 @@ def results(output_dir):
     return json.loads((output_dir / "results.json").read_text())["results"]
 
 
+@UNINTERRUPTED_RUN
 @pytest.mark.parametrize("memory_kind", ["exact", "scann"])
 def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(
     tmp_path, monkeypatch, uninterrupted_run, memory_kind
@@ -66,6 +69,7 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(
         )
 
 
+@UNINTERRUPTED_RUN
 def test_a_run_killed_mid_training_resumes_to_the_same_result(
     tmp_path, uninterrupted_run
 ):
@@ -229,6 +233,7 @@ def test_an_infinite_perplexity_is_reported_as_null():
     }
 
 
+@COMPARED_RUN
 def test_init_from_copies_every_trained_weight_and_leaves_the_memory_at_init(
     tmp_path, compared_run
 ):
