@@ -2,8 +2,9 @@
 and the operations that take it.
 
 For one model (`--config peer`, the PyTorch peer's configuration, or a
-preset) and one memory (`--memory`: `none`, `SIZE`, `SIZE:exact`), every
-backend of `--backends` runs in its own process: the compiled forward step
+preset) and one memory (`--memory`: `none`, `SIZE`, `SIZE:exact`), filled
+with random keys as `train_step` fills it, every backend of `--backends`
+runs in its own process: the compiled forward step
 (`predict_on_batch`) and the whole training step (`train_on_batch`:
 forward, backward and optimizer) are each timed as the fastest of
 `--repeats` calls after warm-up, and their difference is the backward pass
@@ -29,17 +30,14 @@ import sys
 import tempfile
 
 import keras
-import numpy as np
 
 from keras_memtrans.models import PRESETS
 from recipes.benchmarks.timing import call_times
 from recipes.benchmarks.train_step import BACKENDS
+from recipes.benchmarks.train_step import compiled_model
 from recipes.benchmarks.train_step import model_config
-from recipes.benchmarks.train_step import parse_memory
-from recipes.benchmarks.train_step import with_memory
+from recipes.benchmarks.train_step import random_batch
 from recipes.benchmarks.workers import worker_lines
-from recipes.common import build_causal_lm
-from recipes.common import recipe_jit_compile
 
 
 def parse_args(argv):
@@ -62,32 +60,6 @@ def parse_args(argv):
 def fastest(function, repeats):
     """The fastest of `repeats` calls, after a warm-up."""
     return min(call_times(function, repeats)[0])
-
-
-def build(config, memory, dtype):
-    memory_size, memory_kind = parse_memory(memory)
-    backbone = with_memory(config["backbone"], memory_size, memory_kind)
-    causal_lm = build_causal_lm(
-        backbone,
-        config["vocabulary_size"],
-        None,
-        memory_size is not None,
-        seed=0,
-        dtype=dtype,
-    )
-    causal_lm.compile(
-        optimizer=keras.optimizers.Adam(1e-4), jit_compile=recipe_jit_compile("auto")
-    )
-    lanes, length = backbone["batch_size"], backbone["segment_length"]
-    rng = np.random.default_rng(0)
-    vocabulary = config["vocabulary_size"]
-    x = {
-        "token_ids": rng.integers(0, vocabulary, (lanes, length), "int32"),
-        "document_start": np.zeros((lanes,), bool),
-        "padding_mask": np.ones((lanes, length), bool),
-    }
-    y = rng.integers(0, vocabulary, (lanes, length), "int32")
-    return causal_lm, x, y
 
 
 def jax_operations(step):
@@ -133,7 +105,9 @@ def torch_operations(step, shapes=False):
 
 
 def run_worker(args):
-    causal_lm, x, y = build(model_config(args.config), args.memory, args.dtype)
+    config = model_config(args.config)
+    causal_lm = compiled_model(config, args.memory, args.dtype, "auto")
+    x, y = random_batch(config, 1)
     forward = fastest(lambda: causal_lm.predict_on_batch(x), args.repeats)
     step = fastest(lambda: causal_lm.train_on_batch(x, y), args.repeats)
     print(json.dumps({"forward": forward, "step": step}), flush=True)

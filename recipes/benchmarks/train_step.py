@@ -111,38 +111,60 @@ def with_memory(backbone, memory_size, memory_kind):
     return backbone
 
 
-def seconds_per_step(config, memory, args):
-    """Mean seconds of one training step of the Keras model inside `fit`."""
+def compiled_model(config, memory, dtype, jit_compile):
+    """The causal LM of `config` with the `--memories` entry `memory`,
+    compiled with Adam and `jit_compile` (`"auto"`: the recipe's default),
+    its training memories filled (see `fill`)."""
     memory_size, memory_kind = parse_memory(memory)
     backbone = with_memory(config["backbone"], memory_size, memory_kind)
-    vocabulary = config["vocabulary_size"]
     causal_lm = build_causal_lm(
         backbone,
-        vocabulary,
+        config["vocabulary_size"],
         preprocessor=None,
         use_memory=memory_size is not None,
         seed=0,
-        dtype=args.dtype,
+        dtype=dtype,
     )
-    jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
     causal_lm.compile(
         optimizer=keras.optimizers.Adam(1e-4),
         jit_compile=recipe_jit_compile(jit_compile),
     )
     for layer in causal_lm.backbone.memory_layers:
         fill(layer.lane_states(training=True)["memory"])
-    lanes, length = backbone["batch_size"], backbone["segment_length"]
+    return causal_lm
+
+
+def random_batch(config, steps):
+    """`(x, y)`: `steps` batches of random tokens for `config`, one segment
+    per lane, none starting a document."""
+    lanes = config["backbone"]["batch_size"]
+    length = config["backbone"]["segment_length"]
+    vocabulary = config["vocabulary_size"]
     rng = np.random.default_rng(0)
-    rows = (args.warmup + args.steps) * lanes
+    rows = steps * lanes
     x = {
         "token_ids": rng.integers(0, vocabulary, (rows, length), "int32"),
         "document_start": np.zeros((rows,), bool),
         "padding_mask": np.ones((rows, length), bool),
     }
     y = rng.integers(0, vocabulary, (rows, length), "int32")
+    return x, y
+
+
+def seconds_per_step(config, memory, args):
+    """Mean seconds of one training step of the Keras model inside `fit`."""
+    jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
+    causal_lm = compiled_model(config, memory, args.dtype, jit_compile)
+    x, y = random_batch(config, args.warmup + args.steps)
     stamps = StepStamps()
     causal_lm.fit(
-        x, y, batch_size=lanes, epochs=1, shuffle=False, verbose=0, callbacks=[stamps]
+        x,
+        y,
+        batch_size=config["backbone"]["batch_size"],
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[stamps],
     )
     return stamps.mean_seconds(args.warmup)
 
