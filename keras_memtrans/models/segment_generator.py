@@ -121,8 +121,11 @@ class SegmentGenerator:
         }
 
     def _read(self, tokens, mask, document_start):
-        """Reads a complete segment, writing it to memory and cache."""
-        self.causal_lm(self._inputs(tokens, mask, document_start), training=False)
+        """Reads a complete segment, writing it to memory and cache: the
+        backbone's compiled predict step (no logits: none are needed)."""
+        self.causal_lm.backbone.predict_on_batch(
+            self._inputs(tokens, mask, document_start)
+        )
 
     def _decode(self, tokens, position, token_mask):
         """Next-token logits `[batch, vocab]` after `tokens` `[batch, n]`

@@ -108,3 +108,13 @@ def test_without_memory_the_sequence_is_not_copied():
     continuation = induction_model(memory_gate_bias=-20.0).generate(prompt(), 3)
     assert list(continuation) != [13, 14, 15]
     assert continuation[0] != 13
+
+
+def test_a_prompts_complete_segments_are_read_by_the_backbones_predict_step():
+    # Called as a layer, a segment ran op by op on JAX and without its
+    # graph on TensorFlow: reading the `quick` model's prompt took 3.5-4x
+    # as long (docs/performance.md, "Generation").
+    model = induction_model(memory_gate_bias=20.0)
+    assert model.backbone.predict_function is None
+    model.generate(prompt(), 1)
+    assert model.backbone.predict_function is not None
