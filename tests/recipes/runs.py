@@ -13,7 +13,7 @@ COMPARED_RUN = pytest.mark.xdist_group("compared_run")
 UNINTERRUPTED_RUN = pytest.mark.xdist_group("uninterrupted_run")
 
 # The recipe's own compile mode, except on TensorFlow, whose XLA compile of
-# each step function is most of a tiny run's time there (a 3-step run took
+# each step function is most of a tiny run's time there (an 8-step run took
 # 12 s with it and 5 s without, alone on this machine). The recipe's XLA
 # default on TensorFlow is tested end to end by
 # `test_trains_exactly_the_steps_asked_for_across_epochs` and
