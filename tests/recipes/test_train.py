@@ -91,16 +91,6 @@ def test_the_trained_model_loads_from_its_preset(compared_run):
 
 
 @COMPARED_RUN
-def test_the_tests_of_a_shared_run_are_sent_to_one_worker(request):
-    # pytest-xdist's `--dist loadgroup` (tox) sends a group to one worker by
-    # the group named in each test's node id, which pytest 9.2 lost
-    # (constraints.txt): each worker made its own `compared_run`.
-    if not request.config.getoption("loadgroup", False):
-        pytest.skip("tests are grouped under pytest-xdist's --dist loadgroup only")
-    assert request.node.nodeid.endswith("@compared_run")
-
-
-@COMPARED_RUN
 def test_existing_results_are_never_overwritten(compared_run):
     tmp_path = compared_run
     first = (tmp_path / "out" / "results.json").read_text()
