@@ -13,7 +13,7 @@ class NextTokenStep(keras.Model):
     attend to the cached tokens, the XL cache and the memory, and their
     keys and values join the cache. The causal LM's own state (memories,
     XL caches, carried keys) is read, never written: a segment is
-    committed by an ordinary call once complete. A segment is decoded from
+    committed once complete, by the backbone's predict step. A segment is decoded from
     position 0 up, each position once (padding too, with `token_mask`
     `False`); what lies beyond the positions decoded so far is never read,
     so a new segment needs no reset. `predict_on_batch` compiles the step

@@ -121,8 +121,9 @@ class SegmentGenerator:
         }
 
     def _read(self, tokens, mask, document_start):
-        """Reads a complete segment, writing it to memory and cache: the
-        backbone's compiled predict step (no logits: none are needed)."""
+        """Reads a complete segment, writing it to memory and cache, with
+        the backbone's predict step (compiled where the backend compiles;
+        no logits, none are needed)."""
         self.causal_lm.backbone.predict_on_batch(
             self._inputs(tokens, mask, document_start)
         )
