@@ -217,11 +217,12 @@ def memory_slots(backbone, options):
 def bytes_per_memory_slot(backbone):
     """Bytes of one slot of every memory of one lane of a backbone config:
     two memories (training and inference) per memory layer, each slot a
-    float32 key and value per head and an int32 position."""
+    float32 key and value per key and value head and an int32 position."""
     head_dim = backbone.get("head_dim") or (
         backbone["hidden_dim"] // backbone["num_heads"]
     )
-    per_memory = 2 * backbone["num_heads"] * head_dim * 4 + 4
+    heads = backbone.get("num_key_value_heads") or backbone["num_heads"]
+    per_memory = 2 * heads * head_dim * 4 + 4
     return 2 * len(backbone["memory_layer_indices"]) * per_memory
 
 
@@ -252,7 +253,7 @@ def check_model_settings(backbone):
         raise ValueError(
             f"The memories need {needed / 2**30:.1f} GiB (2 memories x keys "
             f"and values x {backbone['batch_size']} lanes x memory_size "
-            f"{options['memory_size']} x heads x head_dim x 4 bytes, per "
+            f"{options['memory_size']} x key heads x head_dim x 4 bytes, per "
             f"memory layer) but this machine has {available / 2**30:.1f} GiB: "
             "lower --memory-size or --batch-size."
         )

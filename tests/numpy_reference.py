@@ -49,10 +49,12 @@ class NumpyKNNAttention:
     """Reference forward pass with the same weights as a `KNNAttention`.
 
     Args:
-        weights: dict with `query`, `key`, `value` kernels `[D, H, Dh]`,
+        weights: dict with `query` kernel `[D, H, Dh]`, `key` and `value`
+            kernels `[D, KV, Dh]` (query head `h` reads key and value head
+            `h // (H // KV)`),
             `output` kernel `[H, Dh, D]`, `relative_bias` `[buckets, H]`,
             `scale` `[H]`, `gate_bias` `[H]` (unused without memory), and
-            optionally `key_smear_logit` `[H]`: each key is then mixed with
+            optionally `key_smear_logit` `[KV]`: each key is then mixed with
             the raw key of the previous real token of its document (smeared
             keys), carried across segments per lane when the layer keeps
             lane state (`use_xl_cache` or `use_memory`), else of its segment.
@@ -106,12 +108,14 @@ class NumpyKNNAttention:
         k = _normalize(k)
         v = np.einsum("btd,dnh->btnh", x, self.w["value"])
         heads = q.shape[2]
+        group = heads // k.shape[2]  # query heads per key and value head
         out = np.zeros_like(q)
         positions = np.full((batch, length, heads, self.num_neighbors), -1)
         for b in range(batch):
             entries = [e for e in self.memory[b] if e is not None]
             cached = self.cache[b]
             for h in range(heads):
+                n = h // group  # the key and value head
                 scale = self.w["scale"][h]
                 gate = 1.0 / (1.0 + np.exp(-self.w["gate_bias"][h]))
                 for i in range(length):
@@ -121,23 +125,23 @@ class NumpyKNNAttention:
                     keys, values, bias = [], [], []
                     for c, entry in enumerate(cached):
                         if entry is not None:
-                            keys.append(entry[0][h])
-                            values.append(entry[1][h])
+                            keys.append(entry[0][n])
+                            values.append(entry[1][n])
                             bias.append(self._bias(c - len(cached) - i, h))
                     for j in range(i + 1):
                         if padding_mask[b, j]:
-                            keys.append(k[b, j, h])
-                            values.append(v[b, j, h])
+                            keys.append(k[b, j, n])
+                            values.append(v[b, j, n])
                             bias.append(self._bias(j - i, h))
                     logits = scale * np.array(keys) @ q[b, i, h] + np.array(bias)
                     local = _softmax(logits) @ np.array(values)
                     if not entries or not self.use_memory:
                         out[b, i, h] = local
                         continue
-                    scores = np.array([e[0][h] @ q[b, i, h] for e in entries])
+                    scores = np.array([e[0][n] @ q[b, i, h] for e in entries])
                     top = np.argsort(-scores)[: self.num_neighbors]
                     weights = _softmax(scale * scores[top])
-                    retrieved = weights @ np.array([entries[t][1][h] for t in top])
+                    retrieved = weights @ np.array([entries[t][1][n] for t in top])
                     out[b, i, h] = gate * retrieved + (1 - gate) * local
                     positions[b, i, h, : len(top)] = [entries[t][2] for t in top]
             self._write(b, k[b], v[b], padding_mask[b])

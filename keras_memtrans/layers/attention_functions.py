@@ -1,5 +1,5 @@
-"""Stateless pieces of the attention layers: normalisation, masked softmax
-and the checks of a segment's inputs."""
+"""Stateless pieces of the attention layers: normalisation, masked softmax,
+grouped-query scores and mixing, and the checks of a segment's inputs."""
 
 from keras import ops
 from keras.backend import standardize_dtype
@@ -27,6 +27,41 @@ def masked_softmax(logits, mask, axis=-1):
     """Softmax in float32 over `axis`; masked entries get weight 0."""
     logits = ops.where(mask, ops.cast(logits, "float32"), _MASKED_LOGIT)
     return ops.where(mask, ops.softmax(logits, axis=axis), 0.0)
+
+
+def grouped_scores(queries, keys):
+    """Scores `[batch, heads, query, key]` of each query head against the
+    keys of its group.
+
+    Args:
+        queries: `[batch, query, heads, dim]`.
+        keys: `[batch, key, key_heads, dim]`, `key_heads` a divisor of
+            `heads`: query head `h` reads key head `h // (heads // key_heads)`.
+    """
+    heads, key_heads = queries.shape[2], keys.shape[2]
+    if heads == key_heads:
+        return ops.einsum("bqhd,bkhd->bhqk", queries, keys)
+    batch_size, num_queries = ops.shape(queries)[:2]
+    # [batch, query, key heads, group, dim]
+    queries = ops.reshape(
+        queries, (batch_size, num_queries, key_heads, -1, queries.shape[3])
+    )
+    scores = ops.einsum("bqngd,bknd->bngqk", queries, keys)  # [b, n, g, q, k]
+    return ops.reshape(scores, (batch_size, heads, num_queries, -1))
+
+
+def grouped_mix(weights, values):
+    """The values `[batch, query, heads, dim]` mixed by `weights` `[batch,
+    heads, query, key]`, each query head from the values `[batch, key,
+    key_heads, dim]` of its group (see `grouped_scores`)."""
+    heads, key_heads = weights.shape[1], values.shape[2]
+    if heads == key_heads:
+        return ops.einsum("bhqk,bkhd->bqhd", weights, values)
+    batch_size, _, num_queries, num_keys = ops.shape(weights)
+    # [batch, key heads, group, query, key]
+    weights = ops.reshape(weights, (batch_size, key_heads, -1, num_queries, num_keys))
+    mixed = ops.einsum("bngqk,bknd->bqngd", weights, values)  # [b, q, n, g, d]
+    return ops.reshape(mixed, (batch_size, num_queries, heads, values.shape[3]))
 
 
 def check_hidden_rank(shape):

@@ -20,6 +20,9 @@ class DecoderBlock(keras.layers.Layer):
         head_dim: int. Size of each attention head. Defaults to
             `hidden_dim // num_heads`.
         intermediate_dim: int. Hidden size of the feedforward network.
+        num_key_value_heads: int. Number of key and value heads, a divisor
+            of `num_heads` (grouped-query attention, see
+            `SegmentAttention`). Defaults to `num_heads`.
         memory_options: optional dict of `KNNAttention` memory arguments
             (`memory_size`, `num_neighbors`, `memory_kind`, `top_k`,
             `recall_target`, `scores_per_block`, `num_leaves`,
@@ -73,6 +76,7 @@ class DecoderBlock(keras.layers.Layer):
         num_heads,
         intermediate_dim,
         head_dim=None,
+        num_key_value_heads=None,
         memory_options=None,
         batch_size=None,
         use_xl_cache=False,
@@ -90,6 +94,7 @@ class DecoderBlock(keras.layers.Layer):
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
         self.head_dim = head_dim
+        self.num_key_value_heads = num_key_value_heads
         self.memory_options = (
             None if memory_options is None else check_memory_options(memory_options)
         )
@@ -106,6 +111,7 @@ class DecoderBlock(keras.layers.Layer):
         attention = dict(
             num_heads=num_heads,
             head_dim=head_dim,
+            num_key_value_heads=num_key_value_heads,
             batch_size=batch_size,
             use_xl_cache=use_xl_cache,
             num_buckets=num_buckets,
@@ -238,6 +244,7 @@ class DecoderBlock(keras.layers.Layer):
                 "num_heads": self.num_heads,
                 "intermediate_dim": self.intermediate_dim,
                 "head_dim": self.head_dim,
+                "num_key_value_heads": self.num_key_value_heads,
                 "memory_options": self.memory_options,
                 "batch_size": self.batch_size,
                 "use_xl_cache": self.use_xl_cache,

@@ -69,7 +69,9 @@ class KNNAttention(SegmentAttention):
             visits (ScaNN memory only; default an eighth of `num_leaves`):
             more is slower and finds more of the true top-k.
         **kwargs: the `SegmentAttention` arguments (`head_dim`,
-            `batch_size`, `use_xl_cache`, `num_buckets`, `max_distance`,
+            `num_key_value_heads`: the memory then holds that many heads,
+            each searched by its group of query heads; `batch_size`,
+            `use_xl_cache`, `num_buckets`, `max_distance`,
             `kernel_initializer`, `smear_keys`, `tie_query_key_init`; with
             `smear_keys` the memory holds the mixed keys) and standard
             `keras.layers.Layer` arguments. The batch size defaults to the
@@ -215,12 +217,13 @@ class KNNAttention(SegmentAttention):
             int `[batch, query, heads, k]` document positions retrieved.
         """
         memory = states["memory"]
+        grouped = self._queries_by_key_head(queries)
         if segment is None:
-            found = memory.search(queries, self.num_neighbors)
+            found = memory.search(grouped, self.num_neighbors)
         else:
-            found = memory.search_and_append(queries, self.num_neighbors, *segment)
+            found = memory.search_and_append(grouped, self.num_neighbors, *segment)
         # [batch, seg, heads, k, dim] twice, [batch, seg, heads, k]
-        memory_keys, memory_values, positions = found
+        memory_keys, memory_values, positions = map(self._by_query_head, found)
         found = positions >= 0
         # An empty slot's key and value are arbitrary but finite (the
         # `KNNMemory` contract): its weight of 0 adds exactly nothing, in the
@@ -239,6 +242,33 @@ class KNNAttention(SegmentAttention):
         mixed = gate * retrieved + (1.0 - gate) * local
         has_memory = ops.any(found, axis=-1, keepdims=True)  # [b, seg, heads, 1]
         return ops.where(has_memory, mixed, local), positions
+
+    def _queries_by_key_head(self, queries):
+        """`[batch, query, heads, dim]` queries as `[batch, query * group,
+        key_value_heads, dim]`: each group of query heads searches the
+        memory of its key head, with its queries side by side."""
+        groups = self.num_heads // self.num_key_value_heads
+        if groups == 1:
+            return queries
+        lanes, key_heads = self.batch_size, self.num_key_value_heads
+        # [batch, query, key heads, group, dim]
+        queries = ops.reshape(queries, (lanes, -1, key_heads, groups, self.head_dim))
+        queries = ops.transpose(queries, (0, 1, 3, 2, 4))  # [b, q, group, n, d]
+        return ops.reshape(queries, (lanes, -1, key_heads, self.head_dim))
+
+    def _by_query_head(self, found):
+        """A memory's `[batch, query * group, key_value_heads, k, ...]`
+        result for `_queries_by_key_head`'s queries, as `[batch, query,
+        heads, k, ...]`."""
+        groups = self.num_heads // self.num_key_value_heads
+        if groups == 1:
+            return found
+        lanes, key_heads = self.batch_size, self.num_key_value_heads
+        tail = tuple(found.shape[3:])  # [k] or [k, dim]
+        # [batch, query, group, key heads, k, ...]
+        found = ops.reshape(found, (lanes, -1, groups, key_heads, *tail))
+        found = ops.transpose(found, (0, 1, 3, 2, *range(4, 4 + len(tail))))
+        return ops.reshape(found, (lanes, -1, self.num_heads, *tail))
 
     def compute_output_spec(
         self,

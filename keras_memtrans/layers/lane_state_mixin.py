@@ -17,7 +17,8 @@ class LaneStateMixin:
     smeared keys, a kNN memory) keeps one state layer of each kind per mode,
     `train_<name>` for `fit` and `inference_<name>` for every other call,
     created by `_add_lane_state` in `build` (the layer provides
-    `batch_size`, `num_heads`, `head_dim`, `dtype_policy` and sets
+    `batch_size`, `num_key_value_heads` (the heads a state holds),
+    `head_dim`, `dtype_policy` and sets
     `_lane_state_names = []` in `__init__`). `lane_states(training)` gives
     one mode's states by name; `reset_state`, `save_lane_states` and
     `load_lane_states` act on them.
@@ -35,7 +36,7 @@ class LaneStateMixin:
         for mode in ("train", "inference"):
             state = make_state(
                 batch_size=self.batch_size,
-                num_heads=self.num_heads,
+                num_heads=self.num_key_value_heads,
                 head_dim=self.head_dim,
                 dtype=self.dtype_policy,
                 name=f"{mode}_{name}",

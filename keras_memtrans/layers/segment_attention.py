@@ -5,6 +5,8 @@ from keras import ops
 
 from keras_memtrans.layers.attention_functions import check_hidden_rank
 from keras_memtrans.layers.attention_functions import check_lane_inputs
+from keras_memtrans.layers.attention_functions import grouped_mix
+from keras_memtrans.layers.attention_functions import grouped_scores
 from keras_memtrans.layers.attention_functions import l2_normalize
 from keras_memtrans.layers.attention_functions import mask_logits
 from keras_memtrans.layers.initializers import clone_initializer
@@ -33,9 +35,16 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
     saved model holds none.
 
     Args:
-        num_heads: int. Number of attention heads.
+        num_heads: int. Number of attention (query) heads.
         head_dim: int. Size of each head. Defaults to
             `hidden_dim // num_heads`.
+        num_key_value_heads: int. Number of key and value heads, a divisor
+            of `num_heads`: each shares its keys and values with a group of
+            `num_heads // num_key_value_heads` consecutive query heads
+            (grouped-query attention; 1 is multi-query attention). Fewer
+            heads project less and keep proportionally smaller caches and
+            memories. Defaults to `num_heads` (multi-head attention, as in
+            the paper).
         batch_size: int. Number of lanes (needed with `use_xl_cache`).
             Defaults to the static batch size of the input.
         use_xl_cache: bool. Whether each segment also attends to the
@@ -95,6 +104,7 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         self,
         num_heads,
         head_dim=None,
+        num_key_value_heads=None,
         batch_size=None,
         use_xl_cache=False,
         num_buckets=32,
@@ -108,11 +118,20 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         check_positive_ints(
             num_heads=num_heads,
             head_dim=head_dim,
+            num_key_value_heads=num_key_value_heads,
             batch_size=batch_size,
-            optional=("head_dim", "batch_size"),
+            optional=("head_dim", "num_key_value_heads", "batch_size"),
         )
+        num_key_value_heads = num_key_value_heads or num_heads
+        if num_heads % num_key_value_heads:
+            raise ValueError(
+                f"`num_key_value_heads` ({num_key_value_heads}) must divide "
+                f"`num_heads` ({num_heads}): each key and value head serves an "
+                "equal group of query heads."
+            )
         self.num_heads = num_heads
         self.head_dim = head_dim
+        self.num_key_value_heads = num_key_value_heads
         self.batch_size = batch_size
         self.use_xl_cache = use_xl_cache
         self.num_buckets = num_buckets
@@ -154,9 +173,10 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
             self.head_dim = hidden_dim // self.num_heads
         heads = (self.num_heads, self.head_dim)
         for name in ("query", "key", "value"):
+            projected = self.num_heads if name == "query" else self.num_key_value_heads
             projection = keras.layers.EinsumDense(
                 "btd,dnh->btnh",
-                output_shape=(None, *heads),
+                output_shape=(None, projected, self.head_dim),
                 kernel_initializer=clone_initializer(
                     self.kernel_initializer, f"{name}_projection"
                 ),
@@ -166,9 +186,12 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
             projection.build(input_shape)
             setattr(self, f"{name}_projection", projection)
         if self.tie_query_key_init:  # a copy: each variable owns its buffer
-            self.key_projection.kernel.assign(
-                ops.copy(self.query_projection.kernel.value)
-            )
+            # Each key head starts as its group's first query head.
+            query_kernel = ops.reshape(
+                self.query_projection.kernel.value,
+                (hidden_dim, self.num_key_value_heads, -1, self.head_dim),
+            )  # [hidden, key heads, group, head_dim]
+            self.key_projection.kernel.assign(ops.copy(query_kernel[:, :, 0]))
         self.output_projection = keras.layers.EinsumDense(
             "btnh,nhd->btd",
             output_shape=(None, hidden_dim),
@@ -194,7 +217,9 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         )
         if self.smear_keys:
             self.key_smear_logit = self.add_weight(
-                name="key_smear_logit", shape=(self.num_heads,), initializer="zeros"
+                name="key_smear_logit",
+                shape=(self.num_key_value_heads,),
+                initializer="zeros",
             )
         if self.use_xl_cache:
             self.cache_length = segment_length
@@ -229,7 +254,8 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         return check_lane_inputs(shape, document_start, padding_mask)
 
     def _project(self, hidden_states, padding_mask=None, last_key=None):
-        """Normalised queries and keys, and values: `[batch, seg, heads, dim]`.
+        """Normalised queries `[batch, seg, heads, dim]`, and normalised keys
+        and values `[batch, seg, key_value_heads, dim]`.
 
         With `smear_keys`, reads and then advances the `last_key` state.
         """
@@ -277,7 +303,7 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         relative = key_positions - cache_length - query_positions[:, None]  # [q, k]
         scale = ops.cast(self.attention_scale, queries.dtype)[:, None]  # [heads, 1]
         # [batch, heads, query, key]
-        logits = ops.einsum("bqhd,bkhd->bhqk", queries * scale, keys)
+        logits = grouped_scores(queries * scale, keys)
         if every_query:  # each diagonal of the bias once: [heads, 1, q + k - 1]
             num_keys = cache_length + segment_length
             diagonals = ops.arange(num_keys + segment_length - 1)
@@ -296,9 +322,7 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         logits = ops.cast(logits, "float32") + bias[None] + key_bias
         weights = ops.softmax(logits, axis=-1)  # [batch, heads, query, key]
         # [batch, query, heads, head_dim]
-        attended = ops.einsum(
-            "bhqk,bkhd->bqhd", ops.cast(weights, values.dtype), values
-        )
+        attended = grouped_mix(ops.cast(weights, values.dtype), values)
         # A query that sees no key (padding with no real token before it)
         # attends to nothing.
         sees_a_key = ops.any(
@@ -374,6 +398,7 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
             {
                 "num_heads": self.num_heads,
                 "head_dim": self.head_dim,
+                "num_key_value_heads": self.num_key_value_heads,
                 "batch_size": self.batch_size,
                 "use_xl_cache": self.use_xl_cache,
                 "num_buckets": self.num_buckets,

@@ -24,7 +24,8 @@ class LastKey(LaneState):
 
     Args:
         batch_size: int. Number of lanes (the fixed batch size).
-        num_heads: int. Number of attention heads.
+        num_heads: int. Number of key and value heads held (the attention's
+            `num_key_value_heads`).
         head_dim: int. Size of each key.
         **kwargs: standard `keras.layers.Layer` arguments.
 

@@ -127,7 +127,8 @@ class RingBuffer:
 
     Args:
         batch_size: int. Number of lanes.
-        num_heads: int. Number of attention heads.
+        num_heads: int. Number of key and value heads held (the attention's
+            `num_key_value_heads`).
         head_dim: int. Size of each key and value vector.
         memory_size: int. Number of slots per lane.
 

@@ -70,7 +70,8 @@ class ScannMemory(KNNMemory):
 
     Args:
         batch_size: int. Number of lanes (the fixed batch size).
-        num_heads: int. Number of attention heads.
+        num_heads: int. Number of key and value heads held (the attention's
+            `num_key_value_heads`).
         head_dim: int. Size of each key and value vector.
         memory_size: int. Number of (key, value) pairs kept per lane and head.
         searcher: `"tree"` (the default: tree partitions, exact scores in

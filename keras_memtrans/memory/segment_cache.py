@@ -24,7 +24,8 @@ class SegmentCache(LaneState):
     Args:
         batch_size: int. Number of lanes (the fixed batch size).
         cache_length: int. Number of cached tokens (the segment length).
-        num_heads: int. Number of attention heads.
+        num_heads: int. Number of key and value heads held (the attention's
+            `num_key_value_heads`).
         head_dim: int. Size of each key and value vector.
         **kwargs: standard `keras.layers.Layer` arguments.
 

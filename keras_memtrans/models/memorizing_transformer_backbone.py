@@ -30,6 +30,11 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
         num_heads: int. Attention heads per block.
         head_dim: int. Size of each attention head. Defaults to
             `hidden_dim // num_heads`.
+        num_key_value_heads: int. Key and value heads per block, a divisor
+            of `num_heads`: each serves a group of query heads
+            (grouped-query attention; 1 is multi-query attention), and the
+            XL caches and memories hold that many heads. Defaults to
+            `num_heads`, as in the paper.
         hidden_dim: int. Model width.
         intermediate_dim: int. Feedforward hidden size.
         batch_size: int. Number of lanes.
@@ -96,6 +101,7 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
         batch_size,
         segment_length,
         head_dim=None,
+        num_key_value_heads=None,
         memory_layer_indices=(-4,),
         memory_options=None,
         use_xl_cache=True,
@@ -140,6 +146,7 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
                 num_heads=num_heads,
                 intermediate_dim=intermediate_dim,
                 head_dim=head_dim,
+                num_key_value_heads=num_key_value_heads,
                 memory_options=memory_options if i in memory_layers else None,
                 batch_size=batch_size,
                 use_xl_cache=use_xl_cache,
@@ -190,6 +197,7 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
         self.batch_size = batch_size
         self.segment_length = segment_length
         self.head_dim = head_dim
+        self.num_key_value_heads = num_key_value_heads
         self.memory_layer_indices = tuple(memory_layer_indices)
         self.memory_options = memory_options
         self.use_xl_cache = use_xl_cache
@@ -367,6 +375,7 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
                 "batch_size": self.batch_size,
                 "segment_length": self.segment_length,
                 "head_dim": self.head_dim,
+                "num_key_value_heads": self.num_key_value_heads,
                 "memory_layer_indices": list(self.memory_layer_indices),
                 "memory_options": dict(self.memory_options),
                 "use_xl_cache": self.use_xl_cache,

@@ -75,7 +75,7 @@ class NextTokenStep(keras.Model):
         self.decode_caches = []
         for block in backbone.transformer_layers:
             attention = block.attention
-            vectors = (*lanes, attention.num_heads, attention.head_dim)
+            vectors = (*lanes, attention.num_key_value_heads, attention.head_dim)
             self.decode_caches.append(
                 [
                     self.add_weight(

@@ -36,12 +36,28 @@ BATCH, SEGMENT, HIDDEN, HEADS = 3, 8, 16, 2
 # mid-segment and lanes that do not restart overflow (40 tokens).
 EXACT_MEMORY = dict(memory_kind="exact", memory_size=20, num_neighbors=5)
 
+
+def grouped_query(make):
+    """`make` with twice the query heads asked for, in groups of 2 sharing
+    a key and value head (grouped-query attention): `num_heads=2` gives 4
+    query heads reading 2 key and value heads."""
+
+    def make_grouped(num_heads, **options):
+        return make(num_heads=2 * num_heads, num_key_value_heads=num_heads, **options)
+
+    return make_grouped
+
+
 # One line per layer and configuration: an unbuilt layer's constructor.
 CASES = {
     "segment": SegmentAttention,
     "segment_xl": functools.partial(SegmentAttention, use_xl_cache=True),
+    "segment_grouped": grouped_query(SegmentAttention),
     "knn": functools.partial(KNNAttention, **EXACT_MEMORY),
     "knn_xl": functools.partial(KNNAttention, use_xl_cache=True, **EXACT_MEMORY),
+    "knn_xl_grouped": grouped_query(
+        functools.partial(KNNAttention, use_xl_cache=True, **EXACT_MEMORY)
+    ),
 }
 
 

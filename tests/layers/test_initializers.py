@@ -81,3 +81,15 @@ def test_tied_query_key_init_copies_the_query_kernel_only():
     assert_independent(rows)
     clone = DecoderBlock.from_config(block.get_config())
     assert clone.attention.tie_query_key_init is True
+
+
+def test_tied_init_starts_each_key_head_as_its_groups_first_query_head():
+    # 4 query heads in 2 groups: key head n starts as query head 2 n.
+    layer = SegmentAttention(
+        num_heads=4, num_key_value_heads=2, tie_query_key_init=True
+    )
+    layer.build((2, 8, 16))
+    query = to_numpy(layer.query_projection.kernel)  # [hidden, 4, head_dim]
+    key = to_numpy(layer.key_projection.kernel)  # [hidden, 2, head_dim]
+    np.testing.assert_array_equal(key, query[:, [0, 2]])
+    assert np.abs(query[:, 1] - query[:, 0]).max() > 0

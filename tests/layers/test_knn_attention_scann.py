@@ -69,11 +69,11 @@ def test_memory_choice():
     )
 
 
-def host_and_exact_models(memory_kind):
+def host_and_exact_models(memory_kind, **options):
     """A model with a host memory of `memory_kind` and one with the in-graph
-    exact memory, with the same weights."""
-    host = build_model(memory_kind=memory_kind)
-    exact = build_model(memory_kind="exact")
+    exact memory, with the same weights (and the same other `options`)."""
+    host = build_model(memory_kind=memory_kind, **options)
+    exact = build_model(memory_kind="exact", **options)
     for target, source in zip(exact.trainable_weights, host.trainable_weights):
         target.assign(ops.convert_to_numpy(source))
     return host, exact
@@ -115,12 +115,18 @@ def test_compiled_fit_fills_the_scann_memory_like_the_exact_one():
     assert np.all(inference.positions == -1)
 
 
-def test_a_scann_exact_memory_trains_as_the_in_graph_exact_memory():
+@pytest.mark.parametrize("num_key_value_heads", [None, 1])
+def test_a_scann_exact_memory_trains_as_the_in_graph_exact_memory(
+    num_key_value_heads,
+):
     # Both search exactly, so the same weights take the same steps: the
     # losses of a fit that learns (and so retrieves differently each step)
-    # agree, and so do the trained weights.
+    # agree, and so do the trained weights. With one key and value head,
+    # both query heads search the host memory's one head side by side.
     x, y = stream()
-    host, exact = host_and_exact_models("scann_exact")
+    host, exact = host_and_exact_models(
+        "scann_exact", num_key_value_heads=num_key_value_heads
+    )
     losses = []
     for model in (host, exact):
         model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")

@@ -3,6 +3,7 @@ attention layers (NumPy reference, smeared keys, padding, XL cache, lane
 state, gradients, bad inputs, config) is in `test_attention_contract`."""
 
 import numpy as np
+import pytest
 
 from keras_memtrans.layers.segment_attention import SegmentAttention
 
@@ -13,3 +14,15 @@ def test_without_cache_any_batch_size_works():
     assert layer(np.ones((5, 4, 8), "float32")).shape == (5, 4, 8)
     assert not layer.needs_fixed_batch
     assert layer.lane_states(True) == layer.lane_states(False) == {}
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (0, "num_key_value_heads.*positive"),
+        (3, "`num_key_value_heads` \\(3\\) must divide"),
+    ],
+)
+def test_rejects_bad_key_value_heads(value, match):
+    with pytest.raises(ValueError, match=match):
+        SegmentAttention(num_heads=4, num_key_value_heads=value)

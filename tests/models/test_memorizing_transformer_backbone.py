@@ -80,11 +80,33 @@ def test_config_round_trip():
         dropout=0.1,
         memory_options={"memory_kind": "exact"},
         smear_keys=True,
+        num_key_value_heads=1,
     )
     config = backbone.get_config()
     clone = MemorizingTransformerBackbone.from_config(config)
     assert clone.get_config() == config
     assert clone.count_params() == backbone.count_params()
+
+
+def test_key_value_heads_reach_every_projection_cache_and_memory():
+    # tiny: 2 query heads of 16 over 2 layers; one key and value head.
+    backbone = tiny_backbone(memory_layer_indices=(-1,), num_key_value_heads=1)
+    for block in backbone.transformer_layers:
+        attention = block.attention
+        assert tuple(attention.query_projection.kernel.shape)[1:] == (2, 16)
+        for projection in (attention.key_projection, attention.value_projection):
+            assert tuple(projection.kernel.shape)[1:] == (1, 16)
+        for state in attention.lane_states(training=True).values():
+            assert state.num_heads == 1
+    memory = backbone.memory_layers[0].lane_states(training=True)["memory"]
+    assert tuple(memory.keys.shape)[:2] == (2, 1)  # [lanes, heads, slots, dim]
+    hidden = backbone(inputs())
+    assert tuple(hidden.shape) == (2, 32, backbone.hidden_dim)
+
+
+def test_rejects_key_value_heads_that_do_not_divide_the_heads():
+    with pytest.raises(ValueError, match="num_key_value_heads.*must divide"):
+        tiny_backbone(num_heads=4, num_key_value_heads=3)
 
 
 @pytest.mark.parametrize(

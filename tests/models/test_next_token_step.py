@@ -32,15 +32,18 @@ def whole_segment_logits(causal_lm, token_ids, padding_mask, position):
     return to_numpy(logits)[:, position]
 
 
-@pytest.mark.parametrize("memory_kind", ["exact", "scann"])
+@pytest.mark.parametrize(
+    "memory_kind, num_key_value_heads", [("exact", None), ("scann", None), ("exact", 1)]
+)
 def test_each_token_gets_the_whole_segments_logits_and_nothing_is_written(
-    memory_kind,
+    memory_kind, num_key_value_heads
 ):
     causal_lm = MemorizingTransformerCausalLM(
         tiny_backbone(
             memory_options={"memory_kind": memory_kind},
             use_xl_cache=True,
             smear_keys=True,
+            num_key_value_heads=num_key_value_heads,
         )
     )
     rng = np.random.default_rng(0)

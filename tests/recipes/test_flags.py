@@ -21,9 +21,14 @@ def held_memory_bytes(backbone):
     return total
 
 
-@pytest.mark.parametrize("memory_kind", ["exact", "auto"])
-def test_memory_bytes_are_the_bytes_the_built_memories_hold(memory_kind):
+@pytest.mark.parametrize(
+    "memory_kind, num_key_value_heads", [("exact", None), ("auto", None), ("exact", 1)]
+)
+def test_memory_bytes_are_the_bytes_the_built_memories_hold(
+    memory_kind, num_key_value_heads
+):
     config = dict(get_preset("tiny")["backbone"], memory_layer_indices=(0, 1))
+    config["num_key_value_heads"] = num_key_value_heads  # tiny: 2 query heads
     config["memory_options"] = dict(config["memory_options"], memory_kind=memory_kind)
     backbone = MemorizingTransformerBackbone(vocabulary_size=512, **config)
     options = {**KNNAttention.memory_options(), **config["memory_options"]}
