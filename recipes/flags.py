@@ -109,6 +109,12 @@ def parse_args(argv, description=None):
     )
     parser.add_argument("--head-dim", type=positive_int, help="size of each head")
     parser.add_argument(
+        "--num-key-value-heads",
+        type=positive_int,
+        help="key and value heads per block, a divisor of the heads "
+        "(grouped-query attention; 1: multi-query; default: one per head)",
+    )
+    parser.add_argument(
         "--memory-layers",
         type=int,
         nargs="+",
@@ -187,7 +193,7 @@ def resolve_config(args):
     for flag in KNNAttention.memory_options():
         if getattr(args, flag) is not None:
             backbone["memory_options"][flag] = getattr(args, flag)
-    for flag in ("head_dim", "batch_size", "segment_length"):
+    for flag in ("head_dim", "num_key_value_heads", "batch_size", "segment_length"):
         if getattr(args, flag) is not None:
             backbone[flag] = getattr(args, flag)
     if args.memory_layers is not None:
@@ -238,7 +244,11 @@ def check_model_settings(backbone):
     any data is read: options the layer refuses, a segment longer than the
     memory, or memories larger than this machine's RAM."""
     options = {**KNNAttention.memory_options(), **backbone["memory_options"]}
-    KNNAttention(num_heads=backbone["num_heads"], **options)  # checks them
+    KNNAttention(  # checks them, and the key and value heads
+        num_heads=backbone["num_heads"],
+        num_key_value_heads=backbone.get("num_key_value_heads"),
+        **options,
+    )
     if backbone["memory_layer_indices"] and (
         backbone["segment_length"] > options["memory_size"]
     ):

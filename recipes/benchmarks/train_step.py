@@ -1,8 +1,10 @@
 """Tokens per second of a whole training step, with and without memory, per backend.
 
 For one model (`--config peer`, the PyTorch peer's configuration: d_model
-256, 6 layers, 4 heads of 64, segment 256, batch 4, byte vocabulary, the
-memory in the last layer, k = 32, no XL cache; or any preset), every
+256, 6 layers, 4 query heads of 64 sharing one key and value head
+(multi-query attention, as the peer's `to_kv` projects), segment 256,
+batch 4, byte vocabulary, the memory in the last layer, k = 32, no XL
+cache; or any preset), every
 backend of `--backends` runs in its own process and times the model
 without memory and with each memory of `--memories` (`none`, `SIZE` for
 `memory_kind="auto"`, `SIZE:<kind>` for another kind: `exact`, `scann`,
@@ -45,6 +47,7 @@ PEER_CONFIG = {
     "backbone": {
         "num_layers": 6,
         "num_heads": 4,
+        "num_key_value_heads": 1,  # the peer's one shared key and value head
         "hidden_dim": 256,
         "head_dim": 64,
         "intermediate_dim": 1024,

@@ -157,6 +157,14 @@ def test_memory_placement_smeared_keys_and_tied_init_are_flags():
     )
 
 
+def test_key_value_heads_are_a_flag_checked_before_any_data_is_read():
+    argv = ["--preset", "quick", "--num-key-value-heads"]  # quick: 4 heads
+    backbone, _, _ = flags.resolve_config(flags.parse_args([*argv, "2"]))
+    assert backbone["num_key_value_heads"] == 2
+    with pytest.raises(ValueError, match=r"`num_key_value_heads` \(3\) must divide"):
+        flags.resolve_config(flags.parse_args([*argv, "3"]))
+
+
 def test_every_memory_option_of_the_layer_is_a_flag():
     options = {
         "--memory-size": ("memory_size", "128", 128),
