@@ -72,18 +72,38 @@ def top_slots_in_blocks(
             ops.cast(empty, queries.dtype), (blocks, block_rows, 1, num_slots)
         )  # [blocks, rows per block, 1, slots]
 
+    # A block of one (lane, head) whose scores still exceed the budget
+    # (many queries: a segment of a group of query heads sharing the key
+    # head) is scored in chunks of its queries, each about the budget.
+    chunks = 1
+    if block_rows == 1 and num_queries is not None:
+        chunks = num_queries // queries_per_block(
+            num_queries, num_slots, scores_per_block
+        )
+
     def block_slots(block):
         queries, keys, empty = block
         if mask_in_matmul:
             keys = ops.concatenate([keys, empty], -1)  # [rows, slots, dim + 1]
-        scores = ops.einsum("rqd,rmd->rqm", queries, keys)  # [rows, query, slots]
-        if not mask_in_matmul:
-            scores = ops.minimum(scores, empty)
-        if top_k == "approx":
-            _, slots = approx_top_k(scores, num_neighbors, recall_target)
-            return ops.cast(slots, "int32")
-        group_size = group_size_for(num_slots, num_neighbors)
-        return top_k_slots(scores, num_neighbors, group_size)  # [rows, query, k]
+
+        def chunk_slots(queries):
+            scores = ops.einsum("rqd,rmd->rqm", queries, keys)  # [rows, q, slots]
+            if not mask_in_matmul:
+                scores = ops.minimum(scores, empty)
+            if top_k == "approx":
+                _, slots = approx_top_k(scores, num_neighbors, recall_target)
+                return ops.cast(slots, "int32")
+            group_size = group_size_for(num_slots, num_neighbors)
+            return top_k_slots(scores, num_neighbors, group_size)  # [rows, q, k]
+
+        if chunks == 1:
+            return chunk_slots(queries)
+        # [chunks, rows, queries per chunk, dim]
+        queries = ops.reshape(queries, (block_rows, chunks, -1, queries.shape[-1]))
+        slots = ops.map(chunk_slots, ops.transpose(queries, (1, 0, 2, 3)))
+        # [rows, query, k]
+        slots = ops.transpose(slots, (1, 0, 2, 3))
+        return ops.reshape(slots, (block_rows, -1, num_neighbors))
 
     if blocks == 1:
         slots = block_slots((queries[0], keys[0], empty[0]))
@@ -104,3 +124,15 @@ def rows_per_block(rows, num_queries, num_slots, scores_per_block):
         return 1
     most = max(1, scores_per_block // (num_queries * num_slots))
     return max(d for d in range(1, min(rows, most) + 1) if rows % d == 0)
+
+
+def queries_per_block(num_queries, num_slots, scores_per_block):
+    """The divisor of `num_queries` whose scores against one (lane,
+    head)'s `num_slots` come nearest to `scores_per_block` (the larger of
+    two as near; all of them when it is `None` or the query count is
+    unknown). Nearest, not at most: a row just above the budget is scored
+    whole, as a row below it is (measured, docs/performance.md)."""
+    if scores_per_block is None or num_queries is None:
+        return num_queries
+    divisors = [d for d in range(1, num_queries + 1) if num_queries % d == 0]
+    return min(divisors, key=lambda d: (abs(d * num_slots - scores_per_block), -d))
