@@ -60,9 +60,10 @@ class KNNAttention(SegmentAttention):
         recall_target: float. Recall target of `top_k="approx"`.
         scores_per_block: int or `None`. The exact memory's search scores
             whole (lane, head)s in blocks of at most this many scores (one
-            (lane, head) at least), each reduced to its top-k while in the
-            CPU's caches; `None` scores every lane at once (see
-            `ExactMemory`).
+            (lane, head) at least, in chunks of its queries of about this
+            many scores when it holds far more), each reduced to its top-k
+            while in the CPU's caches; `None` scores every lane at once
+            (see `ExactMemory`).
         num_leaves: optional int. Tree partitions of each ScaNN searcher
             (ScaNN memory only; default about `sqrt(memory_size)`).
         num_leaves_to_search: optional int. Partitions a ScaNN search

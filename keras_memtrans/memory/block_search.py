@@ -29,7 +29,8 @@ def top_slots_in_blocks(
         filled: bool `[batch, slots]`: the slots searched; the others rank
             below every one of them.
         num_neighbors: int, `k`.
-        scores_per_block: int or `None`, see `rows_per_block`.
+        scores_per_block: int or `None`, see `rows_per_block` and
+            `queries_per_block`.
         top_k: `"exact"` (`top_k.top_k_slots`) or `"approx"`
             (`host.approx_top_k`).
         recall_target: float, the recall target of `"approx"`.

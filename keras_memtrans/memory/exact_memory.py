@@ -63,7 +63,9 @@ class ExactMemory(KNNMemory):
             and GPU) and exactly on torch.
         recall_target: float. Recall target of `top_k="approx"`.
         scores_per_block: int or `None`. How many scores (queries x slots
-            of whole (lane, head)s, one (lane, head) at least) one step of
+            of whole (lane, head)s, one (lane, head) at least; a (lane,
+            head) far above it is scored in chunks of its queries of about
+            this many, see `block_search.queries_per_block`) one step of
             the search computes and reduces at a time. The default, 2**21
             (8 MB of float32 scores), made the search 1.15-2x faster at 8K
             on a 2-core CPU (docs/performance.md); `None` scores every lane
