@@ -93,6 +93,12 @@ def build_causal_lm(
     return MemorizingTransformerCausalLM(backbone, preprocessor)
 
 
+def jit_compile_flag(value):
+    """A `--jit-compile` flag's value (`auto`, `true` or `false`) as
+    `Model.compile`'s `jit_compile` (`"auto"`, `True` or `False`)."""
+    return {"auto": "auto", "true": True, "false": False}[value]
+
+
 def recipe_jit_compile(jit_compile):
     """`Model.compile`'s `jit_compile` for the recipe and its benchmarks:
     `"auto"` is XLA on TensorFlow too.

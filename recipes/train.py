@@ -44,6 +44,7 @@ from keras_memtrans.models import MemorizingTransformerTokenizer
 from recipes import checkpointing
 from recipes.common import build_causal_lm
 from recipes.common import compile_for_training
+from recipes.common import jit_compile_flag
 from recipes.common import save_preset
 from recipes.common import split_corpus
 from recipes.data_parallel import start_data_parallel
@@ -308,7 +309,7 @@ def main(argv=None):
     results = []
     if results_path.exists():
         results = json.loads(results_path.read_text())["results"]
-    jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
+    jit_compile = jit_compile_flag(args.jit_compile)
     header = (
         f"Preset `{args.preset}`, backend {backend}, corpus: {corpus.summary()}\n\n"
         f"Command: `KERAS_BACKEND={backend} python -m recipes.train {' '.join(argv)}`"

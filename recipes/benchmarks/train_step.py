@@ -40,6 +40,7 @@ from keras_memtrans.models import PRESETS
 from keras_memtrans.models import get_preset
 from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
+from recipes.common import jit_compile_flag
 from recipes.common import recipe_jit_compile
 
 PEER_CONFIG = {
@@ -156,7 +157,7 @@ def random_batch(config, steps):
 
 def seconds_per_step(config, memory, args):
     """Mean seconds of one training step of the Keras model inside `fit`."""
-    jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
+    jit_compile = jit_compile_flag(args.jit_compile)
     causal_lm = compiled_model(config, memory, args.dtype, jit_compile)
     x, y = random_batch(config, args.warmup + args.steps)
     stamps = StepStamps()

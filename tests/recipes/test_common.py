@@ -92,3 +92,10 @@ def test_the_compiled_training_step_is_traced_once():
     causal_lm.fit(x, x["token_ids"], batch_size=lanes, shuffle=False, verbose=0)
     eager = keras.backend.backend() == "torch" and not causal_lm.jit_compile
     assert causal_lm.steps == (3 if eager else 1)
+
+
+def test_the_jit_compile_flag_reads_as_model_compiles_argument():
+    flag = {
+        value: common.jit_compile_flag(value) for value in ("auto", "true", "false")
+    }
+    assert flag == {"auto": "auto", "true": True, "false": False}
