@@ -53,3 +53,21 @@ def checked_scores_per_block(scores_per_block):
             f"got {scores_per_block!r}."
         )
     return int(scores_per_block)
+
+
+def checked_key_value_heads(num_heads, num_key_value_heads):
+    """`num_key_value_heads` resolved (`None`: `num_heads`); a ValueError
+    unless it divides `num_heads` (an equal group of query heads each).
+
+    Example:
+    >>> checked_key_value_heads(8, None), checked_key_value_heads(8, 2)
+    (8, 2)
+    """
+    num_key_value_heads = num_key_value_heads or num_heads
+    if num_heads % num_key_value_heads:
+        raise ValueError(
+            f"`num_key_value_heads` ({num_key_value_heads}) must divide "
+            f"`num_heads` ({num_heads}): each key and value head serves an "
+            "equal group of query heads."
+        )
+    return num_key_value_heads

@@ -160,6 +160,26 @@ class RelativePositionBias(keras.layers.Layer):
         table = ops.convert_to_tensor(self._bucket_table, "int32")
         return offset + ops.take(table, distance, axis=0)
 
+    def segment_bias(self, relative_positions, cache_length, every_query):
+        """The bias `[heads, query, key]` of a segment's queries over
+        `cache_length` cached keys and then the segment's own keys.
+
+        Args:
+            relative_positions: int `[query, key]`, `key - query` positions.
+            cache_length: int. Cached keys before the segment's.
+            every_query: bool. Whether the queries are the whole segment in
+                order: the bias is then built from each diagonal once
+                (`toeplitz`), one lookup per distance, not per entry.
+        """
+        if not every_query:
+            return self(relative_positions)
+        num_queries, num_keys = ops.shape(relative_positions)
+        # Diagonal t holds the distance t - (num_queries - 1) - cache_length.
+        diagonals = ops.arange(num_keys + num_queries - 1)
+        diagonals = diagonals - (num_queries - 1) - cache_length
+        bias = self(diagonals[None, :])  # [heads, 1, query + key - 1]
+        return toeplitz(bias[:, 0], num_queries, num_keys)
+
     def call(self, relative_positions):
         buckets = self.bucket(relative_positions)
         bias = ops.take(self.embeddings, buckets, axis=0)  # [query, key, heads]

@@ -12,12 +12,12 @@ from keras_memtrans.layers.attention_functions import mask_logits
 from keras_memtrans.layers.initializers import clone_initializer
 from keras_memtrans.layers.lane_state_mixin import LaneStateMixin
 from keras_memtrans.layers.relative_position_bias import RelativePositionBias
-from keras_memtrans.layers.relative_position_bias import toeplitz
 from keras_memtrans.layers.segment_decoding_mixin import SegmentDecodingMixin
 from keras_memtrans.memory.last_key import LastKey
 from keras_memtrans.memory.last_key import previous_real_keys
 from keras_memtrans.memory.segment_cache import SegmentCache
 from keras_memtrans.validation import check_positive_ints
+from keras_memtrans.validation import checked_key_value_heads
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -122,16 +122,11 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
             batch_size=batch_size,
             optional=("head_dim", "num_key_value_heads", "batch_size"),
         )
-        num_key_value_heads = num_key_value_heads or num_heads
-        if num_heads % num_key_value_heads:
-            raise ValueError(
-                f"`num_key_value_heads` ({num_key_value_heads}) must divide "
-                f"`num_heads` ({num_heads}): each key and value head serves an "
-                "equal group of query heads."
-            )
         self.num_heads = num_heads
         self.head_dim = head_dim
-        self.num_key_value_heads = num_key_value_heads
+        self.num_key_value_heads = checked_key_value_heads(
+            num_heads, num_key_value_heads
+        )
         self.batch_size = batch_size
         self.use_xl_cache = use_xl_cache
         self.num_buckets = num_buckets
@@ -304,16 +299,9 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         scale = ops.cast(self.attention_scale, queries.dtype)[:, None]  # [heads, 1]
         # [batch, heads, query, key]
         logits = grouped_scores(queries * scale, keys)
-        if every_query:  # each diagonal of the bias once: [heads, 1, q + k - 1]
-            num_keys = cache_length + segment_length
-            diagonals = ops.arange(num_keys + segment_length - 1)
-            diagonals = self.relative_position_bias(
-                (diagonals - (segment_length - 1) - cache_length)[None, :]
-            )
-            # [heads, query, key]
-            bias = toeplitz(diagonals[:, 0], segment_length, num_keys)
-        else:
-            bias = self.relative_position_bias(relative)  # [heads, query, key]
+        bias = self.relative_position_bias.segment_bias(
+            relative, cache_length, every_query
+        )  # [heads, query, key]
         # The causal mask goes into the bias and the padding into one logit
         # per key, so the whole-size work is two additions and the softmax.
         causal = relative <= 0  # [query, key]

@@ -82,6 +82,8 @@ def top_slots_in_blocks(
             num_queries, num_slots, scores_per_block
         )
 
+    group_size = group_size_for(num_slots, num_neighbors)
+
     def block_slots(block):
         queries, keys, empty = block
         if mask_in_matmul:
@@ -94,7 +96,6 @@ def top_slots_in_blocks(
             if top_k == "approx":
                 _, slots = approx_top_k(scores, num_neighbors, recall_target)
                 return ops.cast(slots, "int32")
-            group_size = group_size_for(num_slots, num_neighbors)
             return top_k_slots(scores, num_neighbors, group_size)  # [rows, q, k]
 
         if chunks == 1:
