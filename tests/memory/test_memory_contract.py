@@ -53,8 +53,9 @@ def write_plans(draw):
     """Lanes, memory size and steps `(reset flags, padding mask [batch,
     length])`: segments of mixed lengths, some wrapping around the ring,
     some longer than the memory."""
-    batch = draw(st.integers(1, 3))
-    # Few distinct shapes: JAX compiles the exact memory's ops for each.
+    # Few distinct shapes: JAX compiles the exact memory's ops for each (one
+    # lane, and lanes reset and padded apart).
+    batch = draw(st.sampled_from([1, 2]))
     memory_size = 32
     lengths = st.sampled_from([1, 5, 12, memory_size, memory_size + 5])
     steps = []
