@@ -213,18 +213,23 @@ class KNNAttention(SegmentAttention):
         """Attends to each query's nearest memory entries, mixed by the gate,
         and appends `segment` to the memory (`search_and_append`).
 
+        The memory attention runs in the memory's layout, a group's query
+        heads side by side under their key head (`_queries_by_key_head`):
+        only its result and the positions go back to query-head order, not
+        the `k` keys and values each query retrieved.
+
         Returns:
             `(attended, positions)`: `[batch, query, heads, head_dim]` and the
             int `[batch, query, heads, k]` document positions retrieved.
         """
         memory = states["memory"]
-        grouped = self._queries_by_key_head(queries)
+        grouped = self._queries_by_key_head(queries)  # [b, q * group, kv, d]
         if segment is None:
             found = memory.search(grouped, self.num_neighbors)
         else:
             found = memory.search_and_append(grouped, self.num_neighbors, *segment)
-        # [batch, seg, heads, k, dim] twice, [batch, seg, heads, k]
-        memory_keys, memory_values, positions = map(self._by_query_head, found)
+        # [batch, query * group, key heads, k, dim] twice, [..., k] positions
+        memory_keys, memory_values, positions = found
         found = positions >= 0
         # An empty slot's key and value are arbitrary but finite (the
         # `KNNMemory` contract): its weight of 0 adds exactly nothing, in the
@@ -232,17 +237,32 @@ class KNNAttention(SegmentAttention):
         memory_keys = ops.cast(memory_keys, queries.dtype)
         memory_values = ops.cast(memory_values, local.dtype)
         scores = ops.einsum(
-            "bqhd,bqhkd->bqhk", queries, memory_keys
-        )  # [batch, query, heads, k]
-        scale = ops.cast(self.attention_scale, queries.dtype)[:, None]
-        weights = masked_softmax(scores * scale, found)
+            "bqhd,bqhkd->bqhk", grouped, memory_keys
+        )  # [batch, query * group, key heads, k]
+        weights = masked_softmax(self._scaled(scores), found)
         retrieved = ops.einsum(
             "bqhk,bqhkd->bqhd", ops.cast(weights, local.dtype), memory_values
-        )  # [batch, query, heads, head_dim]
+        )  # [batch, query * group, key heads, head_dim]
+        retrieved = self._by_query_head(retrieved)  # [batch, query, heads, dim]
+        positions = self._by_query_head(positions)  # [batch, query, heads, k]
         gate = ops.cast(ops.sigmoid(self.gate_bias), local.dtype)[:, None]
         mixed = gate * retrieved + (1.0 - gate) * local
-        has_memory = ops.any(found, axis=-1, keepdims=True)  # [b, seg, heads, 1]
+        has_memory = ops.any(positions >= 0, axis=-1, keepdims=True)  # [b, q, h, 1]
         return ops.where(has_memory, mixed, local), positions
+
+    def _scaled(self, scores):
+        """Memory scores `[batch, query * group, key_value_heads, k]` (see
+        `_queries_by_key_head`) times their query head's attention scale."""
+        scale = ops.cast(self.attention_scale, scores.dtype)
+        groups = self.num_heads // self.num_key_value_heads
+        if groups == 1:
+            return scores * scale[:, None]
+        lanes, key_heads, k = self.batch_size, self.num_key_value_heads, scores.shape[3]
+        # Query head `n * groups + g` is member `g` of key head `n`'s group.
+        scale = ops.transpose(ops.reshape(scale, (key_heads, groups)))  # [group, kv]
+        # [batch, query, group, key heads, k]
+        grouped = ops.reshape(scores, (lanes, -1, groups, key_heads, k))
+        return ops.reshape(grouped * scale[:, :, None], ops.shape(scores))
 
     def _queries_by_key_head(self, queries):
         """`[batch, query, heads, dim]` queries as `[batch, query * group,
@@ -257,19 +277,18 @@ class KNNAttention(SegmentAttention):
         queries = ops.transpose(queries, (0, 1, 3, 2, 4))  # [b, q, group, n, d]
         return ops.reshape(queries, (lanes, -1, key_heads, self.head_dim))
 
-    def _by_query_head(self, found):
-        """A memory's `[batch, query * group, key_value_heads, k, ...]`
-        result for `_queries_by_key_head`'s queries, as `[batch, query,
-        heads, k, ...]`."""
+    def _by_query_head(self, grouped):
+        """A `[batch, query * group, key_value_heads, ...]` array in
+        `_queries_by_key_head`'s layout as `[batch, query, heads, ...]`."""
         groups = self.num_heads // self.num_key_value_heads
         if groups == 1:
-            return found
+            return grouped
         lanes, key_heads = self.batch_size, self.num_key_value_heads
-        tail = tuple(found.shape[3:])  # [k] or [k, dim]
-        # [batch, query, group, key heads, k, ...]
-        found = ops.reshape(found, (lanes, -1, groups, key_heads, *tail))
-        found = ops.transpose(found, (0, 1, 3, 2, *range(4, 4 + len(tail))))
-        return ops.reshape(found, (lanes, -1, self.num_heads, *tail))
+        tail = tuple(grouped.shape[3:])  # [k] or [dim]
+        # [batch, query, group, key heads, ...]
+        grouped = ops.reshape(grouped, (lanes, -1, groups, key_heads, *tail))
+        grouped = ops.transpose(grouped, (0, 1, 3, 2, *range(4, 4 + len(tail))))
+        return ops.reshape(grouped, (lanes, -1, self.num_heads, *tail))
 
     def compute_output_spec(
         self,
