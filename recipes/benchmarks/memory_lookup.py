@@ -14,8 +14,11 @@ the exact 32nd score (tie-aware: text keys repeat). The append of one
 and waited for) is timed the same way.
 
 A second table gives the throughput of `ExactMemory.search` (scores, top-k
-and gather) in the backend's compiled predict step, for the `quick`
-model's search (8 lanes x 4 heads x 128 queries, head_dim 32, k = 32), as
+and gather) in the backend's compiled predict step, for the search of the
+`quick` model (8 lanes x 4 heads x 128 queries, head_dim 32, k = 32) or,
+with `--throughput-model peer`, of the PyTorch peer's configuration (4
+lanes x 1 key head x 1,024 queries: a segment of 256 tokens of its 4 query
+heads, which share the key head; head_dim 64, k = 32), as
 GFLOP/s of its score matmul (2 x lanes x heads x queries x slots x
 head_dim), next to a dense float32 matmul measured in the same process,
 and next to two references for the same scores: the score matmul alone
@@ -45,6 +48,9 @@ from keras_memtrans import SegmentAttention
 from recipes.benchmarks.timing import call_times
 
 LANES, HEADS, HEAD_DIM, QUERIES, K, SEGMENT = 4, 4, 64, 256, 32, 512
+# The searches of the throughput table: (lanes, key heads, queries per key
+# head, head_dim).
+SEARCH_SHAPES = {"quick": (8, 4, 128, 32), "peer": (4, 1, 1024, 64)}
 
 
 def parse_args(argv):
@@ -63,6 +69,12 @@ def parse_args(argv):
         nargs="*",
         default=[8192, 65536],
         help="memory sizes of the exact-search throughput table",
+    )
+    parser.add_argument(
+        "--throughput-model",
+        default="quick",
+        choices=sorted(SEARCH_SHAPES),
+        help="whose search the throughput table times",
     )
     parser.add_argument("--dense-size", type=int, default=2048)
     return parser.parse_args(argv)
@@ -168,10 +180,11 @@ def compiled_seconds(function, inputs, repeats, state=None):
     return seconds
 
 
-def search_gflops(memory_size, repeats):
-    """GFLOP/s of the score matmul of one compiled exact search, of the
-    score matmul alone, and of ScaNN's brute-force searchers."""
-    lanes, heads, queries, head_dim, k = 8, 4, 128, 32, 32
+def search_gflops(memory_size, shape, repeats):
+    """GFLOP/s of the score matmul of one compiled exact search of `shape`
+    (`SEARCH_SHAPES`), of the score matmul alone, and of ScaNN's
+    brute-force searchers."""
+    (lanes, heads, queries, head_dim), k = shape, K
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(lanes, memory_size, heads, head_dim)).astype("float32")
     memory = ExactMemory(lanes, heads, head_dim, memory_size)
@@ -258,11 +271,14 @@ def print_lookup_table(memory_sizes, repeats):
         )
 
 
-def print_throughput_table(memory_sizes, dense_size, repeats):
+def print_throughput_table(memory_sizes, model, dense_size, repeats):
     dense = dense_gflops(dense_size, repeats)
+    lanes, heads, queries, head_dim = SEARCH_SHAPES[model]
     print(
-        f"\nExact search throughput, backend {keras.backend.backend()}; dense "
-        f"{dense_size}^2 matmul: {dense:.1f} GFLOP/s\n"
+        f"\nExact search throughput, backend {keras.backend.backend()}; the "
+        f"{model} model's search: {lanes} lanes x {heads} key heads x {queries} "
+        f"queries, head_dim {head_dim}, k {K}; dense {dense_size}^2 matmul: "
+        f"{dense:.1f} GFLOP/s\n"
     )
     print(
         "| memory | search (ms) | search GFLOP/s | vs dense matmul "
@@ -271,7 +287,9 @@ def print_throughput_table(memory_sizes, dense_size, repeats):
     )
     print("|---|---|---|---|---|---|---|---|")
     for memory_size in memory_sizes:
-        (search, search_gflop), *references = search_gflops(memory_size, repeats)
+        (search, search_gflop), *references = search_gflops(
+            memory_size, SEARCH_SHAPES[model], repeats
+        )
         cells = [
             f"{1e3 * search:.1f}",
             f"{search_gflop:.1f}",
@@ -291,7 +309,9 @@ def main(argv=None):
     if args.memory_sizes:
         print_lookup_table(args.memory_sizes, args.repeats)
     if args.throughput_sizes:
-        print_throughput_table(args.throughput_sizes, args.dense_size, args.repeats)
+        print_throughput_table(
+            args.throughput_sizes, args.throughput_model, args.dense_size, args.repeats
+        )
     return 0
 
 

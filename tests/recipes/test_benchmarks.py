@@ -43,6 +43,20 @@ def test_memory_lookup_prints_lookup_and_throughput_tables(capsys):
     assert len(cells) == 8 and min(cells) > 0
 
 
+def test_memory_lookup_times_the_peers_search(capsys):
+    memory_lookup.main(
+        [
+            *("--memory-sizes", "--throughput-sizes", "256"),
+            *("--throughput-model", "peer", "--dense-size", "64", "--repeats", "1"),
+        ]
+    )
+    output = capsys.readouterr().out
+    assert "4 lanes x 1 key heads x 1024 queries, head_dim 64" in output
+    (throughput,) = table_rows(output)
+    cells = [float(cell) for cell in throughput.strip("| ").split(" | ")]
+    assert cells[0] == 256 and len(cells) == 8 and min(cells) > 0
+
+
 def test_scann_layout_compares_both_layouts(capsys):
     scann_layout.main(["--memory-size", "512"])
     rows = [
