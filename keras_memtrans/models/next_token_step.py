@@ -67,6 +67,10 @@ class NextTokenStep(keras.Model):
     def __init__(self, causal_lm, decode_caches=None):
         super().__init__(name=f"{causal_lm.name}_next_token")
         self.causal_lm = causal_lm
+        # Built with its decode caches: an unbuilt model's first
+        # `predict_on_batch` would run the step once more, eagerly, to build
+        # it (op by op, each compiled on its own on JAX).
+        self.built = causal_lm.built
         if decode_caches is not None:
             self.decode_caches = decode_caches
             return

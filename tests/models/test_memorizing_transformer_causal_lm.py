@@ -349,6 +349,22 @@ def test_score_reads_the_inference_state_only(tmp_path):
     assert [v.path for v in loaded.weights] == [v.path for v in causal_lm.weights]
 
 
+def test_the_first_score_runs_the_step_once(monkeypatch):
+    # An unbuilt step model's first `predict_on_batch` ran the step once more,
+    # eagerly, to build it: on JAX each of its operations compiled on its own
+    # (8 s of a tiny model's first 10 s of scoring).
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone())
+    calls = []
+
+    def counted(inputs):
+        calls.append(inputs)
+        return type(causal_lm)._score_step(causal_lm, inputs)
+
+    monkeypatch.setattr(causal_lm, "_score_step", counted)
+    assert causal_lm.score(**segments(1)[0]).shape == (2, 32, 400)
+    assert len(calls) == 1
+
+
 def test_score_rejects_bad_requests():
     causal_lm = MemorizingTransformerCausalLM(tiny_backbone())
     token_ids = segments(1)[0]["token_ids"]

@@ -91,3 +91,28 @@ def test_each_token_gets_the_whole_segments_logits_and_nothing_is_written(
             )
     for variable, value in zip(causal_lm.weights, state):
         np.testing.assert_array_equal(to_numpy(variable), value, variable.path)
+
+
+def test_the_first_decode_runs_the_step_once(monkeypatch):
+    # An unbuilt step model's first `predict_on_batch` ran the step once more,
+    # eagerly, to build it: on JAX each of its operations compiled on its own
+    # (most of a tiny model's first `generate`).
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone())
+    backbone = causal_lm.backbone
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return type(backbone).call_with_cache(backbone, *args)
+
+    monkeypatch.setattr(backbone, "call_with_cache", counted)
+    step = NextTokenStep(causal_lm)
+    logits = step.predict_on_batch(
+        {
+            "token_ids": np.array([[5, 17], [8, 9]], "int32"),
+            "cache_update_index": np.zeros((2,), "int32"),
+            "token_mask": np.ones((2, 2), bool),
+        }
+    )
+    assert logits.shape == (2, 400)
+    assert len(calls) == 1
