@@ -243,11 +243,13 @@ class KNNAttention(SegmentAttention):
         retrieved = ops.einsum(
             "bqhk,bqhkd->bqhd", ops.cast(weights, local.dtype), memory_values
         )  # [batch, query * group, key heads, head_dim]
-        retrieved = self._by_query_head(retrieved)  # [batch, query, heads, dim]
-        positions = self._by_query_head(positions)  # [batch, query, heads, k]
+        has_memory = ops.any(found, axis=-1, keepdims=True)  # [b, q * g, kv, 1]
+        # [batch, query, heads, ...]: dim, 1 and k
+        retrieved, has_memory, positions = map(
+            self._by_query_head, (retrieved, has_memory, positions)
+        )
         gate = ops.cast(ops.sigmoid(self.gate_bias), local.dtype)[:, None]
         mixed = gate * retrieved + (1.0 - gate) * local
-        has_memory = ops.any(positions >= 0, axis=-1, keepdims=True)  # [b, q, h, 1]
         return ops.where(has_memory, mixed, local), positions
 
     def _scaled(self, scores):
@@ -284,7 +286,7 @@ class KNNAttention(SegmentAttention):
         if groups == 1:
             return grouped
         lanes, key_heads = self.batch_size, self.num_key_value_heads
-        tail = tuple(grouped.shape[3:])  # [k] or [dim]
+        tail = tuple(grouped.shape[3:])  # e.g. [k] or [dim]
         # [batch, query, group, key heads, ...]
         grouped = ops.reshape(grouped, (lanes, -1, groups, key_heads, *tail))
         grouped = ops.transpose(grouped, (0, 1, 3, 2, *range(4, 4 + len(tail))))

@@ -14,7 +14,7 @@ from keras_memtrans.layers.lane_state_mixin import LaneStateMixin
 from keras_memtrans.layers.relative_position_bias import RelativePositionBias
 from keras_memtrans.layers.segment_decoding_mixin import SegmentDecodingMixin
 from keras_memtrans.memory.last_key import LastKey
-from keras_memtrans.memory.last_key import previous_real_keys
+from keras_memtrans.memory.last_key import smeared_keys
 from keras_memtrans.memory.segment_cache import SegmentCache
 from keras_memtrans.validation import check_positive_ints
 from keras_memtrans.validation import checked_key_value_heads
@@ -258,17 +258,12 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         keys = self.key_projection(hidden_states)  # [batch, seg, heads, dim]
         if self.smear_keys:
             carried = None if last_key is None else last_key.read()[0]
-            keys, last, found = self._smear(keys, padding_mask, carried)
+            keys, last, found = smeared_keys(
+                keys, padding_mask, carried, self.key_smear_logit
+            )
             if last_key is not None:
                 last_key.write(last, found)
         return queries, l2_normalize(keys), self.value_projection(hidden_states)
-
-    def _smear(self, keys, padding_mask, carried):
-        """Mixes each key with the raw key of the previous real token (else
-        `carried`); returns it with `previous_real_keys`' `last, found`."""
-        previous, last, found = previous_real_keys(keys, padding_mask, carried)
-        own = ops.cast(ops.sigmoid(self.key_smear_logit), keys.dtype)[:, None]
-        return own * keys + (1.0 - own) * previous, last, found  # [b, seg, h, d]
 
     def _local_attention(
         self, queries, keys, values, padding_mask, cache, query_positions=None

@@ -1,6 +1,7 @@
 from keras import ops
 
 from keras_memtrans.layers.attention_functions import l2_normalize
+from keras_memtrans.memory.last_key import smeared_keys
 
 
 class SegmentDecodingMixin:
@@ -9,7 +10,7 @@ class SegmentDecodingMixin:
     `call_with_cache` computes only the new tokens of the segment being
     generated, with the keys and values of its earlier tokens kept in a
     decode cache (keras-hub's name and arguments for it). It uses the
-    layer's own pieces (its projections, `_smear`, `_local_attention`,
+    layer's own pieces (its projections, `smeared_keys`, `_local_attention`,
     `_mix_extra_attention` and `lane_states`), so that `KNNAttention`'s
     memory joins in as in `call`.
     """
@@ -58,7 +59,9 @@ class SegmentDecodingMixin:
             if "last_key" in states:
                 carried = ops.cast(states["last_key"].read()[0], "float32")
             carried = ops.where(found[:, None, None], last_key, carried)
-            keys, last, found_now = self._smear(keys, token_mask, carried)
+            keys, last, found_now = smeared_keys(
+                keys, token_mask, carried, self.key_smear_logit
+            )
             last_key = ops.where(
                 found_now[:, None, None], ops.cast(last, "float32"), last_key
             )

@@ -100,6 +100,20 @@ class LastKey(LaneState):
         }
 
 
+def smeared_keys(keys, padding_mask, carried, smear_logit):
+    """Each key mixed with the raw key of its previous real token,
+    `sigmoid(a) * k[t] + (1 - sigmoid(a)) * k[t-1]` with `a` the head's
+    entry of `smear_logit` `[heads]` (see `previous_real_keys`).
+
+    Returns:
+        `(keys, last, found)`: the smeared keys, and `previous_real_keys`'
+        `last` and `found`.
+    """
+    previous, last, found = previous_real_keys(keys, padding_mask, carried)
+    own = ops.cast(ops.sigmoid(smear_logit), keys.dtype)[:, None]  # [heads, 1]
+    return own * keys + (1.0 - own) * previous, last, found  # [b, seg, h, d]
+
+
 def previous_real_keys(keys, padding_mask=None, carried=None):
     """The raw key of each token's previous real token, for smeared keys.
 

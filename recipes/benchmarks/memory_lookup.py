@@ -273,7 +273,8 @@ def print_lookup_table(memory_sizes, repeats):
 
 def print_throughput_table(memory_sizes, model, dense_size, repeats):
     dense = dense_gflops(dense_size, repeats)
-    lanes, heads, queries, head_dim = SEARCH_SHAPES[model]
+    shape = SEARCH_SHAPES[model]
+    lanes, heads, queries, head_dim = shape
     print(
         f"\nExact search throughput, backend {keras.backend.backend()}; the "
         f"{model} model's search: {lanes} lanes x {heads} key heads x {queries} "
@@ -287,9 +288,7 @@ def print_throughput_table(memory_sizes, model, dense_size, repeats):
     )
     print("|---|---|---|---|---|---|---|---|")
     for memory_size in memory_sizes:
-        (search, search_gflop), *references = search_gflops(
-            memory_size, SEARCH_SHAPES[model], repeats
-        )
+        (search, search_gflop), *references = search_gflops(memory_size, shape, repeats)
         cells = [
             f"{1e3 * search:.1f}",
             f"{search_gflop:.1f}",
