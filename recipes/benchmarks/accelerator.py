@@ -11,7 +11,10 @@ runs in its own process, and each row is printed as soon as it is
 measured. Sized for one H100 in under 8 minutes; the first try there did
 not finish the JAX training steps in 9 (docs/performance.md):
 
-    python -m recipes.benchmarks.accelerator
+    KERAS_BACKEND=jax python -m recipes.benchmarks.accelerator
+
+(`KERAS_BACKEND` is set because Keras' default backend, TensorFlow, is
+not on a GPU image; each backend's worker sets its own.)
 
 `--tiny` runs the same benchmarks at test size (the `tiny` preset, small
 memories), on any machine.

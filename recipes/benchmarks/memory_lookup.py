@@ -183,7 +183,8 @@ def compiled_seconds(function, inputs, repeats, state=None):
 def search_gflops(memory_size, shape, repeats):
     """GFLOP/s of the score matmul of one compiled exact search of `shape`
     (`SEARCH_SHAPES`), of the score matmul alone, and of ScaNN's
-    brute-force searchers."""
+    brute-force searchers (None for the times and rates where ScaNN is not
+    installed)."""
     (lanes, heads, queries, head_dim), k = shape, K
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(lanes, memory_size, heads, head_dim)).astype("float32")
@@ -204,7 +205,7 @@ def search_gflops(memory_size, shape, repeats):
     brute_force = scann_brute_force_seconds(keys, query, k, repeats)
     flops = 2 * lanes * heads * queries * memory_size * head_dim
     return [
-        (seconds, flops / seconds / 1e9)
+        (seconds, None if seconds is None else flops / seconds / 1e9)
         for seconds in (search, scores_only, brute_force)
     ]
 

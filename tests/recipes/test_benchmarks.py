@@ -2,6 +2,7 @@
 scripts: their timings are never asserted)."""
 
 import re
+import sys
 
 import keras
 
@@ -55,6 +56,22 @@ def test_memory_lookup_times_the_peers_search(capsys):
     (throughput,) = table_rows(output)
     cells = [float(cell) for cell in throughput.strip("| ").split(" | ")]
     assert cells[0] == 256 and len(cells) == 8 and min(cells) > 0
+
+
+def test_memory_lookup_throughput_runs_without_scann(capsys, monkeypatch):
+    # An accelerator image has no TensorFlow, so no ScaNN: its columns
+    # print as "-" and the exact search is still timed.
+    monkeypatch.setitem(sys.modules, "scann", None)  # `import scann` fails
+    memory_lookup.main(
+        [
+            *("--memory-sizes", "--throughput-sizes", "256"),
+            *("--dense-size", "64", "--repeats", "1"),
+        ]
+    )
+    (throughput,) = table_rows(capsys.readouterr().out)
+    cells = throughput.strip("| ").split(" | ")
+    assert cells[-2:] == ["-", "-"]
+    assert len(cells) == 8 and min(float(cell) for cell in cells[:-2]) > 0
 
 
 def test_scann_layout_compares_both_layouts(capsys):
