@@ -7,9 +7,10 @@ TensorFlow; where it is not installed, as on a GPU image, that row is left
 out and the reason printed), the exact search's throughput up to a 262K
 memory beside a dense matmul (`memory_lookup`), and the decoding rate of
 `generate` on the `quick` and `paper` presets (`generate`). Each backend
-runs in its own process, and each row is printed as soon as it is
-measured. Sized for one H100 in under 8 minutes; the first try there did
-not finish the JAX training steps in 9 (docs/performance.md):
+runs in its own process (this one for its own backend), and each row is
+printed as soon as it is measured. Sized for one H100 in under 8
+minutes; on one H200 its parts took about 7 (docs/performance.md, "On
+an accelerator"):
 
     KERAS_BACKEND=jax python -m recipes.benchmarks.accelerator
 
@@ -26,7 +27,10 @@ import os
 import subprocess
 import sys
 
+import keras
+
 from recipes.benchmarks import generate
+from recipes.benchmarks import memory_lookup
 from recipes.benchmarks import train_step
 
 SIZES = {
@@ -82,15 +86,18 @@ def main(argv=None):
             *("--steps", str(size["steps"]), "--warmup", str(size["warmup"])),
         ]
     )
+    lookup = [
+        "--memory-sizes",
+        *("--throughput-sizes", *map(str, size["search_sizes"])),
+        *("--dense-size", str(size["dense_size"]), "--repeats", "3"),
+    ]
     for backend in args.backends:
         print(f"\n## Exact search throughput, {backend}\n", flush=True)
+        if backend == keras.backend.backend():
+            memory_lookup.main(lookup)
+            continue
         subprocess.run(
-            [
-                *(sys.executable, "-m", "recipes.benchmarks.memory_lookup"),
-                "--memory-sizes",
-                *("--throughput-sizes", *map(str, size["search_sizes"])),
-                *("--dense-size", str(size["dense_size"]), "--repeats", "3"),
-            ],
+            [sys.executable, "-m", "recipes.benchmarks.memory_lookup", *lookup],
             env={**os.environ, "KERAS_BACKEND": backend},
             check=True,
         )

@@ -1,9 +1,10 @@
 """Tokens per second of `generate()`, per preset and backend.
 
 For each preset of `--presets`, every backend of `--backends` builds the
-untrained model with memory in its own process and continues one random
-prompt per lane (`batch_size` lanes) of a segment and one token: the
-segment is read into memory, and generation goes on from the token.
+untrained model with memory in its own process (this one for its own
+backend) and continues one random prompt per lane (`batch_size` lanes)
+of a segment and one token: the segment is read into memory, and
+generation goes on from the token.
 `generate` is timed for 1 new token (the prompt's reading and the first
 token) and for `1 + new_tokens`, the fastest of `--repeats` calls each
 after one untimed call of the same length (compilation): decoding runs at
@@ -18,7 +19,6 @@ that the outputs stay the same.
 
 import argparse
 import hashlib
-import json
 import sys
 
 import numpy as np
@@ -26,6 +26,7 @@ import numpy as np
 from keras_memtrans.models import PRESETS
 from keras_memtrans.models import get_preset
 from recipes.benchmarks.timing import call_times
+from recipes.benchmarks.workers import print_measurements
 from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
 
@@ -83,11 +84,16 @@ def measure(preset_name, args):
     }
 
 
+def measurements(args):
+    """`measure` of each preset of `--presets`, in this process."""
+    for preset in args.presets:
+        yield measure(preset, args)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
-        for preset in args.presets:
-            print(json.dumps(measure(preset, args)), flush=True)
+        print_measurements(measurements(args))
         return 0
     print(
         f"dtype {args.dtype}; decoding rate over {args.new_tokens} new tokens per "

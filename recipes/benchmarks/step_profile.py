@@ -4,7 +4,8 @@ and the operations that take it.
 For one model (`--config peer`, the PyTorch peer's configuration, or a
 preset) and one memory (`--memory`: `none`, `SIZE`, `SIZE:exact`), filled
 with random keys as `train_step` fills it, every backend of `--backends`
-runs in its own process: the compiled forward step
+runs in its own process (this one for its own backend): the compiled
+forward step
 (`predict_on_batch`) and the whole training step (`train_on_batch`:
 forward, backward and optimizer) are each timed as the fastest of
 `--repeats` calls after warm-up, and their difference is the backward pass
@@ -37,6 +38,7 @@ from recipes.benchmarks.train_step import BACKENDS
 from recipes.benchmarks.train_step import compiled_model
 from recipes.benchmarks.train_step import model_config
 from recipes.benchmarks.train_step import random_batch
+from recipes.benchmarks.workers import print_measurements
 from recipes.benchmarks.workers import worker_lines
 
 
@@ -104,13 +106,16 @@ def torch_operations(step, shapes=False):
     }
 
 
-def run_worker(args):
+def measurements(args):
+    """Yields the step's `{"forward": ..., "step": ...}` seconds, then
+    `{"kind", "seconds", "count"}` of its `--top` operation kinds (JAX and
+    torch)."""
     config = model_config(args.config)
     causal_lm = compiled_model(config, args.memory, args.dtype, "auto")
     x, y = random_batch(config, 1)
     forward = fastest(lambda: causal_lm.predict_on_batch(x), args.repeats)
     step = fastest(lambda: causal_lm.train_on_batch(x, y), args.repeats)
-    print(json.dumps({"forward": forward, "step": step}), flush=True)
+    yield {"forward": forward, "step": step}
     profilers = {
         "jax": jax_operations,
         "torch": functools.partial(torch_operations, shapes=args.shapes),
@@ -120,13 +125,14 @@ def run_worker(args):
         kinds = profilers[backend](lambda: causal_lm.train_on_batch(x, y))
         top = sorted(kinds.items(), key=lambda item: -item[1][0])[: args.top]
         for kind, (seconds, count) in top:
-            print(json.dumps({"kind": kind, "seconds": seconds, "count": count}))
+            yield {"kind": kind, "seconds": seconds, "count": count}
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
-        return run_worker(args)
+        print_measurements(measurements(args))
+        return 0
     argv = [
         *("--config", args.config, "--memory", args.memory, "--dtype", args.dtype),
         *("--repeats", str(args.repeats), "--top", str(args.top), "--worker"),

@@ -5,7 +5,8 @@ For one model (`--config peer`, the PyTorch peer's configuration: d_model
 (multi-query attention, as the peer's `to_kv` projects), segment 256,
 batch 4, byte vocabulary, the memory in the last layer, k = 32, no XL
 cache; or any preset), every
-backend of `--backends` runs in its own process and times the model
+backend of `--backends` runs in its own process (this one for its own
+backend) and times the model
 without memory and with each memory of `--memories` (`none`, `SIZE` for
 `memory_kind="auto"`, `SIZE:<kind>` for another kind: `exact`, `scann`,
 `scann_exact`), each built, compiled
@@ -28,7 +29,6 @@ for an 8K memory on TPUv3 (0.2 s -> 0.25 s per step).
 
 import argparse
 import importlib.util
-import json
 import sys
 import tempfile
 import time
@@ -38,6 +38,7 @@ import numpy as np
 
 from keras_memtrans.models import PRESETS
 from keras_memtrans.models import get_preset
+from recipes.benchmarks.workers import print_measurements
 from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
 from recipes.common import jit_compile_flag
@@ -248,9 +249,10 @@ class StepStamps(keras.callbacks.Callback):
         return (timed[-1] - timed[0]) / (len(timed) - 1)
 
 
-def run_worker(args):
-    """Times every memory of `--memories` in this process, one JSON line
-    each: `{"memory": ..., "seconds": ...}`."""
+def measurements(args):
+    """Times every memory of `--memories` in this process (the peer's
+    model for `--worker peer`), yielding `{"memory": ..., "seconds": ...}`
+    for each."""
     config = model_config(args.config)
     for memory in args.memories:
         if args.worker == "peer" and memory != "none" and not peer_runs(args.dtype):
@@ -259,7 +261,7 @@ def run_worker(args):
             seconds = peer_seconds_per_step(memory, args)
         else:
             seconds = seconds_per_step(config, memory, args)
-        print(json.dumps({"memory": memory, "seconds": seconds}), flush=True)
+        yield {"memory": memory, "seconds": seconds}
 
 
 def print_rows(name, lines, peer, tokens):
@@ -284,7 +286,8 @@ def print_rows(name, lines, peer, tokens):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
-        return run_worker(args)
+        print_measurements(measurements(args))
+        return 0
     argv = [
         *("--config", args.config, "--steps", str(args.steps)),
         *("--warmup", str(args.warmup), "--dtype", args.dtype),

@@ -1,16 +1,37 @@
 """Benchmark workers: one process per backend (Keras picks its backend once
-per process), each printing its measurements as JSON lines."""
+per process), each printing its measurements as JSON lines, or this very
+process where it already runs the backend asked for."""
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 
+import keras
+
+
+def print_measurements(measurements):
+    """A worker's output: each measurement (a dict) as one JSON line, as
+    soon as it is made."""
+    for measurement in measurements:
+        print(json.dumps(measurement), flush=True)
+
 
 def worker_lines(module, name, argv, environment):
-    """Yields the JSON lines printed by `python -m module *argv`, run with
-    `environment` added, as soon as each is printed (a run stopped early
-    still shows what it measured); a failed worker's error is printed."""
+    """Yields the measurements of `module`'s worker for `argv` (its
+    `measurements(parse_args(argv))`) as soon as each is made.
+
+    Where `environment` asks for this process's own backend and nothing
+    else, they are made in this process: a worker process would import
+    every framework again. Otherwise `python -m module *argv` runs with
+    `environment` added and its JSON lines are read as it prints them (a
+    run stopped early still shows what it measured); a failed worker's
+    error is printed."""
+    if environment == {"KERAS_BACKEND": keras.backend.backend()}:
+        worker = importlib.import_module(module)
+        yield from worker.measurements(worker.parse_args(argv))
+        return
     command = [sys.executable, "-m", module, *argv]
     with subprocess.Popen(
         command,
