@@ -5,11 +5,12 @@ For one model (`--config peer`, the PyTorch peer's configuration, or a
 preset) and one memory (`--memory`: `none`, `SIZE`, `SIZE:exact`), filled
 with random keys as `train_step` fills it, every backend of `--backends`
 runs in its own process (this one for its own backend): the compiled
-forward step
-(`predict_on_batch`) and the whole training step (`train_on_batch`:
-forward, backward and optimizer) are each timed as the fastest of
-`--repeats` calls after warm-up, and their difference is the backward pass
-with the optimizer. Then the profiler of the backend, where it has one
+forward step with its loss (`test_on_batch`, which returns the loss, not
+the logits: `predict_on_batch` copied the paper preset's `[8, 512, 32000]`
+logits to the host on a GPU, longer than its whole training step took) and
+the whole training step (`train_on_batch`: forward, backward and
+optimizer) are each timed as the fastest of `--repeats` calls after
+warm-up, and their difference is the backward pass with the optimizer. Then the profiler of the backend, where it has one
 this script reads, records two training steps and the operation kinds
 that took the most time are printed, per step: XLA's fused operations on
 JAX (from `jax.profiler`'s trace, kinds named without their numeric
@@ -113,7 +114,7 @@ def measurements(args):
     config = model_config(args.config)
     causal_lm = compiled_model(config, args.memory, args.dtype, "auto")
     x, y = random_batch(config, 1)
-    forward = fastest(lambda: causal_lm.predict_on_batch(x), args.repeats)
+    forward = fastest(lambda: causal_lm.test_on_batch(x, y), args.repeats)
     step = fastest(lambda: causal_lm.train_on_batch(x, y), args.repeats)
     yield {"forward": forward, "step": step}
     profilers = {
