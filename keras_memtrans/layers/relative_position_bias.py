@@ -156,7 +156,11 @@ class RelativePositionBias(keras.layers.Layer):
         if self.bidirectional:
             offset = ops.where(distance < 0, self.num_buckets // 2, 0)
             distance = ops.abs(distance)
-        distance = ops.clip(distance, 0, self.max_distance)
+        # Bounds made on the device: `ops.clip`'s Python numbers (and
+        # `ops.full_like`'s) are copied from the host on every call under
+        # torch, a synchronization each on a GPU.
+        zeros = ops.zeros_like(distance)
+        distance = ops.minimum(ops.maximum(distance, zeros), zeros + self.max_distance)
         table = ops.convert_to_tensor(self._bucket_table, "int32")
         return offset + ops.take(table, distance, axis=0)
 

@@ -109,7 +109,10 @@ class SegmentCache(LaneState):
         # donates each one to the step).
         present = stored_tokens(keys, values, ops.cast(padding_mask, "bool"), xp=ops)
         for variable, update in ((self.keys, keys), (self.values, values)):
-            variable.assign(ops.where(present[:, :, None, None], update, 0))
+            # Zeros made on the device: a Python 0 is copied from the host
+            # on every call under torch (a synchronization on a GPU).
+            zeros = ops.zeros_like(update)
+            variable.assign(ops.where(present[:, :, None, None], update, zeros))
         self.mask.assign(present)
 
     def reset_state(self):

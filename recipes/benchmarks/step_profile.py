@@ -10,13 +10,15 @@ the logits: `predict_on_batch` copied the paper preset's `[8, 512, 32000]`
 logits to the host on a GPU, longer than its whole training step took) and
 the whole training step (`train_on_batch`: forward, backward and
 optimizer) are each timed as the fastest of `--repeats` calls after
-warm-up, and their difference is the backward pass with the optimizer. Then the profiler of the backend, where it has one
-this script reads, records two training steps and the operation kinds
-that took the most time are printed, per step: XLA's fused operations on
-JAX (from `jax.profiler`'s trace, kinds named without their numeric
-suffix), torch's operators by self CPU time (`torch.profiler`; with
-`--shapes`, one row per operator and input shapes).
-TensorFlow gets the timings only.
+warm-up, and their difference is the backward pass with the optimizer.
+On torch, the tensors one step makes from host data are counted (on a GPU
+each is a copy that waits for the device). Then the profiler of the
+backend, where it has one this script reads, records two training steps
+and the operation kinds that took the most time are printed, per step:
+XLA's fused operations on JAX (from `jax.profiler`'s trace, kinds named
+without their numeric suffix), torch's operators by self CPU time
+(`torch.profiler`; with `--shapes`, one row per operator and input
+shapes). TensorFlow gets the timings only.
 
     python -m recipes.benchmarks.step_profile --config peer
 """
@@ -30,6 +32,7 @@ import json
 import re
 import sys
 import tempfile
+from unittest import mock
 
 import keras
 
@@ -107,23 +110,54 @@ def torch_operations(step, shapes=False):
     }
 
 
+def torch_host_tensors(step):
+    """How many tensors one step makes from host data (Python numbers,
+    NumPy arrays) with `torch.as_tensor` or `torch.tensor`, as Keras' torch
+    backend does for an operation's Python number: on a GPU, each is a copy
+    from the host that waits for the device."""
+    import torch
+
+    made = []
+
+    def counted(make):
+        def make_counted(data, *args, **kwargs):
+            if not isinstance(data, torch.Tensor):
+                made.append(type(data))
+            return make(data, *args, **kwargs)
+
+        return make_counted
+
+    with (
+        mock.patch.object(torch, "as_tensor", counted(torch.as_tensor)),
+        mock.patch.object(torch, "tensor", counted(torch.tensor)),
+    ):
+        step()
+    return len(made)
+
+
 def measurements(args):
-    """Yields the step's `{"forward": ..., "step": ...}` seconds, then
-    `{"kind", "seconds", "count"}` of its `--top` operation kinds (JAX and
-    torch)."""
+    """Yields the step's `{"forward": ..., "step": ...}` seconds, on torch
+    `{"host_tensors": ...}` (`torch_host_tensors`), then `{"kind",
+    "seconds", "count"}` of its `--top` operation kinds (JAX and torch)."""
     config = model_config(args.config)
     causal_lm = compiled_model(config, args.memory, args.dtype, "auto")
     x, y = random_batch(config, 1)
     forward = fastest(lambda: causal_lm.test_on_batch(x, y), args.repeats)
     step = fastest(lambda: causal_lm.train_on_batch(x, y), args.repeats)
     yield {"forward": forward, "step": step}
+
+    def train_step():
+        return causal_lm.train_on_batch(x, y)
+
+    if keras.backend.backend() == "torch":
+        yield {"host_tensors": torch_host_tensors(train_step)}
     profilers = {
         "jax": jax_operations,
         "torch": functools.partial(torch_operations, shapes=args.shapes),
     }
     backend = keras.backend.backend()
     if backend in profilers:
-        kinds = profilers[backend](lambda: causal_lm.train_on_batch(x, y))
+        kinds = profilers[backend](train_step)
         top = sorted(kinds.items(), key=lambda item: -item[1][0])[: args.top]
         for kind, (seconds, count) in top:
             yield {"kind": kind, "seconds": seconds, "count": count}
@@ -151,8 +185,10 @@ def main(argv=None):
         )
         if not lines:
             continue
-        timing, *kinds = lines
+        timing, *rest = lines
         forward, step = timing["forward"], timing["step"]
+        kinds = [line for line in rest if "kind" in line]
+        host_tensors = [line["host_tensors"] for line in rest if "host_tensors" in line]
         print(f"## {backend}\n")
         print(
             "| forward (ms) | step (ms) | backward + optimizer (ms) | step / forward |"
@@ -162,6 +198,11 @@ def main(argv=None):
             f"| {1e3 * forward:.1f} | {1e3 * step:.1f} | "
             f"{1e3 * (step - forward):.1f} | {step / forward:.2f} |\n"
         )
+        for count in host_tensors:
+            print(
+                f"Tensors made from host data per step: {count} (on a GPU, "
+                "each a copy from the host that waits for the device)\n"
+            )
         if kinds:
             print("| operation | ms per step | calls per step |")
             print("|---|---|---|")

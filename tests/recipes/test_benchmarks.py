@@ -141,3 +141,7 @@ def test_step_profile_times_the_step_and_names_where_it_goes(capfd, monkeypatch)
     assert all(float(ms) >= 0 for _, ms, _ in operations)
     if backend == "torch":  # --shapes: each operator with its input shapes
         assert all("[" in name for name, _, _ in operations)
+    # torch counts the tensors a step makes from host data: at least the
+    # batch's four arrays.
+    counts = re.findall(r"^Tensors made from host data per step: (\d+)", output, re.M)
+    assert [int(count) >= 4 for count in counts] == [True] * (backend == "torch")
