@@ -23,15 +23,11 @@ memories), on any machine.
 
 import argparse
 import importlib.util
-import os
-import subprocess
 import sys
 
-import keras
-
 from recipes.benchmarks import generate
-from recipes.benchmarks import memory_lookup
 from recipes.benchmarks import train_step
+from recipes.benchmarks.workers import run_main
 
 SIZES = {
     "paper": {
@@ -93,14 +89,7 @@ def main(argv=None):
     ]
     for backend in args.backends:
         print(f"\n## Exact search throughput, {backend}\n", flush=True)
-        if backend == keras.backend.backend():
-            memory_lookup.main(lookup)
-            continue
-        subprocess.run(
-            [sys.executable, "-m", "recipes.benchmarks.memory_lookup", *lookup],
-            env={**os.environ, "KERAS_BACKEND": backend},
-            check=True,
-        )
+        run_main("recipes.benchmarks.memory_lookup", lookup, backend)
     print("\n## Generation\n", flush=True)
     generate.main(
         [

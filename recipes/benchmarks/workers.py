@@ -18,17 +18,38 @@ def print_measurements(measurements):
         print(json.dumps(measurement), flush=True)
 
 
+def runs_here(environment):
+    """Whether `environment` asks for this process's own backend and
+    nothing else: what a worker would then do can run in this process,
+    without importing every framework again."""
+    return environment == {"KERAS_BACKEND": keras.backend.backend()}
+
+
+def run_main(module, argv, backend):
+    """Runs `python -m module *argv` on `backend`: its `main(argv)` in this
+    process where `runs_here`, else in a process of its own (which must
+    succeed)."""
+    environment = {"KERAS_BACKEND": backend}
+    if runs_here(environment):
+        importlib.import_module(module).main(argv)
+        return
+    subprocess.run(
+        [sys.executable, "-m", module, *argv],
+        env={**os.environ, **environment},
+        check=True,
+    )
+
+
 def worker_lines(module, name, argv, environment):
     """Yields the measurements of `module`'s worker for `argv` (its
     `measurements(parse_args(argv))`) as soon as each is made.
 
-    Where `environment` asks for this process's own backend and nothing
-    else, they are made in this process: a worker process would import
-    every framework again. Otherwise `python -m module *argv` runs with
+    Where `runs_here(environment)`, they are made in this process.
+    Otherwise `python -m module *argv` runs with
     `environment` added and its JSON lines are read as it prints them (a
     run stopped early still shows what it measured); a failed worker's
     error is printed."""
-    if environment == {"KERAS_BACKEND": keras.backend.backend()}:
+    if runs_here(environment):
         worker = importlib.import_module(module)
         yield from worker.measurements(worker.parse_args(argv))
         return
