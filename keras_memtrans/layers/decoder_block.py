@@ -209,7 +209,9 @@ class DecoderBlock(keras.layers.Layer):
     def _feedforward_residual(self, hidden_states, training):
         x = self.feedforward_norm(hidden_states)
         x = self.feedforward_output(self.activation(self.feedforward_intermediate(x)))
-        return hidden_states + self.dropout_layer(x, training=training)
+        if training is not False:  # not in generation's step: a layer call less
+            x = self.dropout_layer(x, training=training)
+        return hidden_states + x
 
     def _check_return_neighbors(self, return_neighbors):
         if return_neighbors and not self.use_memory:

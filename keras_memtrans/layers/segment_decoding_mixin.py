@@ -66,17 +66,16 @@ class SegmentDecodingMixin:
                 found_now[:, None, None], ops.cast(last, "float32"), last_key
             )
             last_found = ops.logical_or(found_now, found)
-        start = [0, cache_update_index, 0, 0]
-        # [batch, segment, heads, dim] twice
-        cached_keys = ops.slice_update(
-            cached_keys, start, ops.cast(l2_normalize(keys), "float32")
+        # [batch, segment, heads, dim] twice, and [batch, segment]
+        cached_keys = write_tokens(
+            cached_keys, cache_update_index, ops.cast(l2_normalize(keys), "float32")
         )
-        cached_values = ops.slice_update(
+        cached_values = write_tokens(
             cached_values,
-            start,
+            cache_update_index,
             ops.cast(self.value_projection(hidden_states), "float32"),
         )
-        mask = ops.slice_update(mask, [0, cache_update_index], token_mask)
+        mask = write_tokens(mask, cache_update_index, token_mask)
         attended = self._local_attention(
             queries,
             ops.cast(cached_keys, queries.dtype),
@@ -88,3 +87,20 @@ class SegmentDecodingMixin:
         attended, _ = self._mix_extra_attention(queries, attended, states)
         outputs = self.output_projection(attended)  # [batch, tokens, hidden_dim]
         return outputs, (cached_keys, cached_values, mask, last_key, last_found)
+
+
+def write_tokens(cache, start, tokens):
+    """`cache` `[batch, segment, ...]` with `tokens` `[batch, new, ...]`
+    written at positions `start` (an int scalar) to `start + new - 1`.
+
+    One new token (each generated one) is written by a select against the
+    positions: three operations, where a slice update from a tensor start
+    runs about thirty under torch, each dispatched from Python there.
+    """
+    if tokens.shape[1] != 1:
+        start = [0, start] + [0] * (len(cache.shape) - 2)
+        return ops.slice_update(cache, start, tokens)
+    # [1, segment, 1, ...]: the position written
+    written = ops.arange(ops.shape(cache)[1]) == start
+    written = ops.reshape(written, (1, -1) + (1,) * (len(cache.shape) - 2))
+    return ops.where(written, tokens, cache)

@@ -135,6 +135,15 @@ def previous_real_keys(keys, padding_mask=None, carried=None):
     batch_size, segment_length = ops.shape(keys)[:2]
     if padding_mask is None:
         padding_mask = ops.ones((batch_size, segment_length), dtype="bool")
+    if carried is None:
+        carried = ops.zeros_like(keys[:, :1])  # [batch, 1, heads, dim]
+    else:
+        carried = ops.cast(carried, keys.dtype)[:, None]  # [batch, 1, heads, dim]
+    if keys.shape[1] == 1:
+        # One token (each generated one): nothing real before it in the
+        # segment. The same values as below, in three operations, not
+        # twenty (each a dispatch from Python when torch runs eagerly).
+        return carried, keys[:, 0], ops.cast(padding_mask, "bool")[:, 0]
     positions = ops.arange(segment_length, dtype="int32")
     # [batch, seg]: a real token's position, -1 for padding.
     real = ops.where(ops.cast(padding_mask, "bool"), positions[None, :], -1)
@@ -144,10 +153,6 @@ def previous_real_keys(keys, padding_mask=None, carried=None):
     previous = ops.take_along_axis(
         keys, ops.maximum(previous_real, 0)[:, :, None, None], axis=1
     )  # [batch, seg, heads, dim]
-    if carried is None:
-        carried = ops.zeros_like(keys[:, :1])  # [batch, 1, heads, dim]
-    else:
-        carried = ops.cast(carried, keys.dtype)[:, None]  # [batch, 1, heads, dim]
     previous = ops.where(previous_real[:, :, None, None] >= 0, previous, carried)
     final = ops.max(real, axis=1)  # [batch]: the last real position
     last = ops.take_along_axis(

@@ -79,14 +79,23 @@ def reference_previous_real_keys(keys, padding_mask, carried):
 @given(
     mask=st.lists(st.booleans(), min_size=BATCH * 5, max_size=BATCH * 5),
     seed=st.integers(0, 2**16),
+    length=st.integers(1, 5),  # 1: a generated token on its own
+    with_carried=st.booleans(),
 )
-def test_previous_real_keys_skip_padding_and_start_from_the_carried_key(mask, seed):
+def test_previous_real_keys_skip_padding_and_start_from_the_carried_key(
+    mask, seed, length, with_carried
+):
     rng = np.random.default_rng(seed)
-    keys = rng.normal(size=(BATCH, 5, HEADS, DIM)).astype("float32")
+    keys = rng.normal(size=(BATCH, length, HEADS, DIM)).astype("float32")
     carried = rng.normal(size=(BATCH, HEADS, DIM)).astype("float32")
-    padding_mask = np.array(mask).reshape(BATCH, 5)
+    if not with_carried:
+        carried *= 0  # what `carried=None` stands for
+    padding_mask = np.array(mask).reshape(BATCH, 5)[:, :length]
     previous, last, found = (
-        to_numpy(x) for x in previous_real_keys(keys, padding_mask, carried)
+        to_numpy(x)
+        for x in previous_real_keys(
+            keys, padding_mask, carried if with_carried else None
+        )
     )
     want_previous, want_last, want_found = reference_previous_real_keys(
         keys, padding_mask, carried
