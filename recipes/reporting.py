@@ -1,6 +1,10 @@
 """What the training recipe reports: held-out scores, curves and tables."""
 
+import importlib.metadata
 import math
+import os
+import pathlib
+import platform
 
 import keras
 from keras import ops
@@ -24,6 +28,63 @@ def json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+# The packages whose versions can move a run's last digits.
+RECORDED_PACKAGES = (
+    "keras",
+    "keras-hub",
+    "numpy",
+    "jax",
+    "jaxlib",
+    "tensorflow",
+    "torch",
+    "scann",
+)
+
+
+def run_environment():
+    """The machine and package versions a run's numbers come from.
+
+    XLA's CPU code differs between processors, and so can the order of
+    float sums: the same code has given 23.997 and 24.041 in two sessions
+    whose machines and packages were not recorded (docs/results.md).
+    """
+    packages = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {
+        "processor": processor_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "packages": packages,
+    }
+
+
+def processor_name():
+    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform`
+    knows of it."""
+    try:
+        cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment_line(environment):
+    """`environment` (`run_environment`) as one line of a results table's
+    header."""
+    packages = ", ".join(f"{n} {v}" for n, v in environment["packages"].items())
+    return (
+        f"Machine: {environment['processor']}, {environment['cpu_count']} CPUs; "
+        f"Python {environment['python']}; {packages}"
+    )
 
 
 def held_out_scores(causal_lm, stream, global_logs=None):

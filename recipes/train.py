@@ -17,7 +17,8 @@ never overwritten (a new `-N` suffix is chosen instead), gets:
   (`MemorizingTransformerCausalLM.from_preset("runs/quick-jax/memory")`);
 - `training/memory/`, `training/no_memory/`: a `.keras` checkpoint, a CSV
   log and TensorBoard logs of each run;
-- `results.json` and `results.md`.
+- `results.json` and `results.md`, with the machine and package versions
+  they were measured with (`reporting.run_environment`).
 
 `--data-parallel` trains on several devices, each with its share of the
 lanes and only their memories: every device JAX sees (of every host, when
@@ -52,9 +53,11 @@ from recipes.flags import parse_args
 from recipes.flags import resolve_config
 from recipes.processes import SINGLE
 from recipes.reporting import HeldOutCurve
+from recipes.reporting import environment_line
 from recipes.reporting import held_out_scores
 from recipes.reporting import json_safe
 from recipes.reporting import markdown_table
+from recipes.reporting import run_environment
 
 
 class StopAfterSteps(keras.callbacks.Callback):
@@ -310,9 +313,11 @@ def main(argv=None):
     if results_path.exists():
         results = json.loads(results_path.read_text())["results"]
     jit_compile = jit_compile_flag(args.jit_compile)
+    environment = run_environment()
     header = (
         f"Preset `{args.preset}`, backend {backend}, corpus: {corpus.summary()}\n\n"
         f"Command: `KERAS_BACKEND={backend} python -m recipes.train {' '.join(argv)}`"
+        f"\n\n{environment_line(environment)}"
     )
     for name, use_memory in runs:
         if any(result["run"] == name for result in results):
@@ -347,6 +352,7 @@ def main(argv=None):
             "corpus": corpus_settings,
             "init_from": args.init_from and str(args.init_from.resolve()),
             "devices": devices,
+            "environment": environment,
             "results": results,
         }
         checkpointing.atomic_write(

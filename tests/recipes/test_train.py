@@ -1,5 +1,7 @@
 import json
 import math
+import os
+import platform
 
 import keras
 import numpy as np
@@ -48,6 +50,19 @@ def test_compare_trains_both_models_and_reports_perplexity(compared_run):
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| memory |" in table and "| no_memory |" in table
     assert "| step | perplexity, memory | perplexity, no_memory | ratio |" in table
+
+
+@COMPARED_RUN
+def test_results_record_the_machine_and_the_package_versions(compared_run):
+    results = json.loads((compared_run / "out" / "results.json").read_text())
+    environment = results["environment"]
+    assert environment["packages"]["keras"] == keras.__version__
+    assert environment["cpu_count"] == os.cpu_count()
+    assert environment["python"] == platform.python_version()
+    assert environment["processor"]
+    table = (compared_run / "out" / "results.md").read_text()
+    assert f"Machine: {environment['processor']}, {os.cpu_count()} CPUs" in table
+    assert f"keras {keras.__version__}" in table
 
 
 @COMPARED_RUN
