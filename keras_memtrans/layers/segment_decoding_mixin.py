@@ -67,15 +67,15 @@ class SegmentDecodingMixin:
             )
             last_found = ops.logical_or(found_now, found)
         # [batch, segment, heads, dim] twice, and [batch, segment]
-        cached_keys = write_tokens(
-            cached_keys, cache_update_index, ops.cast(l2_normalize(keys), "float32")
-        )
-        cached_values = write_tokens(
-            cached_values,
+        cached_keys, cached_values, mask = write_tokens(
             cache_update_index,
-            ops.cast(self.value_projection(hidden_states), "float32"),
+            (cached_keys, ops.cast(l2_normalize(keys), "float32")),
+            (
+                cached_values,
+                ops.cast(self.value_projection(hidden_states), "float32"),
+            ),
+            (mask, token_mask),
         )
-        mask = write_tokens(mask, cache_update_index, token_mask)
         attended = self._local_attention(
             queries,
             ops.cast(cached_keys, queries.dtype),
@@ -89,18 +89,26 @@ class SegmentDecodingMixin:
         return outputs, (cached_keys, cached_values, mask, last_key, last_found)
 
 
-def write_tokens(cache, start, tokens):
-    """`cache` `[batch, segment, ...]` with `tokens` `[batch, new, ...]`
-    written at positions `start` (an int scalar) to `start + new - 1`.
+def write_tokens(start, *caches_and_tokens):
+    """Each `cache` `[batch, segment, ...]` of the `(cache, tokens)` pairs
+    with its `tokens` `[batch, new, ...]` written at positions `start` (an
+    int scalar) to `start + new - 1`; the caches, in order.
 
     One new token (each generated one) is written by a scatter at `(lane,
-    start)`: a handful of operations, where a slice update from a tensor
-    start runs about thirty under torch, each dispatched from Python there
-    (and a select over the whole cache costs XLA more than the scatter).
+    start)`, the same indices for every cache: a handful of operations,
+    where a slice update from a tensor start runs about thirty under torch,
+    each dispatched from Python there (and a select over the whole cache
+    costs XLA more than the scatter).
     """
-    if tokens.shape[1] != 1:
-        start = [0, start] + [0] * (len(cache.shape) - 2)
-        return ops.slice_update(cache, start, tokens)
-    lanes = ops.arange(ops.shape(cache)[0], dtype="int32")
+    caches, tokens = zip(*caches_and_tokens)
+    if tokens[0].shape[1] != 1:
+        return tuple(
+            ops.slice_update(cache, [0, start] + [0] * (len(cache.shape) - 2), new)
+            for cache, new in caches_and_tokens
+        )
+    lanes = ops.arange(ops.shape(caches[0])[0], dtype="int32")
     indices = ops.stack([lanes, ops.zeros_like(lanes) + start], axis=1)  # [batch, 2]
-    return ops.scatter_update(cache, indices, tokens[:, 0])
+    return tuple(
+        ops.scatter_update(cache, indices, new[:, 0])
+        for cache, new in caches_and_tokens
+    )

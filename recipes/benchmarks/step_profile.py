@@ -188,7 +188,9 @@ def main(argv=None):
         timing, *rest = lines
         forward, step = timing["forward"], timing["step"]
         kinds = [line for line in rest if "kind" in line]
-        host_tensors = [line["host_tensors"] for line in rest if "host_tensors" in line]
+        host_tensors = next(
+            (line["host_tensors"] for line in rest if "host_tensors" in line), None
+        )
         print(f"## {backend}\n")
         print(
             "| forward (ms) | step (ms) | backward + optimizer (ms) | step / forward |"
@@ -198,9 +200,9 @@ def main(argv=None):
             f"| {1e3 * forward:.1f} | {1e3 * step:.1f} | "
             f"{1e3 * (step - forward):.1f} | {step / forward:.2f} |\n"
         )
-        for count in host_tensors:
+        if host_tensors is not None:
             print(
-                f"Tensors made from host data per step: {count} (on a GPU, "
+                f"Tensors made from host data per step: {host_tensors} (on a GPU, "
                 "each a copy from the host that waits for the device)\n"
             )
         if kinds:
