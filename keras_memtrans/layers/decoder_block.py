@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_memtrans.layers.direct_call import direct_call
 from keras_memtrans.layers.initializers import clone_initializer
 from keras_memtrans.layers.knn_attention import KNNAttention
 from keras_memtrans.layers.knn_attention import check_memory_options
@@ -199,7 +200,7 @@ class DecoderBlock(keras.layers.Layer):
         See `SegmentAttention.call_with_cache`: `hidden_states` is
         `[batch, tokens, hidden_dim]`; returns `(outputs, decode_cache)`.
         """
-        x = self.attention_norm(hidden_states)
+        x = direct_call(self.attention_norm, hidden_states)
         x, decode_cache = self.attention.call_with_cache(
             x, decode_cache, cache_update_index, token_mask
         )
@@ -207,11 +208,17 @@ class DecoderBlock(keras.layers.Layer):
         return outputs, decode_cache
 
     def _feedforward_residual(self, hidden_states, training):
+        """The feed-forward residual; with `training=False` (predicting and
+        generating) its sublayers are called by `direct_call` and the
+        dropout not at all."""
+        if training is False:
+            x = direct_call(self.feedforward_norm, hidden_states)
+            x = direct_call(self.feedforward_intermediate, x)
+            x = direct_call(self.feedforward_output, self.activation(x))
+            return hidden_states + x
         x = self.feedforward_norm(hidden_states)
         x = self.feedforward_output(self.activation(self.feedforward_intermediate(x)))
-        if training is not False:  # not in generation's step: a layer call less
-            x = self.dropout_layer(x, training=training)
-        return hidden_states + x
+        return hidden_states + self.dropout_layer(x, training=training)
 
     def _check_return_neighbors(self, return_neighbors):
         if return_neighbors and not self.use_memory:

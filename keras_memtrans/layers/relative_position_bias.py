@@ -4,6 +4,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_memtrans.layers.direct_call import direct_call
+
 
 def bucket_boundaries(num_buckets, max_distance):
     """The smallest causal distance of each of T5's buckets, exactly.
@@ -152,7 +154,6 @@ class RelativePositionBias(keras.layers.Layer):
     def bucket(self, relative_positions):
         """Maps `key - query` distances to bucket ids in `[0, num_buckets)`."""
         distance = -ops.cast(relative_positions, "int32")
-        offset = 0
         if self.bidirectional:
             offset = ops.where(distance < 0, self.num_buckets // 2, 0)
             distance = ops.abs(distance)
@@ -162,7 +163,8 @@ class RelativePositionBias(keras.layers.Layer):
         zeros = ops.zeros_like(distance)
         distance = ops.minimum(ops.maximum(distance, zeros), zeros + self.max_distance)
         table = ops.convert_to_tensor(self._bucket_table, "int32")
-        return offset + ops.take(table, distance, axis=0)
+        buckets = ops.take(table, distance, axis=0)
+        return offset + buckets if self.bidirectional else buckets
 
     def segment_bias(self, relative_positions, cache_length, every_query):
         """The bias `[heads, query, key]` of a segment's queries over
@@ -175,8 +177,8 @@ class RelativePositionBias(keras.layers.Layer):
                 order: the bias is then built from each diagonal once
                 (`toeplitz`), one lookup per distance, not per entry.
         """
-        if not every_query:
-            return self(relative_positions)
+        if not every_query:  # generation's step
+            return direct_call(self, relative_positions)
         num_queries, num_keys = ops.shape(relative_positions)
         # Diagonal t holds the distance t - (num_queries - 1) - cache_length.
         diagonals = ops.arange(num_keys + num_queries - 1)

@@ -1,6 +1,7 @@
 from keras import ops
 
 from keras_memtrans.layers.attention_functions import l2_normalize
+from keras_memtrans.layers.direct_call import direct_call
 from keras_memtrans.memory.last_key import smeared_keys
 
 
@@ -49,8 +50,10 @@ class SegmentDecodingMixin:
         states = self.lane_states(training=False)
         cached_keys, cached_values, mask, last_key, last_found = decode_cache
         token_mask = ops.cast(token_mask, "bool")  # [batch, tokens]
-        queries = l2_normalize(self.query_projection(hidden_states))  # [b, t, h, d]
-        keys = self.key_projection(hidden_states)  # [batch, tokens, heads, dim]
+        queries = l2_normalize(
+            direct_call(self.query_projection, hidden_states)
+        )  # [b, t, h, d]
+        keys = direct_call(self.key_projection, hidden_states)  # [b, t, heads, d]
         if self.smear_keys:
             # The key before the first new token: the segment's last real
             # one so far, else the lane's carried one (zero: none).
@@ -72,7 +75,7 @@ class SegmentDecodingMixin:
             (cached_keys, ops.cast(l2_normalize(keys), "float32")),
             (
                 cached_values,
-                ops.cast(self.value_projection(hidden_states), "float32"),
+                ops.cast(direct_call(self.value_projection, hidden_states), "float32"),
             ),
             (mask, token_mask),
         )
@@ -85,7 +88,8 @@ class SegmentDecodingMixin:
             query_positions=cache_update_index + ops.arange(ops.shape(queries)[1]),
         )  # [batch, tokens, heads, head_dim]
         attended, _ = self._mix_extra_attention(queries, attended, states)
-        outputs = self.output_projection(attended)  # [batch, tokens, hidden_dim]
+        # [batch, tokens, hidden_dim]
+        outputs = direct_call(self.output_projection, attended)
         return outputs, (cached_keys, cached_values, mask, last_key, last_found)
 
 

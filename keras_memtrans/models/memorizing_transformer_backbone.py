@@ -2,6 +2,7 @@ import keras
 import keras_hub
 
 from keras_memtrans.layers.decoder_block import DecoderBlock
+from keras_memtrans.layers.direct_call import direct_call
 from keras_memtrans.layers.knn_attention import check_memory_options
 from keras_memtrans.layers.lane_state_mixin import LANE_VARIABLE_PATH
 from keras_memtrans.memory.lane_state import load_states
@@ -233,14 +234,14 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
             `(hidden_states, decode_caches)`: `[batch, tokens, hidden_dim]`
             after the final layer norm, and the updated caches.
         """
-        x = self.token_embedding(token_ids)  # [batch, tokens, hidden]
+        x = direct_call(self.token_embedding, token_ids)  # [batch, tokens, hidden]
         updated = []
         for block, decode_cache in zip(self.transformer_layers, decode_caches):
             x, decode_cache = block.call_with_cache(
                 x, decode_cache, cache_update_index, token_mask
             )
             updated.append(decode_cache)
-        return self.layer_norm(x), updated
+        return direct_call(self.layer_norm, x), updated
 
     def reset_state(self, training=None):
         """Empties every memory and cache.

@@ -1,6 +1,8 @@
 import keras
 from keras import ops
 
+from keras_memtrans.layers.direct_call import direct_call
+
 
 class NextTokenStep(keras.Model):
     """The next token's logits, from the segment's cached keys and values.
@@ -18,7 +20,9 @@ class NextTokenStep(keras.Model):
     `False`); what lies beyond the positions decoded so far is never read,
     so a new segment needs no reset. `predict_on_batch` compiles the step
     once per number of new tokens, as the causal LM's own predict step is
-    compiled (XLA where the layers allow it).
+    compiled (XLA where the layers allow it); the step calls its sublayers
+    through `direct_call` (a third of an eager torch step is Keras' per-call
+    bookkeeping otherwise).
 
     Args:
         causal_lm: a `MemorizingTransformerCausalLM`.
@@ -65,7 +69,9 @@ class NextTokenStep(keras.Model):
     """
 
     def __init__(self, causal_lm, decode_caches=None):
-        super().__init__(name=f"{causal_lm.name}_next_token")
+        # float32, whatever the global policy: a mixed one would open an
+        # autocast scope around the layers that `direct_call` calls.
+        super().__init__(name=f"{causal_lm.name}_next_token", dtype="float32")
         self.causal_lm = causal_lm
         # Built with its decode caches: an unbuilt model's first
         # `predict_on_batch` would run the step once more, eagerly, to build
@@ -111,5 +117,7 @@ class NextTokenStep(keras.Model):
             for variable, value in zip(variables, values):
                 variable.assign(value)
         # [batch, vocab]
-        logits = backbone.token_embedding(hidden_states[:, -1:], reverse=True)[:, 0]
+        logits = direct_call(
+            backbone.token_embedding, hidden_states[:, -1:], reverse=True
+        )[:, 0]
         return ops.cast(logits, "float32")

@@ -1,12 +1,27 @@
 import contextlib
 
+import keras
 import numpy as np
 import pytest
 
+from keras_memtrans.layers import decoder_block
+from keras_memtrans.layers import relative_position_bias
+from keras_memtrans.layers import segment_decoding_mixin
 from keras_memtrans.models import MemorizingTransformerCausalLM
+from keras_memtrans.models import memorizing_transformer_backbone
+from keras_memtrans.models import next_token_step
 from keras_memtrans.models.next_token_step import NextTokenStep
 from tests.arrays import to_numpy
 from tests.models.conftest import tiny_backbone
+
+# The modules whose generation step calls layers through `direct_call`.
+DIRECT_CALLERS = (
+    decoder_block,
+    relative_position_bias,
+    segment_decoding_mixin,
+    memorizing_transformer_backbone,
+    next_token_step,
+)
 
 
 def whole_segment_logits(causal_lm, token_ids, padding_mask, position):
@@ -116,3 +131,54 @@ def test_the_first_decode_runs_the_step_once(monkeypatch):
     )
     assert logits.shape == (2, 400)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "model_dtype, global_policy",
+    [
+        ("float32", "float32"),
+        ("mixed_bfloat16", "float32"),
+        ("float32", "mixed_bfloat16"),
+    ],
+)
+def test_sublayers_called_directly_give_the_logits_of_normal_calls(
+    monkeypatch, model_dtype, global_policy
+):
+    # `direct_call` runs a sublayer's `call` alone only where its normal
+    # call would change nothing: the same logits, bit for bit, in a mixed
+    # precision model and in a float32 one under a mixed global policy
+    # (whose autocast scope the step must not open around them).
+    causal_lm = MemorizingTransformerCausalLM(
+        tiny_backbone(use_xl_cache=True, smear_keys=True, dtype=model_dtype)
+    )
+    keras.config.set_dtype_policy(global_policy)
+    inputs = [
+        {
+            "token_ids": np.array([[5, 17, 3], [0, 8, 9]], "int32"),
+            "cache_update_index": np.zeros((2,), "int32"),
+            "token_mask": np.array([[True, True, True], [False, True, True]]),
+        },
+        {
+            "token_ids": np.array([[42], [7]], "int32"),
+            "cache_update_index": np.full((2,), 3, "int32"),
+            "token_mask": np.ones((2, 1), bool),
+        },
+    ]
+
+    def step_logits():
+        prompt_step = NextTokenStep(causal_lm)
+        token_step = NextTokenStep(causal_lm, decode_caches=prompt_step.decode_caches)
+        return [
+            prompt_step.predict_on_batch(inputs[0]),
+            token_step.predict_on_batch(inputs[1]),
+        ]
+
+    direct = step_logits()
+
+    def normal_call(layer, inputs, **kwargs):
+        return layer(inputs, **kwargs)
+
+    for module in DIRECT_CALLERS:
+        monkeypatch.setattr(module, "direct_call", normal_call)
+    for got, expected in zip(direct, step_logits()):
+        np.testing.assert_array_equal(got, expected)
