@@ -193,7 +193,12 @@ class DecoderBlock(keras.layers.Layer):
         return outputs
 
     def call_with_cache(
-        self, hidden_states, decode_cache, cache_update_index, token_mask
+        self,
+        hidden_states,
+        decode_cache,
+        cache_update_index,
+        token_mask,
+        starts_segment=False,
     ):
         """The block on new tokens of the segment being generated.
 
@@ -202,7 +207,7 @@ class DecoderBlock(keras.layers.Layer):
         """
         x = direct_call(self.attention_norm, hidden_states)
         x, decode_cache = self.attention.call_with_cache(
-            x, decode_cache, cache_update_index, token_mask
+            x, decode_cache, cache_update_index, token_mask, starts_segment
         )
         outputs = self._feedforward_residual(hidden_states + x, training=False)
         return outputs, decode_cache

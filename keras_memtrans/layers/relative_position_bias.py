@@ -4,8 +4,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_memtrans.layers.direct_call import direct_call
-
 
 def bucket_boundaries(num_buckets, max_distance):
     """The smallest causal distance of each of T5's buckets, exactly.
@@ -166,25 +164,24 @@ class RelativePositionBias(keras.layers.Layer):
         buckets = ops.take(table, distance, axis=0)
         return offset + buckets if self.bidirectional else buckets
 
-    def segment_bias(self, relative_positions, cache_length, every_query):
-        """The bias `[heads, query, key]` of a segment's queries over
-        `cache_length` cached keys and then the segment's own keys.
+    def segment_bias(self, segment_length, cache_length):
+        """The bias `[heads, segment, cache + segment]` of a segment's
+        queries over `cache_length` cached keys and then the segment's own
+        keys.
+
+        Built from each diagonal once (`toeplitz`): one lookup per
+        distance, not per entry.
 
         Args:
-            relative_positions: int `[query, key]`, `key - query` positions.
+            segment_length: int. The segment's queries (and own keys).
             cache_length: int. Cached keys before the segment's.
-            every_query: bool. Whether the queries are the whole segment in
-                order: the bias is then built from each diagonal once
-                (`toeplitz`), one lookup per distance, not per entry.
         """
-        if not every_query:  # generation's step
-            return direct_call(self, relative_positions)
-        num_queries, num_keys = ops.shape(relative_positions)
-        # Diagonal t holds the distance t - (num_queries - 1) - cache_length.
-        diagonals = ops.arange(num_keys + num_queries - 1)
-        diagonals = diagonals - (num_queries - 1) - cache_length
-        bias = self(diagonals[None, :])  # [heads, 1, query + key - 1]
-        return toeplitz(bias[:, 0], num_queries, num_keys)
+        num_keys = cache_length + segment_length
+        # Diagonal t holds the distance t - (segment_length - 1) - cache_length.
+        diagonals = ops.arange(num_keys + segment_length - 1)
+        diagonals = diagonals - (segment_length - 1) - cache_length
+        bias = self(diagonals[None, :])  # [heads, 1, segment + key - 1]
+        return toeplitz(bias[:, 0], segment_length, num_keys)
 
     def call(self, relative_positions):
         buckets = self.bucket(relative_positions)

@@ -265,22 +265,13 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
                 last_key.write(last, found)
         return queries, l2_normalize(keys), self.value_projection(hidden_states)
 
-    def _local_attention(
-        self, queries, keys, values, padding_mask, cache, query_positions=None
-    ):
-        """Causal attention over the segment (and cache) with relative bias.
-
-        `query_positions` `[query]` are the queries' positions in the
-        segment: all of them (`None`), or the one token being generated.
-        """
+    def _local_attention(self, queries, keys, values, padding_mask, cache):
+        """Causal attention over the segment (and cache) with relative bias."""
         batch_size, segment_length = ops.shape(keys)[:2]
         if padding_mask is None:
             key_mask = ops.ones((batch_size, segment_length), dtype="bool")
         else:
             key_mask = ops.cast(padding_mask, "bool")
-        every_query = query_positions is None
-        if every_query:
-            query_positions = ops.arange(segment_length)
         cache_length = 0
         if cache is not None:
             cache_keys, cache_values, cache_mask = cache.read()
@@ -290,12 +281,13 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
             key_mask = ops.concatenate([cache_mask, key_mask], axis=1)
         # Key j sits at position j - cache_length relative to segment start.
         key_positions = ops.arange(cache_length + segment_length)[None, :]
-        relative = key_positions - cache_length - query_positions[:, None]  # [q, k]
+        query_positions = ops.arange(segment_length)[:, None]
+        relative = key_positions - cache_length - query_positions  # [query, key]
         scale = ops.cast(self.attention_scale, queries.dtype)[:, None]  # [heads, 1]
         # [batch, heads, query, key]
         logits = grouped_scores(queries * scale, keys)
         bias = self.relative_position_bias.segment_bias(
-            relative, cache_length, every_query
+            segment_length, cache_length
         )  # [heads, query, key]
         # The causal mask goes into the bias and the padding into one logit
         # per key, so the whole-size work is two additions and the softmax.

@@ -215,7 +215,14 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
             block.attention for block in self.transformer_layers if block.use_memory
         ]
 
-    def call_with_cache(self, token_ids, decode_caches, cache_update_index, token_mask):
+    def call_with_cache(
+        self,
+        token_ids,
+        decode_caches,
+        cache_update_index,
+        token_mask,
+        starts_segment=False,
+    ):
         """The backbone on new tokens of the segment being generated.
 
         Each block attends from the tokens to its segment so far through
@@ -225,10 +232,13 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
         Args:
             token_ids: int `[batch, tokens]`: the tokens from position
                 `cache_update_index` on.
-            decode_caches: one `(keys, values, mask, last_key, last_found)`
-                per block.
+            decode_caches: one `(keys, values, mask, last_key, last_found,
+                position_bias)` per block.
             cache_update_index: int scalar: the first token's position.
             token_mask: bool `[batch, tokens]`: `False` on padding.
+            starts_segment: bool. Whether the tokens start a segment
+                (`cache_update_index` is 0; see
+                `SegmentAttention.call_with_cache`).
 
         Returns:
             `(hidden_states, decode_caches)`: `[batch, tokens, hidden_dim]`
@@ -238,7 +248,7 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
         updated = []
         for block, decode_cache in zip(self.transformer_layers, decode_caches):
             x, decode_cache = block.call_with_cache(
-                x, decode_cache, cache_update_index, token_mask
+                x, decode_cache, cache_update_index, token_mask, starts_segment
             )
             updated.append(decode_cache)
         return direct_call(self.layer_norm, x), updated

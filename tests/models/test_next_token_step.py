@@ -5,19 +5,18 @@ import numpy as np
 import pytest
 
 from keras_memtrans.layers import decoder_block
-from keras_memtrans.layers import relative_position_bias
 from keras_memtrans.layers import segment_decoding_mixin
 from keras_memtrans.models import MemorizingTransformerCausalLM
 from keras_memtrans.models import memorizing_transformer_backbone
 from keras_memtrans.models import next_token_step
 from keras_memtrans.models.next_token_step import NextTokenStep
+from keras_memtrans.models.next_token_steps import NextTokenSteps
 from tests.arrays import to_numpy
 from tests.models.conftest import tiny_backbone
 
 # The modules whose generation step calls layers through `direct_call`.
 DIRECT_CALLERS = (
     decoder_block,
-    relative_position_bias,
     segment_decoding_mixin,
     memorizing_transformer_backbone,
     next_token_step,
@@ -74,7 +73,7 @@ def test_each_token_gets_the_whole_segments_logits_and_nothing_is_written(
     state = [to_numpy(v) for v in causal_lm.weights]
     # As generate() does: one step for a prompt's tokens, one for a single
     # token, sharing the decode cache (each compiled for its token count).
-    prompt_step = NextTokenStep(causal_lm)
+    prompt_step = NextTokenStep(causal_lm, starts_segment=True)
     token_step = NextTokenStep(causal_lm, decode_caches=prompt_step.decode_caches)
     # Two segments decoded in turn, the second shorter: what the first left
     # in the cache beyond the second's positions is never read. Each starts
@@ -121,7 +120,7 @@ def test_the_first_decode_runs_the_step_once(monkeypatch):
         return type(backbone).call_with_cache(backbone, *args)
 
     monkeypatch.setattr(backbone, "call_with_cache", counted)
-    step = NextTokenStep(causal_lm)
+    step = NextTokenStep(causal_lm, starts_segment=True)
     logits = step.predict_on_batch(
         {
             "token_ids": np.array([[5, 17], [8, 9]], "int32"),
@@ -166,7 +165,7 @@ def test_sublayers_called_directly_give_the_logits_of_normal_calls(
     ]
 
     def step_logits():
-        prompt_step = NextTokenStep(causal_lm)
+        prompt_step = NextTokenStep(causal_lm, starts_segment=True)
         token_step = NextTokenStep(causal_lm, decode_caches=prompt_step.decode_caches)
         return [
             prompt_step.predict_on_batch(inputs[0]),
@@ -182,3 +181,56 @@ def test_sublayers_called_directly_give_the_logits_of_normal_calls(
         monkeypatch.setattr(module, "direct_call", normal_call)
     for got, expected in zip(direct, step_logits()):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_a_segment_started_by_one_token_reads_the_xl_cache_committed_before_it():
+    # generate() starts each segment after the prompt's with one token at
+    # position 0: that step writes the XL cache committed since the last
+    # segment, and the position bias, into the decode cache; a step that did
+    # not would attend to what the previous segment left there.
+    causal_lm = MemorizingTransformerCausalLM(
+        tiny_backbone(use_xl_cache=True, smear_keys=True)
+    )
+    rng = np.random.default_rng(1)
+    steps = NextTokenSteps(causal_lm)
+
+    def segment():
+        return (
+            rng.integers(1, 400, (2, 32)).astype("int32"),
+            np.ones((2, 32), bool),
+        )
+
+    def commit(token_ids, padding_mask, document_start):
+        causal_lm(
+            {
+                "token_ids": token_ids,
+                "padding_mask": padding_mask,
+                "document_start": np.full((2,), document_start),
+            },
+            training=False,
+        )
+
+    def decode(token_ids, padding_mask, start, end):
+        return steps(
+            {
+                "token_ids": token_ids[:, start:end],
+                "cache_update_index": np.full((2,), start, "int32"),
+                "token_mask": padding_mask[:, start:end],
+            }
+        )
+
+    causal_lm.reset_state(training=False)
+    commit(*segment(), document_start=True)
+    first = segment()
+    decode(*first, 0, 4)  # a prompt, then two tokens
+    decode(*first, 4, 5)
+    decode(*first, 5, 6)
+    commit(*first, document_start=False)  # a new XL cache and memory
+    second = segment()
+    for position in range(3):  # from position 0, one token per step
+        np.testing.assert_allclose(
+            decode(*second, position, position + 1),
+            whole_segment_logits(causal_lm, *second, position),
+            rtol=1e-4,
+            atol=1e-4,
+        )
