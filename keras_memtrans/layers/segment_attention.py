@@ -283,9 +283,6 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         key_positions = ops.arange(cache_length + segment_length)[None, :]
         query_positions = ops.arange(segment_length)[:, None]
         relative = key_positions - cache_length - query_positions  # [query, key]
-        scale = ops.cast(self.attention_scale, queries.dtype)[:, None]  # [heads, 1]
-        # [batch, heads, query, key]
-        logits = grouped_scores(queries * scale, keys)
         bias = self.relative_position_bias.segment_bias(
             segment_length, cache_length
         )  # [heads, query, key]
@@ -294,15 +291,35 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         causal = relative <= 0  # [query, key]
         bias = ops.cast(bias, "float32") + mask_logits(causal)  # [heads, q, k]
         key_bias = mask_logits(key_mask)[:, None, None, :]  # [batch, 1, 1, key]
-        logits = ops.cast(logits, "float32") + bias[None] + key_bias
-        weights = ops.softmax(logits, axis=-1)  # [batch, heads, query, key]
-        # [batch, query, heads, head_dim]
-        attended = grouped_mix(ops.cast(weights, values.dtype), values)
-        # A query that sees no key (padding with no real token before it)
-        # attends to nothing.
         sees_a_key = ops.any(
             ops.logical_and(causal[None], key_mask[:, None, :]), axis=-1
         )  # [batch, query]
+        return self._attend_to_keys(
+            queries, keys, values, bias[None], key_bias, sees_a_key
+        )
+
+    def _attend_to_keys(self, queries, keys, values, bias, mask_bias, sees_a_key):
+        """The softmax attention of `queries` over `keys` and `values`.
+
+        Args:
+            queries: `[batch, query, heads, head_dim]`.
+            keys, values: `[batch, key, key_heads, head_dim]`.
+            bias, mask_bias: float32, each broadcast to `[batch, heads,
+                query, key]`: added to the scaled scores, in that order.
+            sees_a_key: bool `[batch, query]`: `False` where a query sees
+                no key (padding with no real token before it), which then
+                attends to nothing.
+
+        Returns:
+            `[batch, query, heads, head_dim]`.
+        """
+        scale = ops.cast(self.attention_scale, queries.dtype)[:, None]  # [heads, 1]
+        # [batch, heads, query, key]
+        logits = grouped_scores(queries * scale, keys)
+        logits = ops.cast(logits, "float32") + bias + mask_bias
+        weights = ops.softmax(logits, axis=-1)  # [batch, heads, query, key]
+        # [batch, query, heads, head_dim]
+        attended = grouped_mix(ops.cast(weights, values.dtype), values)
         return attended * ops.cast(sees_a_key, attended.dtype)[:, :, None, None]
 
     def call(

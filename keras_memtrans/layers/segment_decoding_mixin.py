@@ -1,7 +1,5 @@
 from keras import ops
 
-from keras_memtrans.layers.attention_functions import grouped_mix
-from keras_memtrans.layers.attention_functions import grouped_scores
 from keras_memtrans.layers.attention_functions import l2_normalize
 from keras_memtrans.layers.attention_functions import mask_logits
 from keras_memtrans.layers.direct_call import direct_call
@@ -171,17 +169,14 @@ class SegmentDecodingMixin:
         key_positions = ops.arange(ops.shape(keys)[1]) - prefix  # [keys]
         causal = key_positions[None, :] <= query_positions[:, None]  # [t, keys]
         seen = ops.logical_and(causal[None], key_mask[:, None, :])  # [b, t, keys]
-        scale = ops.cast(self.attention_scale, queries.dtype)[:, None]  # [heads, 1]
-        logits = grouped_scores(queries * scale, keys)  # [batch, heads, t, keys]
-        logits = ops.cast(logits, "float32") + position_bias[None]
-        logits = logits + mask_logits(seen)[:, None]
-        weights = ops.softmax(logits, axis=-1)  # [batch, heads, tokens, keys]
-        # [batch, tokens, heads, head_dim]
-        attended = grouped_mix(ops.cast(weights, values.dtype), values)
-        # A query that sees no key (padding with no real token before it)
-        # attends to nothing.
-        sees_a_key = ops.any(seen, axis=-1)  # [batch, tokens]
-        return attended * ops.cast(sees_a_key, attended.dtype)[:, :, None, None]
+        return self._attend_to_keys(
+            queries,
+            keys,
+            values,
+            position_bias[None],
+            mask_logits(seen)[:, None],
+            ops.any(seen, axis=-1),
+        )
 
 
 def write_tokens(start, *caches_and_tokens):

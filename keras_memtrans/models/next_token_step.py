@@ -77,7 +77,8 @@ class NextTokenStep(keras.Model):
 
     def __init__(self, causal_lm, decode_caches=None, starts_segment=False):
         # float32, whatever the global policy: a mixed one would open an
-        # autocast scope around the layers that `direct_call` calls.
+        # autocast scope around the step's layers, and `direct_call` calls
+        # a layer normally (slowly) inside another dtype's scope.
         super().__init__(name=f"{causal_lm.name}_next_token", dtype="float32")
         self.causal_lm = causal_lm
         self.starts_segment = starts_segment

@@ -111,3 +111,28 @@ def test_a_quantized_layer_is_called_normally(monkeypatch):
     got = direct_call(layer, inputs)
     assert calls.count == 1
     np.testing.assert_array_equal(to_numpy(got), expected)
+
+
+def test_a_float32_layer_inside_a_mixed_layers_call_is_called_normally(monkeypatch):
+    # The mixed layer's autocast scope would read the float32 kernel in
+    # bfloat16 during a call alone; the float32 layer's own call resets it.
+    inner = built(keras.layers.Dense(5), (3, 8))
+
+    class Outer(keras.layers.Layer):
+        def __init__(self, through, **kwargs):
+            super().__init__(**kwargs)
+            self.through = through
+
+        def call(self, inputs):
+            return self.through(inner, ops.cast(inputs, "float32"))
+
+    inputs = np.random.default_rng(0).normal(size=(3, 8)).astype("float32")
+
+    def normal_call(layer, inputs):
+        return layer(inputs)
+
+    expected = to_numpy(Outer(normal_call, dtype="mixed_bfloat16")(inputs))
+    calls = CountedCalls(monkeypatch, inner)
+    got = Outer(direct_call, dtype="mixed_bfloat16")(inputs)
+    assert calls.count == 1
+    np.testing.assert_array_equal(to_numpy(got), expected)
