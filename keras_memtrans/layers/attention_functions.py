@@ -35,32 +35,33 @@ def grouped_scores(queries, keys):
 
     Args:
         queries: `[batch, query, heads, dim]`.
-        keys: `[batch, key, key_heads, dim]`, `key_heads` a divisor of
-            `heads`: query head `h` reads key head `h // (heads // key_heads)`.
+        keys: `[batch, key_heads, key, dim]` (head-major: each head's keys
+            one matrix), `key_heads` a divisor of `heads`: query head `h`
+            reads key head `h // (heads // key_heads)`.
     """
-    heads, key_heads = queries.shape[2], keys.shape[2]
+    heads, key_heads = queries.shape[2], keys.shape[1]
     if heads == key_heads:
-        return ops.einsum("bqhd,bkhd->bhqk", queries, keys)
+        return ops.einsum("bqhd,bhkd->bhqk", queries, keys)
     batch_size, num_queries = ops.shape(queries)[:2]
     # [batch, query, key heads, group, dim]
     queries = ops.reshape(
         queries, (batch_size, num_queries, key_heads, -1, queries.shape[3])
     )
-    scores = ops.einsum("bqngd,bknd->bngqk", queries, keys)  # [b, n, g, q, k]
+    scores = ops.einsum("bqngd,bnkd->bngqk", queries, keys)  # [b, n, g, q, k]
     return ops.reshape(scores, (batch_size, heads, num_queries, -1))
 
 
 def grouped_mix(weights, values):
     """The values `[batch, query, heads, dim]` mixed by `weights` `[batch,
-    heads, query, key]`, each query head from the values `[batch, key,
-    key_heads, dim]` of its group (see `grouped_scores`)."""
-    heads, key_heads = weights.shape[1], values.shape[2]
+    heads, query, key]`, each query head from the values `[batch,
+    key_heads, key, dim]` of its group (see `grouped_scores`)."""
+    heads, key_heads = weights.shape[1], values.shape[1]
     if heads == key_heads:
-        return ops.einsum("bhqk,bkhd->bqhd", weights, values)
+        return ops.einsum("bhqk,bhkd->bqhd", weights, values)
     batch_size, _, num_queries, num_keys = ops.shape(weights)
     # [batch, key heads, group, query, key]
     weights = ops.reshape(weights, (batch_size, key_heads, -1, num_queries, num_keys))
-    mixed = ops.einsum("bngqk,bknd->bqngd", weights, values)  # [b, q, n, g, d]
+    mixed = ops.einsum("bngqk,bnkd->bqngd", weights, values)  # [b, q, n, g, d]
     return ops.reshape(mixed, (batch_size, num_queries, heads, values.shape[3]))
 
 

@@ -203,14 +203,14 @@ class DecoderBlock(keras.layers.Layer):
         """The block on new tokens of the segment being generated.
 
         See `SegmentAttention.call_with_cache`: `hidden_states` is
-        `[batch, tokens, hidden_dim]`; returns `(outputs, decode_cache)`.
+        `[batch, tokens, hidden_dim]`; returns the outputs, of that shape,
+        and writes the new tokens into `decode_cache`.
         """
         x = direct_call(self.attention_norm, hidden_states)
-        x, decode_cache = self.attention.call_with_cache(
+        x = self.attention.call_with_cache(
             x, decode_cache, cache_update_index, token_mask, starts_segment
         )
-        outputs = self._feedforward_residual(hidden_states + x, training=False)
-        return outputs, decode_cache
+        return self._feedforward_residual(hidden_states + x, training=False)
 
     def _feedforward_residual(self, hidden_states, training):
         """The feed-forward residual; with `training=False` (predicting and

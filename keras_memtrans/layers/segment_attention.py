@@ -295,7 +295,13 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
             ops.logical_and(causal[None], key_mask[:, None, :]), axis=-1
         )  # [batch, query]
         return self._attend_to_keys(
-            queries, keys, values, bias[None], key_bias, sees_a_key
+            queries,
+            # [batch, key_heads, key, head_dim] twice
+            ops.transpose(keys, (0, 2, 1, 3)),
+            ops.transpose(values, (0, 2, 1, 3)),
+            bias[None],
+            key_bias,
+            sees_a_key,
         )
 
     def _attend_to_keys(self, queries, keys, values, bias, mask_bias, sees_a_key):
@@ -303,7 +309,7 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
 
         Args:
             queries: `[batch, query, heads, head_dim]`.
-            keys, values: `[batch, key, key_heads, head_dim]`.
+            keys, values: `[batch, key_heads, key, head_dim]`.
             bias, mask_bias: float32, each broadcast to `[batch, heads,
                 query, key]`: added to the scaled scores, in that order.
             sees_a_key: bool `[batch, query]`: `False` where a query sees

@@ -5,9 +5,9 @@ searchers on the host. Its methods are called from inside the model's call,
 which may run eagerly (torch, TF eager), inside a `tf.function` (TF `fit`)
 or inside `jax.jit` (JAX `fit`). `host_call` runs a NumPy function in all
 three situations; `approx_top_k` exposes the accelerator-friendly
-approximate top-k that `keras.ops` lacks. `scatter_update_variable`
-writes entries of a variable in place where `ops.scatter_update` would
-copy it whole. `process_rows` and
+approximate top-k that `keras.ops` lacks. `scatter_update_variable` and
+`slice_update_variable` write entries of a variable in place where
+`ops.scatter_update` and `ops.slice_update` would copy it whole. `process_rows` and
 `assign_process_rows` read and write the lanes a process holds of a state
 a JAX distribution shards over several processes (hosts). Backends are imported lazily,
 inside the function that needs them: nothing else in the package imports
@@ -162,6 +162,53 @@ def scatter_update_variable(variable, indices, updates):
                 )
             return
     variable.assign(ops.scatter_update(variable.value, indices, updates))
+
+
+def slice_update_variable(variable, start, axis, updates):
+    """`variable.assign(ops.slice_update(...))` along one axis, in place on
+    torch.
+
+    Writes `updates` at positions `start` to `start + n - 1` of `axis` (n
+    the size of that axis in `updates`, which has the variable's shape
+    otherwise). Torch's `slice_update` from a tensor `start` copies the
+    whole variable (which `assign` copies back) and runs about thirty
+    operations to index it; torch copies the entries in place with one
+    `index_copy_` instead, and TensorFlow assigns to a slice of its
+    variable (its `slice_update` is an XLA operation, slow outside XLA,
+    where a CPU step runs), both outside a stateless or symbolic scope
+    (see `scatter_update_variable`). JAX's XLA writes a dynamic slice of a
+    variable in place inside a compiled step. The variable must not be
+    autocast.
+
+    Args:
+        variable: the `keras.Variable` to write.
+        start: int scalar (a tensor or a Python int): the first position.
+        axis: int. The axis written along.
+        updates: the entries, in the variable's dtype.
+    """
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    backend = keras.backend.backend()
+    in_place = not (in_stateless_scope() or in_symbolic_build())
+    if backend == "tensorflow" and in_place:
+        length = ops.shape(updates)[axis]
+        positions = slice(start, start + length)
+        index = (slice(None),) * axis + (positions,)
+        variable.value[index].assign(ops.convert_to_tensor(updates, variable.dtype))
+        return
+    if backend == "torch" and in_place:
+        import torch
+
+        updates = ops.convert_to_tensor(updates, variable.dtype)
+        # [n]: the positions written
+        positions = ops.convert_to_tensor(start, "int64") + torch.arange(
+            updates.shape[axis], device=updates.device
+        )
+        with torch.no_grad():
+            variable.value.index_copy_(axis, positions, updates)
+        return
+    starts = [0] * axis + [start] + [0] * (len(variable.shape) - axis - 1)
+    variable.assign(ops.slice_update(variable.value, starts, updates))
 
 
 def host_call(function, *arrays, result_specs):

@@ -226,14 +226,15 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
         """The backbone on new tokens of the segment being generated.
 
         Each block attends from the tokens to its segment so far through
-        its `decode_cache` (see `SegmentAttention.call_with_cache`), reading
-        the inference memories and caches and writing none of them.
+        its `decode_cache` (see `SegmentAttention.call_with_cache`) and
+        writes the tokens into it, reading the inference memories and
+        caches and writing none of them.
 
         Args:
             token_ids: int `[batch, tokens]`: the tokens from position
                 `cache_update_index` on.
             decode_caches: one `(keys, values, mask, last_key, last_found,
-                position_bias)` per block.
+                position_bias)` of variables per block.
             cache_update_index: int scalar: the first token's position.
             token_mask: bool `[batch, tokens]`: `False` on padding.
             starts_segment: bool. Whether the tokens start a segment
@@ -241,17 +242,15 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
                 `SegmentAttention.call_with_cache`).
 
         Returns:
-            `(hidden_states, decode_caches)`: `[batch, tokens, hidden_dim]`
-            after the final layer norm, and the updated caches.
+            The hidden states `[batch, tokens, hidden_dim]` after the final
+            layer norm.
         """
         x = direct_call(self.token_embedding, token_ids)  # [batch, tokens, hidden]
-        updated = []
         for block, decode_cache in zip(self.transformer_layers, decode_caches):
-            x, decode_cache = block.call_with_cache(
+            x = block.call_with_cache(
                 x, decode_cache, cache_update_index, token_mask, starts_segment
             )
-            updated.append(decode_cache)
-        return direct_call(self.layer_norm, x), updated
+        return direct_call(self.layer_norm, x)
 
     def reset_state(self, training=None):
         """Empties every memory and cache.

@@ -14,7 +14,8 @@ class NextTokenStep(keras.Model):
     so each call runs the model on the new tokens only: the rest of a
     prompt's segment in one call, then one generated token per call. They
     attend to the cached tokens, the XL cache and the memory, and their
-    keys and values join the cache. The causal LM's own state (memories,
+    keys and values are written into the cache (in place on torch). The
+    causal LM's own state (memories,
     XL caches, carried keys) is read, never written: a segment is
     committed once complete, by the backbone's predict step. A segment is
     decoded from position 0 up, each position once (padding too, with
@@ -96,7 +97,8 @@ class NextTokenStep(keras.Model):
             attention = block.attention
             # The XL cache's keys ahead of the segment's
             keys = (lanes[0], attention.decode_prefix_length + lanes[1])
-            vectors = (*keys, attention.num_key_value_heads, attention.head_dim)
+            heads = (lanes[0], attention.num_key_value_heads)
+            vectors = (*heads, keys[1], attention.head_dim)  # head-major
             self.decode_caches.append(
                 [
                     self.add_weight(
@@ -110,7 +112,7 @@ class NextTokenStep(keras.Model):
                         ("keys", vectors, "float32"),
                         ("values", vectors, "float32"),
                         ("mask", keys, "bool"),
-                        ("last_key", (lanes[0], *vectors[2:]), "float32"),
+                        ("last_key", (*heads, attention.head_dim), "float32"),
                         ("last_found", lanes[:1], "bool"),
                         (
                             "position_bias",
@@ -123,18 +125,13 @@ class NextTokenStep(keras.Model):
 
     def call(self, inputs):
         backbone = self.causal_lm.backbone
-        read = [[variable.value for variable in cache] for cache in self.decode_caches]
-        hidden_states, decode_caches = backbone.call_with_cache(
+        hidden_states = backbone.call_with_cache(
             inputs["token_ids"],
-            read,
+            self.decode_caches,
             ops.cast(inputs["cache_update_index"], "int32")[0],
             inputs["token_mask"],
             self.starts_segment,
         )  # [batch, tokens, hidden]
-        for variables, old, new in zip(self.decode_caches, read, decode_caches):
-            for variable, before, value in zip(variables, old, new):
-                if value is not before:  # unchanged (the bias after a start)
-                    variable.assign(value)
         # [batch, vocab]
         logits = direct_call(
             backbone.token_embedding, hidden_states[:, -1:], reverse=True

@@ -1,8 +1,12 @@
+import keras
 import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
 from keras import ops
 
 from keras_memtrans.memory.host import approx_top_k
 from keras_memtrans.memory.host import host_call
+from keras_memtrans.memory.host import slice_update_variable
 
 
 def test_approx_top_k_equals_exact_top_k_on_cpu():
@@ -34,3 +38,88 @@ def test_host_call_returns_shaped_results_and_runs_side_effects():
     assert int(ops.convert_to_numpy(count)) == 1
     assert host_call(lambda x: (), np.zeros(2), result_specs=()) == ()
     assert len(seen) == 1
+
+
+@st.composite
+def slice_writes(draw):
+    """A variable's shape and dtype, an axis, a start and the updates'
+    length along it."""
+    shape = draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
+    axis = draw(st.integers(0, len(shape) - 1))
+    length = draw(st.integers(1, shape[axis]))
+    start = draw(st.integers(0, shape[axis] - length))
+    return shape, axis, start, length, draw(st.sampled_from(["float32", "bool"]))
+
+
+def random_array(rng, shape, dtype):
+    values = rng.normal(size=shape)
+    return values > 0 if dtype == "bool" else values.astype(dtype)
+
+
+def numpy_slice_update(array, start, axis, updates):
+    written = array.copy()
+    index = (slice(None),) * axis + (slice(start, start + updates.shape[axis]),)
+    written[index] = updates
+    return written
+
+
+@given(slice_writes(), st.booleans())
+def test_slice_update_variable_writes_the_slice_and_nothing_else(write, tensor_start):
+    shape, axis, start, length, dtype = write
+    rng = np.random.default_rng(len(shape) * 7 + axis)
+    initial, updates = (
+        random_array(rng, size, dtype)
+        for size in (shape, shape[:axis] + [length] + shape[axis + 1 :])
+    )
+    variable = keras.Variable(initial, dtype=dtype, trainable=False)
+    position = ops.convert_to_tensor(start, "int32") if tensor_start else start
+    slice_update_variable(variable, position, axis, updates)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(variable.value),
+        numpy_slice_update(initial, start, axis, updates),
+    )
+
+
+def test_slice_update_variable_inside_a_stateless_scope_records_the_update():
+    # There (JAX's compiled steps, `stateless_call`) the variable itself is
+    # not written: the scope holds its new value.
+    initial = np.zeros((2, 4), "float32")
+    variable = keras.Variable(initial, trainable=False)
+    updates = np.ones((2, 1), "float32")
+    with keras.StatelessScope() as scope:
+        slice_update_variable(variable, ops.convert_to_tensor(2), 1, updates)
+        written = ops.convert_to_numpy(variable.value)
+    np.testing.assert_array_equal(ops.convert_to_numpy(variable.value), initial)
+    expected = numpy_slice_update(initial, 2, 1, updates)
+    np.testing.assert_array_equal(written, expected)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(scope.get_current_value(variable)), expected
+    )
+
+
+class SliceWriter(keras.Model):
+    """Writes a column of its variable, then reads the variable."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = self.add_weight(
+            shape=(3, 6), initializer="zeros", trainable=False, name="table"
+        )
+
+    def call(self, inputs):
+        start = ops.cast(inputs["start"], "int32")[0]
+        slice_update_variable(self.table, start, 1, inputs["column"])
+        return self.table.value + 0.0
+
+
+def test_slice_update_variable_in_a_compiled_predict_step_is_read_after_it():
+    writer = SliceWriter()
+    expected = np.zeros((3, 6), "float32")
+    for start in (4, 1, 4):
+        column = np.full((3, 1), start + 1.0, "float32")
+        read = writer.predict_on_batch(
+            {"start": np.full((3,), start, "int32"), "column": column}
+        )
+        expected[:, start : start + 1] = column
+        np.testing.assert_array_equal(read, expected)
+        np.testing.assert_array_equal(ops.convert_to_numpy(writer.table), expected)
