@@ -12,7 +12,8 @@ class SegmentDecodingMixin:
 
     `call_with_cache` computes only the new tokens of the segment being
     generated, with the keys and values of its earlier tokens kept in a
-    decode cache (keras-hub's name and arguments for it). It uses the
+    decode cache (keras-hub's name and arguments for it, the cache held in
+    the generation step's variables and written in place). It uses the
     layer's own pieces (its projections, `smeared_keys`, its relative
     position bias, `_mix_extra_attention` and `lane_states`), so that
     `KNNAttention`'s memory joins in as in `call`.
