@@ -166,16 +166,16 @@ def scatter_update_variable(variable, indices, updates):
 
 def slice_update_variable(variable, start, axis, updates):
     """`variable.assign(ops.slice_update(...))` along one axis, in place on
-    torch.
+    torch and TensorFlow.
 
     Writes `updates` at positions `start` to `start + n - 1` of `axis` (n
     the size of that axis in `updates`, which has the variable's shape
     otherwise). Torch's `slice_update` from a tensor `start` copies the
     whole variable (which `assign` copies back) and runs about thirty
     operations to index it; torch copies the entries in place with one
-    `index_copy_` instead, and TensorFlow assigns to a slice of its
-    variable (its `slice_update` is an XLA operation, slow outside XLA,
-    where a CPU step runs), both outside a stateless or symbolic scope
+    `index_copy_` instead, and TensorFlow assigns to a strided slice of
+    its variable (its `slice_update` is an XLA operation, slow outside
+    XLA, where a CPU step runs), both outside a stateless or symbolic scope
     (see `scatter_update_variable`). JAX's XLA writes a dynamic slice of a
     variable in place inside a compiled step. The variable must not be
     autocast.
@@ -191,10 +191,21 @@ def slice_update_variable(variable, start, axis, updates):
     backend = keras.backend.backend()
     in_place = not (in_stateless_scope() or in_symbolic_build())
     if backend == "tensorflow" and in_place:
-        length = ops.shape(updates)[axis]
-        positions = slice(start, start + length)
-        index = (slice(None),) * axis + (positions,)
-        variable.value[index].assign(ops.convert_to_tensor(updates, variable.dtype))
+        import tensorflow as tf
+
+        updates = ops.convert_to_tensor(updates, variable.dtype)
+        begin = [0] * len(variable.shape)
+        end = list(variable.shape)
+        begin[axis], end[axis] = start, start + ops.shape(updates)[axis]
+        # Not `tf.Variable[...].assign`: its slice reads the whole variable
+        # first, which then makes the write copy it.
+        tf.raw_ops.ResourceStridedSliceAssign(
+            ref=variable.value.handle,
+            begin=tf.stack(begin),
+            end=tf.stack(end),
+            strides=[1] * len(variable.shape),
+            value=updates,
+        )
         return
     if backend == "torch" and in_place:
         import torch
