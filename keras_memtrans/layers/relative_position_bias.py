@@ -135,10 +135,14 @@ class RelativePositionBias(keras.layers.Layer):
         self.num_buckets = int(num_buckets)
         self.max_distance = int(max_distance)
         self.bidirectional = bidirectional
-        # Causal bucket of each distance 0..max_distance (per side).
+        # Causal bucket of each distance 0..max_distance (per side), a
+        # tensor made once: from NumPy at every call, torch copied it from
+        # the host each time (on a GPU, a copy that waits for the device).
         starts = bucket_boundaries(exact_buckets, self.max_distance)
         distances = np.arange(self.max_distance + 1)
-        self._bucket_table = np.searchsorted(starts, distances, "right") - 1
+        self._bucket_table = ops.convert_to_tensor(
+            np.searchsorted(starts, distances, "right") - 1, "int32"
+        )
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
 
     def build(self, input_shape=None):
@@ -160,8 +164,7 @@ class RelativePositionBias(keras.layers.Layer):
         # torch, a synchronization each on a GPU.
         zeros = ops.zeros_like(distance)
         distance = ops.minimum(ops.maximum(distance, zeros), zeros + self.max_distance)
-        table = ops.convert_to_tensor(self._bucket_table, "int32")
-        buckets = ops.take(table, distance, axis=0)
+        buckets = ops.take(self._bucket_table, distance, axis=0)
         return offset + buckets if self.bidirectional else buckets
 
     def segment_bias(self, segment_length, cache_length):
