@@ -1,5 +1,6 @@
 """Stateless pieces of the attention layers: normalisation, masked softmax,
-grouped-query scores and mixing, and the checks of a segment's inputs."""
+grouped-query scores and mixing, the softmax attention over keys, and
+the checks of a segment's inputs."""
 
 from keras import ops
 from keras.backend import standardize_dtype
@@ -63,6 +64,32 @@ def grouped_mix(weights, values):
     weights = ops.reshape(weights, (batch_size, key_heads, -1, num_queries, num_keys))
     mixed = ops.einsum("bngqk,bnkd->bqngd", weights, values)  # [b, q, n, g, d]
     return ops.reshape(mixed, (batch_size, num_queries, heads, values.shape[3]))
+
+
+def attend_to_keys(queries, keys, values, scale, bias, mask_bias, sees_a_key):
+    """The softmax attention of `queries` over `keys` and `values`.
+
+    Args:
+        queries: `[batch, query, heads, head_dim]`.
+        keys, values: `[batch, key_heads, key, head_dim]`.
+        scale: `[heads]`: each head's scale of its scores.
+        bias, mask_bias: float32, each broadcast to `[batch, heads, query,
+            key]`: added to the scaled scores, in that order.
+        sees_a_key: bool `[batch, query]`: `False` where a query sees no key
+            (padding with no real token before it), which then attends to
+            nothing.
+
+    Returns:
+        `[batch, query, heads, head_dim]`.
+    """
+    scale = ops.cast(scale, queries.dtype)[:, None]  # [heads, 1]
+    # [batch, heads, query, key]
+    logits = grouped_scores(queries * scale, keys)
+    logits = ops.cast(logits, "float32") + bias + mask_bias
+    weights = ops.softmax(logits, axis=-1)  # [batch, heads, query, key]
+    # [batch, query, heads, head_dim]
+    attended = grouped_mix(ops.cast(weights, values.dtype), values)
+    return attended * ops.cast(sees_a_key, attended.dtype)[:, :, None, None]
 
 
 def check_hidden_rank(shape):

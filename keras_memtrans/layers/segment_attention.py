@@ -3,10 +3,9 @@ import math
 import keras
 from keras import ops
 
+from keras_memtrans.layers.attention_functions import attend_to_keys
 from keras_memtrans.layers.attention_functions import check_hidden_rank
 from keras_memtrans.layers.attention_functions import check_lane_inputs
-from keras_memtrans.layers.attention_functions import grouped_mix
-from keras_memtrans.layers.attention_functions import grouped_scores
 from keras_memtrans.layers.attention_functions import l2_normalize
 from keras_memtrans.layers.attention_functions import mask_logits
 from keras_memtrans.layers.initializers import clone_initializer
@@ -294,39 +293,16 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
         sees_a_key = ops.any(
             ops.logical_and(causal[None], key_mask[:, None, :]), axis=-1
         )  # [batch, query]
-        return self._attend_to_keys(
+        return attend_to_keys(
             queries,
             # [batch, key_heads, key, head_dim] twice
             ops.transpose(keys, (0, 2, 1, 3)),
             ops.transpose(values, (0, 2, 1, 3)),
+            self.attention_scale,
             bias[None],
             key_bias,
             sees_a_key,
         )
-
-    def _attend_to_keys(self, queries, keys, values, bias, mask_bias, sees_a_key):
-        """The softmax attention of `queries` over `keys` and `values`.
-
-        Args:
-            queries: `[batch, query, heads, head_dim]`.
-            keys, values: `[batch, key_heads, key, head_dim]`.
-            bias, mask_bias: float32, each broadcast to `[batch, heads,
-                query, key]`: added to the scaled scores, in that order.
-            sees_a_key: bool `[batch, query]`: `False` where a query sees
-                no key (padding with no real token before it), which then
-                attends to nothing.
-
-        Returns:
-            `[batch, query, heads, head_dim]`.
-        """
-        scale = ops.cast(self.attention_scale, queries.dtype)[:, None]  # [heads, 1]
-        # [batch, heads, query, key]
-        logits = grouped_scores(queries * scale, keys)
-        logits = ops.cast(logits, "float32") + bias + mask_bias
-        weights = ops.softmax(logits, axis=-1)  # [batch, heads, query, key]
-        # [batch, query, heads, head_dim]
-        attended = grouped_mix(ops.cast(weights, values.dtype), values)
-        return attended * ops.cast(sees_a_key, attended.dtype)[:, :, None, None]
 
     def call(
         self, hidden_states, document_start=None, padding_mask=None, training=None

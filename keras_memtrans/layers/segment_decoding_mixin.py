@@ -1,5 +1,6 @@
 from keras import ops
 
+from keras_memtrans.layers.attention_functions import attend_to_keys
 from keras_memtrans.layers.attention_functions import l2_normalize
 from keras_memtrans.layers.attention_functions import mask_logits
 from keras_memtrans.layers.direct_call import direct_call
@@ -160,10 +161,11 @@ class SegmentDecodingMixin:
         key_positions = ops.arange(ops.shape(keys)[2]) - prefix  # [keys]
         causal = key_positions[None, :] <= query_positions[:, None]  # [t, keys]
         seen = ops.logical_and(causal[None], key_mask[:, None, :])  # [b, t, keys]
-        return self._attend_to_keys(
+        return attend_to_keys(
             queries,
             keys,
             values,
+            self.attention_scale,
             position_bias[None],
             mask_logits(seen)[:, None],
             ops.any(seen, axis=-1),

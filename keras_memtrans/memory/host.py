@@ -128,6 +128,16 @@ def in_symbolic_build():
     return in_symbolic_scope()
 
 
+def writes_in_place():
+    """Whether a variable's value is its own tensor here: not inside a
+    stateless scope (there `assign` records an update) nor a symbolic
+    build (there the inputs have no data)."""
+    # Keras has no public test for the stateless scope either.
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    return not (in_stateless_scope() or in_symbolic_build())
+
+
 def scatter_update_variable(variable, indices, updates):
     """`variable.assign(ops.scatter_update(...))`, in place on torch.
 
@@ -148,10 +158,7 @@ def scatter_update_variable(variable, indices, updates):
         updates: `[entries, ...]` in the variable's dtype: the entries.
     """
     if keras.backend.backend() == "torch":
-        # Keras has no public test for the stateless scope either.
-        from keras.src.backend.common.stateless_scope import in_stateless_scope
-
-        if not (in_stateless_scope() or in_symbolic_build()):
+        if writes_in_place():
             import torch
 
             indices = ops.convert_to_tensor(indices).long()
@@ -186,10 +193,8 @@ def slice_update_variable(variable, start, axis, updates):
         axis: int. The axis written along.
         updates: the entries, in the variable's dtype.
     """
-    from keras.src.backend.common.stateless_scope import in_stateless_scope
-
     backend = keras.backend.backend()
-    in_place = not (in_stateless_scope() or in_symbolic_build())
+    in_place = writes_in_place()
     if backend == "tensorflow" and in_place:
         import tensorflow as tf
 
