@@ -5,6 +5,8 @@ the checks of a segment's inputs."""
 from keras import ops
 from keras.backend import standardize_dtype
 
+from keras_memtrans.memory.host import full_like
+
 _MASKED_LOGIT = -1e9
 
 
@@ -26,8 +28,9 @@ def mask_logits(mask):
 
 def masked_softmax(logits, mask, axis=-1):
     """Softmax in float32 over `axis`; masked entries get weight 0."""
-    logits = ops.where(mask, ops.cast(logits, "float32"), _MASKED_LOGIT)
-    return ops.where(mask, ops.softmax(logits, axis=axis), 0.0)
+    logits = ops.cast(logits, "float32")
+    logits = ops.where(mask, logits, full_like(logits, _MASKED_LOGIT))
+    return ops.where(mask, ops.softmax(logits, axis=axis), ops.zeros_like(logits))
 
 
 def grouped_scores(queries, keys):

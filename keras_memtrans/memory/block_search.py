@@ -8,6 +8,7 @@ from keras import ops
 from keras.backend import standardize_dtype
 
 from keras_memtrans.memory.host import approx_top_k
+from keras_memtrans.memory.host import full_like
 from keras_memtrans.memory.top_k import group_size_for
 from keras_memtrans.memory.top_k import top_k_slots
 
@@ -62,16 +63,16 @@ def top_slots_in_blocks(
     if mask_in_matmul:
         dtype = standardize_dtype(queries.dtype)
         lowest = -0.5 * float(ml_dtypes.finfo(dtype).max)
-        empty = ops.cast(ops.where(filled, 0.0, lowest), dtype)  # [rows, slots]
+        empty = ops.cast(ops.logical_not(filled), dtype) * lowest  # [rows, slots]
         # [blocks, rows per block, slots, 1]
         empty = ops.reshape(empty, (blocks, block_rows, num_slots, 1))
         # [blocks, rows per block, query, dim + 1]
         queries = ops.concatenate([queries, ops.ones_like(queries[..., :1])], -1)
     else:
-        empty = ops.where(filled, float("inf"), float("-inf"))  # [rows, slots]
-        empty = ops.reshape(
-            ops.cast(empty, queries.dtype), (blocks, block_rows, 1, num_slots)
-        )  # [blocks, rows per block, 1, slots]
+        cap = full_like(filled, float("inf"), queries.dtype)
+        empty = ops.where(filled, cap, -cap)  # [rows, slots]
+        # [blocks, rows per block, 1, slots]
+        empty = ops.reshape(empty, (blocks, block_rows, 1, num_slots))
 
     # A block of one (lane, head) whose scores still exceed the budget
     # (many queries: a segment of a group of query heads sharing the key

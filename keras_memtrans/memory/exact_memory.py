@@ -172,10 +172,18 @@ class ExactMemory(KNNMemory):
             return
         document_start = ops.cast(document_start, "bool")
         self.positions.assign(
-            ops.where(document_start[:, None], -1, self.positions.value)
+            ops.where(
+                document_start[:, None],
+                host.full_like(self.positions.value, -1),
+                self.positions.value,
+            )
         )
         self.document_length.assign(
-            ops.where(document_start, 0, self.document_length.value)
+            ops.where(
+                document_start,
+                ops.zeros_like(self.document_length.value),
+                self.document_length.value,
+            )
         )
 
     def search(self, queries, num_neighbors):
@@ -217,9 +225,13 @@ class ExactMemory(KNNMemory):
         queries = ops.convert_to_tensor(queries, self.compute_dtype)
         queries = ops.stop_gradient(queries)
         # [batch, slots]: a slot's position where it is searched, else -1
-        skipped = ops.mod(ops.arange(self.num_slots) - skipped_from, self.num_slots)
+        # (`%`, not `ops.mod`: torch's takes the number as is, `ops.mod`
+        # would copy it to the device first, see `host.full_like`)
+        skipped = (ops.arange(self.num_slots) - skipped_from) % self.num_slots
         positions = ops.where(
-            (skipped >= self.spare_slots)[None, :], self.positions.value, -1
+            (skipped >= self.spare_slots)[None, :],
+            self.positions.value,
+            host.full_like(self.positions.value, -1),
         )
         # [batch, heads, query, k]
         slots = top_slots_in_blocks(
@@ -270,7 +282,7 @@ class ExactMemory(KNNMemory):
             keys, values = keys[:, dropped:], values[:, dropped:]
             stored, positions = stored[:, dropped:], positions[:, dropped:]
         for variable, update in ((self.keys, keys), (self.values, values)):
-            update = ops.where(stored[:, :, None, None], update, 0)
+            update = ops.where(stored[:, :, None, None], update, ops.zeros_like(update))
             update = ops.transpose(update, (0, 2, 1, 3))  # [batch, heads, seg, dim]
             host.scatter_update_variable(
                 variable, *self._ring_entries(update, next_slot)

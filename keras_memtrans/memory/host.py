@@ -7,7 +7,9 @@ or inside `jax.jit` (JAX `fit`). `host_call` runs a NumPy function in all
 three situations; `approx_top_k` exposes the accelerator-friendly
 approximate top-k that `keras.ops` lacks. `scatter_update_variable` and
 `slice_update_variable` write entries of a variable in place where
-`ops.scatter_update` and `ops.slice_update` would copy it whole. `process_rows` and
+`ops.scatter_update` and `ops.slice_update` would copy it whole; `full_like`
+fills a tensor on the device where torch's `ops.full_like` would copy its
+value from the host. `process_rows` and
 `assign_process_rows` read and write the lanes a process holds of a state
 a JAX distribution shards over several processes (hosts). Backends are imported lazily,
 inside the function that needs them: nothing else in the package imports
@@ -17,6 +19,7 @@ tensorflow, jax or torch.
 import keras
 import numpy as np
 from keras import ops
+from keras.backend import standardize_dtype
 
 
 def host_call_supports_jit():
@@ -138,6 +141,30 @@ def writes_in_place():
     return not (in_stateless_scope() or in_symbolic_build())
 
 
+def full_like(x, value, dtype=None):
+    """`ops.full_like(x, value, dtype)`, filled on the device.
+
+    Keras' torch backend turns a Python number into a tensor on the
+    device, for `ops.full_like` as for an operand of `ops.where` or
+    `ops.maximum`: on a GPU a copy from the host that waits for the device,
+    so a step that makes one stalls until the device has caught up. Torch
+    fills the tensor on the device instead (`torch.full_like`); elsewhere
+    the number is a constant of the compiled step.
+
+    Args:
+        x: the tensor whose shape (and dtype, if `dtype` is `None`) to take.
+        value: a Python number.
+        dtype: the dtype, or `None` for `x`'s.
+    """
+    if keras.backend.backend() == "torch" and not in_symbolic_build():
+        import torch
+
+        x = ops.convert_to_tensor(x)
+        dtype = getattr(torch, standardize_dtype(dtype or x.dtype))
+        return torch.full_like(x, value, dtype=dtype)
+    return ops.full_like(x, value, dtype)
+
+
 def scatter_update_variable(variable, indices, updates):
     """`variable.assign(ops.scatter_update(...))`, in place on torch.
 
@@ -216,10 +243,11 @@ def slice_update_variable(variable, start, axis, updates):
         import torch
 
         updates = ops.convert_to_tensor(updates, variable.dtype)
-        # [n]: the positions written
-        positions = ops.convert_to_tensor(start, "int64") + torch.arange(
-            updates.shape[axis], device=updates.device
-        )
+        # [n]: the positions written (from a Python `start` made on the
+        # device, not copied there: see `full_like`)
+        if not isinstance(start, int):
+            start = ops.convert_to_tensor(start, "int64")
+        positions = torch.arange(updates.shape[axis], device=updates.device) + start
         with torch.no_grad():
             variable.value.index_copy_(axis, positions, updates)
         return
@@ -289,7 +317,9 @@ def host_call(function, *arrays, result_specs):
             results = [np.zeros(shape, dtype) for shape, dtype in specs]
         else:
             results = wrapped(*(ops.convert_to_numpy(a) for a in arrays))
-        results = [ops.convert_to_tensor(result) for result in results]
+        # Without the dummy: on a GPU each tensor made from a NumPy array is
+        # a copy from the host that waits for the device.
+        return tuple(ops.convert_to_tensor(result) for result in results[:-1])
     return tuple(results[:-1])
 
 

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_memtrans.memory.host import full_like
 from keras_memtrans.memory.lane_state import LaneState
 
 
@@ -74,7 +75,8 @@ class LastKey(LaneState):
         """Returns `(keys, present)`: `[batch, heads, head_dim]` and the bool
         `[batch]` of lanes that carry a key; absent lanes' keys are zero."""
         present = self.present.value
-        keys = ops.where(present[:, None, None], self.keys.value, 0)
+        keys = self.keys.value
+        keys = ops.where(present[:, None, None], keys, ops.zeros_like(keys))
         return keys, present
 
     def write(self, keys, found):
@@ -145,17 +147,19 @@ def previous_real_keys(keys, padding_mask=None, carried=None):
         # twenty (each a dispatch from Python when torch runs eagerly).
         return carried, keys[:, 0], ops.cast(padding_mask, "bool")[:, 0]
     positions = ops.arange(segment_length, dtype="int32")
+    none = full_like(positions, -1)  # [seg]
     # [batch, seg]: a real token's position, -1 for padding.
-    real = ops.where(ops.cast(padding_mask, "bool"), positions[None, :], -1)
+    real = ops.where(ops.cast(padding_mask, "bool"), positions[None, :], none)
     earlier = positions[None, :] < positions[:, None]  # [t, s]: s before t
     # [batch, seg]: the last real position before each token, -1 if none.
-    previous_real = ops.max(ops.where(earlier[None], real[:, None, :], -1), -1)
+    previous_real = ops.max(ops.where(earlier[None], real[:, None, :], none), -1)
+    earliest = ops.maximum(previous_real, ops.zeros_like(previous_real))
     previous = ops.take_along_axis(
-        keys, ops.maximum(previous_real, 0)[:, :, None, None], axis=1
+        keys, earliest[:, :, None, None], axis=1
     )  # [batch, seg, heads, dim]
     previous = ops.where(previous_real[:, :, None, None] >= 0, previous, carried)
     final = ops.max(real, axis=1)  # [batch]: the last real position
     last = ops.take_along_axis(
-        keys, ops.maximum(final, 0)[:, None, None, None], axis=1
+        keys, ops.maximum(final, ops.zeros_like(final))[:, None, None, None], axis=1
     )[:, 0]  # [batch, heads, dim]
     return previous, last, final >= 0

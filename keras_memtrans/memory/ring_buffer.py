@@ -80,7 +80,8 @@ def document_positions(document_length, padding_mask, xp=np):
         The position of each real token in its document, `-1` on padding.
     """
     positions = document_length[:, None] + xp.cumsum(padding_mask, axis=1) - 1
-    return xp.where(padding_mask > 0, positions, -1)
+    # -1 from a tensor, not a Python number (see `host.full_like`).
+    return xp.where(padding_mask > 0, positions, -xp.ones_like(positions))
 
 
 def document_lengths_after(document_length, padding_mask, xp=np):

@@ -14,6 +14,8 @@ from keras import ops
 
 from keras_memtrans import KNNAttention
 from tests.arrays import to_numpy
+from tests.host_data import only_on_torch
+from tests.host_data import package_host_tensors
 from tests.layers.test_attention_contract import BATCH
 from tests.layers.test_attention_contract import HEADS
 from tests.layers.test_attention_contract import SEGMENT
@@ -139,6 +141,34 @@ def test_empty_slots_contribute_nothing_even_when_stale_slots_hold_nan(
         np.testing.assert_array_equal(
             np.sort(got_positions, axis=-1), np.sort(want_positions, axis=-1)
         )
+
+
+@only_on_torch
+@pytest.mark.parametrize("segment", [16, 1], ids=["segment", "one-token"])
+def test_a_training_call_makes_no_tensor_from_host_data(segment):
+    # A segment's search puts the empty slots' mask in the score matmul
+    # (more queries than head_dim + 1); one token's caps each score.
+    layer = KNNAttention(
+        num_heads=4,
+        memory_size=32,
+        num_neighbors=4,
+        use_xl_cache=True,
+        smear_keys=True,
+    )
+    rng = np.random.default_rng(0)
+    mask = ops.ones((2, segment), "bool")
+
+    def train(start):
+        x = ops.convert_to_tensor(rng.normal(size=(2, segment, 16)), "float32")
+        start = ops.convert_to_tensor(np.array(start))
+        outputs = layer(x, document_start=start, padding_mask=mask, training=True)
+        ops.sum(outputs).backward()
+
+    train([True, True])  # builds the layer and its memory
+    with package_host_tensors() as sites:
+        train([False, True])  # lane 1 restarts its document
+        train([False, False])
+    assert sites == [], sorted(set(sites))
 
 
 class TestBadMemoryOptions:

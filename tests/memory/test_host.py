@@ -5,8 +5,11 @@ from hypothesis import strategies as st
 from keras import ops
 
 from keras_memtrans.memory.host import approx_top_k
+from keras_memtrans.memory.host import full_like
 from keras_memtrans.memory.host import host_call
 from keras_memtrans.memory.host import slice_update_variable
+from tests.host_data import only_on_torch
+from tests.host_data import package_host_tensors
 
 
 def test_approx_top_k_equals_exact_top_k_on_cpu():
@@ -38,6 +41,53 @@ def test_host_call_returns_shaped_results_and_runs_side_effects():
     assert int(ops.convert_to_numpy(count)) == 1
     assert host_call(lambda x: (), np.zeros(2), result_specs=()) == ()
     assert len(seen) == 1
+
+
+# The numbers each dtype holds exactly.
+FILL_VALUES = {
+    "float32": [-1, 0, 7.5, -1e9, float("inf"), float("-inf")],
+    "int32": [-1, 0, 7],
+    "bool": [False, True],
+}
+
+
+@given(
+    st.lists(st.integers(0, 4), max_size=3),
+    st.sampled_from(list(FILL_VALUES)),
+    st.sampled_from([*FILL_VALUES, None]),
+    st.data(),
+)
+def test_full_like_equals_numpy(shape, x_dtype, dtype, data):
+    x = np.zeros(shape, x_dtype)
+    value = data.draw(st.sampled_from(FILL_VALUES[dtype or x_dtype]))
+    filled = full_like(ops.convert_to_tensor(x), value, dtype)
+    want = np.full_like(x, value, dtype)
+    assert keras.backend.standardize_dtype(filled.dtype) == str(want.dtype)
+    np.testing.assert_array_equal(ops.convert_to_numpy(filled), want)
+
+
+@only_on_torch
+def test_full_like_and_a_slice_write_at_a_python_start_make_no_host_tensor():
+    variable = keras.Variable(np.zeros((2, 4), "float32"), trainable=False)
+    updates = ops.ones((2, 1))
+    with package_host_tensors() as sites:
+        filled = full_like(updates, -1e9)
+        slice_update_variable(variable, 3, 1, updates)
+    assert sites == []
+    np.testing.assert_array_equal(ops.convert_to_numpy(filled), [[-1e9], [-1e9]])
+
+
+@only_on_torch
+def test_host_call_makes_a_tensor_of_each_result_only():
+    # Not of the placeholder result every call gets (see `host_call`).
+    array = ops.arange(4, dtype="float32")
+    with package_host_tensors() as sites:
+        doubled = host_call(
+            lambda x: (x * 2,), array, result_specs=(((4,), "float32"),)
+        )
+        host_call(lambda x: (), array, result_specs=())
+    assert len(sites) == 1
+    np.testing.assert_array_equal(ops.convert_to_numpy(doubled[0]), [0, 2, 4, 6])
 
 
 @st.composite

@@ -3,6 +3,7 @@ import contextlib
 import keras
 import numpy as np
 import pytest
+from keras import ops
 
 from keras_memtrans.layers import decoder_block
 from keras_memtrans.layers import segment_decoding_mixin
@@ -12,6 +13,8 @@ from keras_memtrans.models import next_token_step
 from keras_memtrans.models.next_token_step import NextTokenStep
 from keras_memtrans.models.next_token_steps import NextTokenSteps
 from tests.arrays import to_numpy
+from tests.host_data import only_on_torch
+from tests.host_data import package_host_tensors
 from tests.models.conftest import tiny_backbone
 
 # The modules whose generation step calls layers through `direct_call`.
@@ -234,3 +237,33 @@ def test_a_segment_started_by_one_token_reads_the_xl_cache_committed_before_it()
             rtol=1e-4,
             atol=1e-4,
         )
+
+
+@only_on_torch
+def test_a_decode_step_makes_no_tensor_from_host_data():
+    causal_lm = MemorizingTransformerCausalLM(
+        tiny_backbone(use_xl_cache=True, smear_keys=True)
+    )
+    causal_lm.reset_state(training=False)
+    prompt_step = NextTokenStep(causal_lm, starts_segment=True)
+    token_step = NextTokenStep(causal_lm, decode_caches=prompt_step.decode_caches)
+    rng = np.random.default_rng(2)
+
+    def decode(step, start, end):
+        return step.predict_on_batch(
+            {
+                "token_ids": ops.convert_to_tensor(
+                    rng.integers(1, 400, (2, end - start)), "int32"
+                ),
+                "cache_update_index": ops.full((2,), start, "int32"),
+                "token_mask": ops.ones((2, end - start), "bool"),
+            }
+        )
+
+    decode(prompt_step, 0, 4)  # builds both steps
+    decode(token_step, 4, 5)
+    with package_host_tensors() as sites:
+        decode(prompt_step, 0, 4)
+        decode(token_step, 4, 5)
+        decode(token_step, 5, 6)
+    assert sites == [], sorted(set(sites))
