@@ -39,17 +39,17 @@ def check_positive_ints(optional=(), **values):
 
 
 def checked_scores_per_block(scores_per_block):
-    """`scores_per_block` as an int (or `None`); a ValueError unless it is a
-    positive integer or `None`."""
-    if scores_per_block is None:
-        return None
+    """`scores_per_block` as an int (or `None`, or `"auto"`); a ValueError
+    unless it is a positive integer, `None` or `"auto"`."""
+    if scores_per_block is None or scores_per_block == "auto":
+        return scores_per_block
     if (
         isinstance(scores_per_block, bool)
         or not isinstance(scores_per_block, numbers.Integral)
         or scores_per_block < 1
     ):
         raise ValueError(
-            "`scores_per_block` must be a positive int or None, "
+            "`scores_per_block` must be a positive int, None or 'auto', "
             f"got {scores_per_block!r}."
         )
     return int(scores_per_block)

@@ -31,6 +31,11 @@ def positive_int(text):
     return value
 
 
+def auto_or_positive_int(text):
+    """argparse type: `"auto"`, or an int of at least 1."""
+    return text if text == "auto" else positive_int(text)
+
+
 def non_negative_int(text):
     """argparse type: an int of at least 0."""
     value = int(text)
@@ -95,9 +100,10 @@ def parse_args(argv, description=None):
     )
     parser.add_argument(
         "--scores-per-block",
-        type=positive_int,
+        type=auto_or_positive_int,
         help="exact memory: the most scores one step of its search computes "
-        "(whole (lane, head)s; one step for a number above them all)",
+        "(whole (lane, head)s; one step for a number above them all; "
+        "default auto: 2**21 on the CPU, 2**28 on a GPU or TPU)",
     )
     parser.add_argument(
         "--num-leaves", type=positive_int, help="ScaNN tree partitions per searcher"

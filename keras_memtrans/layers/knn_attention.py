@@ -58,12 +58,13 @@ class KNNAttention(SegmentAttention):
             `"approx"` uses `approx_max_k` on JAX and TensorFlow (fast on
             TPU; exact on CPU and GPU), exact top-k on torch.
         recall_target: float. Recall target of `top_k="approx"`.
-        scores_per_block: int or `None`. The exact memory's search scores
-            whole (lane, head)s in blocks of at most this many scores (one
-            (lane, head) at least, in chunks of its queries of about this
-            many scores when it holds far more), each reduced to its top-k
-            while in the CPU's caches; `None` scores every lane at once
-            (see `ExactMemory`).
+        scores_per_block: int, `None` or `"auto"`. The exact memory's
+            search scores whole (lane, head)s in blocks of at most this many
+            scores (one (lane, head) at least, in chunks of its queries of
+            about this many scores when it holds far more), each reduced to
+            its top-k while in the CPU's caches; `"auto"` is a CPU cache's
+            size on the CPU and a larger budget on a GPU or TPU, `None`
+            scores every lane at once (see `ExactMemory`).
         num_leaves: optional int. Tree partitions of each ScaNN searcher
             (ScaNN memory only; default about `sqrt(memory_size)`).
         num_leaves_to_search: optional int. Partitions a ScaNN search
@@ -118,7 +119,7 @@ class KNNAttention(SegmentAttention):
         memory_kind="auto",
         top_k="exact",
         recall_target=0.95,
-        scores_per_block=2**21,
+        scores_per_block="auto",
         num_leaves=None,
         num_leaves_to_search=None,
         **kwargs,

@@ -1,7 +1,13 @@
 """The exact memory's search: every slot of each (lane, head) scored, in
 blocks of (lane, head)s whose scores are reduced to their top-k while they
 are still in the CPU's caches, instead of being written whole to memory and
-read back (docs/performance.md, "Blocks of (lane, head)s")."""
+read back (docs/performance.md, "Blocks of (lane, head)s").
+
+On a GPU or TPU there is no such cache to keep the scores in, and each
+block is one more round of small kernels (on an H200, torch's step with
+an 8K memory launched twice the kernels of one without it): there the
+blocks are as large as a bounded score matrix allows.
+"""
 
 import ml_dtypes
 from keras import ops
@@ -9,8 +15,26 @@ from keras.backend import standardize_dtype
 
 from keras_memtrans.memory.host import approx_top_k
 from keras_memtrans.memory.host import full_like
+from keras_memtrans.memory.host import on_accelerator
 from keras_memtrans.memory.top_k import group_size_for
 from keras_memtrans.memory.top_k import top_k_slots
+
+# `scores_per_block="auto"`: 8 MB of float32 scores, within a CPU's caches
+# (1.15-2x faster than scoring whole lanes at 8K on a 2-core CPU, see
+# docs/performance.md); 1 GB on an accelerator, few blocks for any memory.
+CPU_SCORES_PER_BLOCK = 2**21
+ACCELERATOR_SCORES_PER_BLOCK = 2**28
+
+
+def resolved_scores_per_block(scores_per_block):
+    """The block budget `scores_per_block` stands for: its own value, or
+    for `"auto"` `CPU_SCORES_PER_BLOCK` on the CPU and
+    `ACCELERATOR_SCORES_PER_BLOCK` on a GPU or TPU."""
+    if scores_per_block != "auto":
+        return scores_per_block
+    if on_accelerator():
+        return ACCELERATOR_SCORES_PER_BLOCK
+    return CPU_SCORES_PER_BLOCK
 
 
 def top_slots_in_blocks(
@@ -30,8 +54,8 @@ def top_slots_in_blocks(
         filled: bool `[batch, slots]`: the slots searched; the others rank
             below every one of them.
         num_neighbors: int, `k`.
-        scores_per_block: int or `None`, see `rows_per_block` and
-            `queries_per_block`.
+        scores_per_block: int, `None` or `"auto"`, see `rows_per_block`,
+            `queries_per_block` and `resolved_scores_per_block`.
         top_k: `"exact"` (`top_k.top_k_slots`) or `"approx"`
             (`host.approx_top_k`).
         recall_target: float, the recall target of `"approx"`.
@@ -41,6 +65,7 @@ def top_slots_in_blocks(
     """
     batch_size, num_heads, num_slots, head_dim = keys.shape
     num_queries = queries.shape[1]
+    scores_per_block = resolved_scores_per_block(scores_per_block)
     rows = batch_size * num_heads
     block_rows = rows_per_block(rows, num_queries, num_slots, scores_per_block)
     blocks = rows // block_rows

@@ -62,14 +62,16 @@ class ExactMemory(KNNMemory):
             `approx_max_k` on JAX and TensorFlow (fast on TPU, exact on CPU
             and GPU) and exactly on torch.
         recall_target: float. Recall target of `top_k="approx"`.
-        scores_per_block: int or `None`. How many scores (queries x slots
-            of whole (lane, head)s, one (lane, head) at least; a (lane,
-            head) far above it is scored in chunks of its queries of about
-            this many, see `block_search.queries_per_block`) one step of
-            the search computes and reduces at a time. The default, 2**21
-            (8 MB of float32 scores), made the search 1.15-2x faster at 8K
-            on a 2-core CPU (docs/performance.md); `None` scores every lane
-            and head at once.
+        scores_per_block: int, `None` or `"auto"`. How many scores
+            (queries x slots of whole (lane, head)s, one (lane, head) at
+            least; a (lane, head) far above it is scored in chunks of its
+            queries of about this many, see `block_search.queries_per_block`)
+            one step of the search computes and reduces at a time. `"auto"`
+            (the default) is 2**21 on the CPU (8 MB of float32 scores, which
+            made the search 1.15-2x faster at 8K on a 2-core CPU,
+            docs/performance.md) and 2**28 on a GPU or TPU
+            (`block_search.resolved_scores_per_block`); `None` scores every
+            lane and head at once.
         segment_length: int or `None`. The longest segment
             `search_and_append` writes before it searches (the attention
             layer's segment length): the ring's spare slots. `None`: no
@@ -100,7 +102,7 @@ class ExactMemory(KNNMemory):
         memory_size,
         top_k="exact",
         recall_target=0.95,
-        scores_per_block=2**21,
+        scores_per_block="auto",
         segment_length=None,
         **kwargs,
     ):

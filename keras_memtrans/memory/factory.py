@@ -58,7 +58,7 @@ def make_memory(
     memory_size,
     top_k="exact",
     recall_target=0.95,
-    scores_per_block=2**21,
+    scores_per_block="auto",
     num_leaves=None,
     num_leaves_to_search=None,
     segment_length=None,

@@ -9,7 +9,8 @@ approximate top-k that `keras.ops` lacks. `scatter_update_variable` and
 `slice_update_variable` write entries of a variable in place where
 `ops.scatter_update` and `ops.slice_update` would copy it whole; `full_like`
 fills a tensor on the device where torch's `ops.full_like` would copy its
-value from the host. `process_rows` and
+value from the host; `on_accelerator` tells a GPU or TPU from the CPU.
+`process_rows` and
 `assign_process_rows` read and write the lanes a process holds of a state
 a JAX distribution shards over several processes (hosts). Backends are imported lazily,
 inside the function that needs them: nothing else in the package imports
@@ -119,6 +120,26 @@ def assign_process_rows(variable, rows):
             variable.assign(whole)
             return
     variable.assign(ops.convert_to_tensor(rows, variable.dtype))
+
+
+def on_accelerator():
+    """Whether the backend computes on a GPU or TPU (its default device),
+    not on the CPU."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return any(tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU"))
+    if backend == "torch":
+        import torch
+        from keras.src.backend.torch.core import get_device
+
+        return torch.device(get_device()).type != "cpu"
+    return False
 
 
 def in_symbolic_build():

@@ -39,6 +39,7 @@ import keras
 from keras_memtrans.models import PRESETS
 from recipes.benchmarks.timing import call_times
 from recipes.benchmarks.train_step import BACKENDS
+from recipes.benchmarks.train_step import add_scores_per_block
 from recipes.benchmarks.train_step import compiled_model
 from recipes.benchmarks.train_step import model_config
 from recipes.benchmarks.train_step import random_batch
@@ -59,6 +60,7 @@ def parse_args(argv):
         action="store_true",
         help="torch: one row per operator and input shapes",
     )
+    add_scores_per_block(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -140,7 +142,9 @@ def measurements(args):
     `{"host_tensors": ...}` (`torch_host_tensors`), then `{"kind",
     "seconds", "count"}` of its `--top` operation kinds (JAX and torch)."""
     config = model_config(args.config)
-    causal_lm = compiled_model(config, args.memory, args.dtype, "auto")
+    causal_lm = compiled_model(
+        config, args.memory, args.dtype, "auto", args.scores_per_block
+    )
     x, y = random_batch(config, 1)
     forward = fastest(lambda: causal_lm.test_on_batch(x, y), args.repeats)
     step = fastest(lambda: causal_lm.train_on_batch(x, y), args.repeats)
@@ -171,6 +175,7 @@ def main(argv=None):
     argv = [
         *("--config", args.config, "--memory", args.memory, "--dtype", args.dtype),
         *("--repeats", str(args.repeats), "--top", str(args.top), "--worker"),
+        *("--scores-per-block", str(args.scores_per_block)),
         *(["--shapes"] if args.shapes else []),
     ]
     print(f"config {args.config}, memory {args.memory}, dtype {args.dtype}\n")

@@ -43,6 +43,7 @@ from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
 from recipes.common import jit_compile_flag
 from recipes.common import recipe_jit_compile
+from recipes.flags import auto_or_positive_int
 
 PEER_CONFIG = {
     "vocabulary_size": 256,
@@ -83,8 +84,21 @@ def parse_args(argv):
         choices=["auto", "true", "false"],
         help="Model.compile's jit_compile (auto: the recipe's default)",
     )
+    add_scores_per_block(parser)
     parser.add_argument("--worker", choices=["keras", "peer"], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def add_scores_per_block(parser):
+    """The `--scores-per-block` of the exact memories (the layer's
+    `scores_per_block`), as `train_step` and `step_profile` take it."""
+    parser.add_argument(
+        "--scores-per-block",
+        default="auto",
+        type=auto_or_positive_int,
+        help="the exact memory's search blocks (default auto: 2**21 scores "
+        "on the CPU, 2**28 on a GPU or TPU)",
+    )
 
 
 def model_config(name):
@@ -103,25 +117,29 @@ def parse_memory(memory):
     return int(size), kind or "auto"
 
 
-def with_memory(backbone, memory_size, memory_kind):
-    """The backbone arguments with a memory of this size and kind (none
-    for a `memory_size` of None)."""
+def with_memory(backbone, memory_size, memory_kind, scores_per_block="auto"):
+    """The backbone arguments with a memory of this size, kind and
+    `scores_per_block` (none for a `memory_size` of None)."""
     backbone = dict(backbone)
     if memory_size is not None:
         backbone["memory_options"] = dict(
             backbone.get("memory_options") or {},
             memory_size=memory_size,
             memory_kind=memory_kind,
+            scores_per_block=scores_per_block,
         )
     return backbone
 
 
-def compiled_model(config, memory, dtype, jit_compile):
-    """The causal LM of `config` with the `--memories` entry `memory`,
-    compiled with Adam and `jit_compile` (`"auto"`: the recipe's default),
-    its training memories filled (see `fill`)."""
+def compiled_model(config, memory, dtype, jit_compile, scores_per_block="auto"):
+    """The causal LM of `config` with the `--memories` entry `memory`
+    (searched in blocks of `scores_per_block`), compiled with Adam and
+    `jit_compile` (`"auto"`: the recipe's default), its training memories
+    filled (see `fill`)."""
     memory_size, memory_kind = parse_memory(memory)
-    backbone = with_memory(config["backbone"], memory_size, memory_kind)
+    backbone = with_memory(
+        config["backbone"], memory_size, memory_kind, scores_per_block
+    )
     causal_lm = build_causal_lm(
         backbone,
         config["vocabulary_size"],
@@ -159,7 +177,9 @@ def random_batch(config, steps):
 def seconds_per_step(config, memory, args):
     """Mean seconds of one training step of the Keras model inside `fit`."""
     jit_compile = jit_compile_flag(args.jit_compile)
-    causal_lm = compiled_model(config, memory, args.dtype, jit_compile)
+    causal_lm = compiled_model(
+        config, memory, args.dtype, jit_compile, args.scores_per_block
+    )
     x, y = random_batch(config, args.warmup + args.steps)
     stamps = StepStamps()
     causal_lm.fit(
@@ -292,6 +312,7 @@ def main(argv=None):
         *("--config", args.config, "--steps", str(args.steps)),
         *("--warmup", str(args.warmup), "--dtype", args.dtype),
         *("--jit-compile", args.jit_compile),
+        *("--scores-per-block", str(args.scores_per_block)),
         "--memories",
         *args.memories,
     ]

@@ -53,7 +53,7 @@ def test_a_bfloat16_memory_saves_and_loads_its_keys(tmp_path):
 @settings(max_examples=10, deadline=None)
 @given(
     st.sampled_from([(1, 1), (2, 3), (4, 2)]),
-    st.sampled_from([None, 1, 40, 80, 200]),
+    st.sampled_from([None, 1, 40, 80, 200, "auto"]),
     st.sampled_from([1, 5, 9]),
     st.integers(0, 2**16),
 )
@@ -94,6 +94,13 @@ def test_a_search_in_blocks_returns_each_lanes_numpy_top_k(
     )
 
 
+def test_the_default_scores_per_block_is_auto_in_the_config():
+    memory = ExactMemory(batch_size=1, num_heads=1, head_dim=2, memory_size=4)
+    assert memory.get_config()["scores_per_block"] == "auto"
+    restored = ExactMemory.from_config(memory.get_config())
+    assert restored.scores_per_block == "auto"
+
+
 def test_a_numpy_integer_scores_per_block_is_kept_as_an_int():
     memory = ExactMemory(
         batch_size=1,
@@ -106,7 +113,9 @@ def test_a_numpy_integer_scores_per_block_is_kept_as_an_int():
     assert type(memory.get_config()["scores_per_block"]) is int
 
 
-@pytest.mark.parametrize("budget", [0, -3, 1.5, True, "8", np.float32(8)])
+@pytest.mark.parametrize(
+    "budget", [0, -3, 1.5, True, "8", "Auto", "whole", np.float32(8)]
+)
 def test_rejects_a_bad_scores_per_block(budget):
     with pytest.raises(ValueError, match="scores_per_block"):
         ExactMemory(

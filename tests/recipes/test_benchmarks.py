@@ -5,11 +5,13 @@ import re
 import sys
 
 import keras
+import pytest
 
 from recipes.benchmarks import accelerator
 from recipes.benchmarks import memory_lookup
 from recipes.benchmarks import scann_layout
 from recipes.benchmarks import step_profile
+from recipes.benchmarks import train_step
 
 
 def table_rows(text):
@@ -145,3 +147,32 @@ def test_step_profile_times_the_step_and_names_where_it_goes(capfd, monkeypatch)
     # batch's four arrays.
     counts = re.findall(r"^Tensors made from host data per step: (\d+)", output, re.M)
     assert [int(count) >= 4 for count in counts] == [True] * (backend == "torch")
+
+
+class Built(Exception):
+    """Stops a benchmark once its model would be built."""
+
+
+@pytest.mark.parametrize("module", [train_step, step_profile])
+@pytest.mark.parametrize(
+    "argv, want", [([], "auto"), (["--scores-per-block", "64"], 64)]
+)
+def test_the_step_benchmarks_pass_scores_per_block_to_the_memory(
+    monkeypatch, module, argv, want
+):
+    built = []
+
+    def compiled_model(config, memory, dtype, jit_compile, scores_per_block):
+        built.append(scores_per_block)
+        raise Built
+
+    monkeypatch.setattr(module, "compiled_model", compiled_model)
+    memory = "--memories" if module is train_step else "--memory"
+    with pytest.raises(Built):
+        module.main(
+            [
+                *("--config", "tiny", "--backends", keras.backend.backend()),
+                *(memory, "64:exact", *argv),
+            ]
+        )
+    assert built == [want]

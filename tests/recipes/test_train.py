@@ -216,6 +216,16 @@ def test_non_positive_sizes_are_rejected(argv, capsys):
     assert "must be at least 1" in capsys.readouterr().err
 
 
+def test_scores_per_block_is_auto_or_a_positive_int(capsys):
+    argv = ["--preset", "tiny", "--scores-per-block"]
+    backbone, _, _ = flags.resolve_config(flags.parse_args([*argv, "auto"]))
+    assert backbone["memory_options"]["scores_per_block"] == "auto"
+    for text in ("0", "Auto"):
+        with pytest.raises(SystemExit):
+            flags.parse_args([*argv, text])
+    assert "must be at least 1" in capsys.readouterr().err
+
+
 def test_the_model_without_memory_starts_from_the_same_weights():
     config = dict(get_preset("tiny")["backbone"])
     with_memory, without = (
