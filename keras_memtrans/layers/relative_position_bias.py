@@ -157,7 +157,7 @@ class RelativePositionBias(keras.layers.Layer):
         """Maps `key - query` distances to bucket ids in `[0, num_buckets)`."""
         distance = -ops.cast(relative_positions, "int32")
         if self.bidirectional:
-            offset = ops.where(distance < 0, self.num_buckets // 2, 0)
+            offset = ops.cast(distance < 0, "int32") * (self.num_buckets // 2)
             distance = ops.abs(distance)
         # Bounds made on the device: `ops.clip`'s Python numbers (and
         # `ops.full_like`'s) are copied from the host on every call under

@@ -21,7 +21,8 @@ from keras_memtrans.memory.top_k import top_k_slots
 
 # `scores_per_block="auto"`: 8 MB of float32 scores, within a CPU's caches
 # (1.15-2x faster than scoring whole lanes at 8K on a 2-core CPU, see
-# docs/performance.md); 1 GB on an accelerator, few blocks for any memory.
+# docs/performance.md); 1 GB on an accelerator, a bound on the memory a
+# block's scores take, with few blocks up to a 65K memory.
 CPU_SCORES_PER_BLOCK = 2**21
 ACCELERATOR_SCORES_PER_BLOCK = 2**28
 

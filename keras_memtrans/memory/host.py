@@ -10,17 +10,15 @@ approximate top-k that `keras.ops` lacks. `scatter_update_variable` and
 `ops.scatter_update` and `ops.slice_update` would copy it whole; `full_like`
 fills a tensor on the device where torch's `ops.full_like` would copy its
 value from the host; `on_accelerator` tells a GPU or TPU from the CPU.
-`process_rows` and
-`assign_process_rows` read and write the lanes a process holds of a state
-a JAX distribution shards over several processes (hosts). Backends are imported lazily,
-inside the function that needs them: nothing else in the package imports
-tensorflow, jax or torch.
+`process_rows` and `assign_process_rows` read and write the lanes a process
+holds of a state a JAX distribution shards over several processes (hosts).
+Backends are imported lazily, inside the function that needs them: nothing
+else in the package imports tensorflow, jax or torch.
 """
 
 import keras
 import numpy as np
 from keras import ops
-from keras.backend import standardize_dtype
 
 
 def host_call_supports_jit():
@@ -123,8 +121,10 @@ def assign_process_rows(variable, rows):
 
 
 def on_accelerator():
-    """Whether the backend computes on a GPU or TPU (its default device),
-    not on the CPU."""
+    """Whether the backend computes on an accelerator (a GPU, including
+    Apple's MPS, or a TPU) rather than the CPU: JAX's default backend,
+    TensorFlow's logical devices, torch's current Keras device (`False` in
+    torch's symbolic build, whose device `meta` holds no data)."""
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
@@ -138,7 +138,7 @@ def on_accelerator():
         import torch
         from keras.src.backend.torch.core import get_device
 
-        return torch.device(get_device()).type != "cpu"
+        return torch.device(get_device()).type not in ("cpu", "meta")
     return False
 
 
@@ -179,10 +179,10 @@ def full_like(x, value, dtype=None):
     """
     if keras.backend.backend() == "torch" and not in_symbolic_build():
         import torch
+        from keras.src.backend.torch.core import to_torch_dtype
 
         x = ops.convert_to_tensor(x)
-        dtype = getattr(torch, standardize_dtype(dtype or x.dtype))
-        return torch.full_like(x, value, dtype=dtype)
+        return torch.full_like(x, value, dtype=to_torch_dtype(dtype or x.dtype))
     return ops.full_like(x, value, dtype)
 
 

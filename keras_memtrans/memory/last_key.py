@@ -147,15 +147,15 @@ def previous_real_keys(keys, padding_mask=None, carried=None):
         # twenty (each a dispatch from Python when torch runs eagerly).
         return carried, keys[:, 0], ops.cast(padding_mask, "bool")[:, 0]
     positions = ops.arange(segment_length, dtype="int32")
-    none = full_like(positions, -1)  # [seg]
+    no_position = full_like(positions, -1)  # [seg]
     # [batch, seg]: a real token's position, -1 for padding.
-    real = ops.where(ops.cast(padding_mask, "bool"), positions[None, :], none)
+    real = ops.where(ops.cast(padding_mask, "bool"), positions[None, :], no_position)
     earlier = positions[None, :] < positions[:, None]  # [t, s]: s before t
     # [batch, seg]: the last real position before each token, -1 if none.
-    previous_real = ops.max(ops.where(earlier[None], real[:, None, :], none), -1)
-    earliest = ops.maximum(previous_real, ops.zeros_like(previous_real))
+    previous_real = ops.max(ops.where(earlier[None], real[:, None, :], no_position), -1)
+    previous_index = ops.maximum(previous_real, ops.zeros_like(previous_real))
     previous = ops.take_along_axis(
-        keys, earliest[:, :, None, None], axis=1
+        keys, previous_index[:, :, None, None], axis=1
     )  # [batch, seg, heads, dim]
     previous = ops.where(previous_real[:, :, None, None] >= 0, previous, carried)
     final = ops.max(real, axis=1)  # [batch]: the last real position
