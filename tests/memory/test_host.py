@@ -75,6 +75,9 @@ def test_full_like_and_a_slice_write_at_a_python_start_make_no_host_tensor():
         slice_update_variable(variable, 3, 1, updates)
     assert sites == []
     np.testing.assert_array_equal(ops.convert_to_numpy(filled), [[-1e9], [-1e9]])
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(variable.value), [[0, 0, 0, 1], [0, 0, 0, 1]]
+    )
 
 
 @only_on_torch
