@@ -23,8 +23,8 @@ PACKAGE = pathlib.Path(keras_memtrans.__file__).parent
 
 only_on_torch = pytest.mark.skipif(
     keras.backend.backend() != "torch",
-    reason="TensorFlow and JAX compile their steps, which hold Python "
-    "numbers as constants of the program",
+    reason="only torch's eager backend copies a Python number to the device "
+    "for each operation; TensorFlow and JAX compile it into the step",
 )
 
 

@@ -4,6 +4,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_memtrans.memory.host import full_like
+
 
 def bucket_boundaries(num_buckets, max_distance):
     """The smallest causal distance of each of T5's buckets, exactly.
@@ -159,11 +161,12 @@ class RelativePositionBias(keras.layers.Layer):
         if self.bidirectional:
             offset = ops.cast(distance < 0, "int32") * (self.num_buckets // 2)
             distance = ops.abs(distance)
-        # Bounds made on the device: `ops.clip`'s Python numbers (and
-        # `ops.full_like`'s) are copied from the host on every call under
-        # torch, a synchronization each on a GPU.
-        zeros = ops.zeros_like(distance)
-        distance = ops.minimum(ops.maximum(distance, zeros), zeros + self.max_distance)
+        # Bounds made on the device: `ops.clip`'s Python numbers are copied
+        # from the host on every call under torch (see `host.full_like`).
+        distance = ops.minimum(
+            ops.maximum(distance, ops.zeros_like(distance)),
+            full_like(distance, self.max_distance),
+        )
         buckets = ops.take(self._bucket_table, distance, axis=0)
         return offset + buckets if self.bidirectional else buckets
 
