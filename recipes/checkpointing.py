@@ -25,6 +25,7 @@ import pathlib
 import shutil
 
 import keras
+import numpy as np
 
 from keras_memtrans.memory import atomic_files
 from recipes.processes import SINGLE
@@ -112,6 +113,20 @@ def load_checkpoint(checkpoint, processes=SINGLE):
     return causal_lm, state
 
 
+def finite(causal_lm):
+    """Whether every trainable weight and optimizer variable of `causal_lm`
+    is finite (the same on every process: data-parallel replicas hold the
+    same weights)."""
+    variables = list(causal_lm.trainable_weights)
+    if causal_lm.optimizer is not None:
+        variables += causal_lm.optimizer.variables
+    return all(
+        np.isfinite(keras.ops.convert_to_numpy(variable)).all()
+        for variable in variables
+        if keras.backend.is_float_dtype(variable.dtype)
+    )
+
+
 class StepCheckpoint(keras.callbacks.Callback):
     """Checkpoints at the end of every epoch whose step is a multiple of
     `every` or the last one (epochs are the recipe's reporting intervals).
@@ -136,7 +151,8 @@ class StepCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.step % self.every == 0 or self.step >= self.steps:
-            if math.isfinite((logs or {}).get("loss", 0.0)):  # never a NaN model
+            # Never a NaN model: the epoch's loss precedes its last update.
+            if math.isfinite((logs or {}).get("loss", 0.0)) and finite(self.model):
                 state = self.state(logs or {})
                 save_checkpoint(
                     self.model, self.directory, self.step, state, self.processes

@@ -64,10 +64,22 @@ def parse_args(argv, description=None):
         help="directory, glob, file or JSONL of documents "
         "(default: the Python standard library's source files)",
     )
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--no-memory", action="store_true", help="train without memory")
-    group.add_argument(
-        "--compare", action="store_true", help="train with and without memory"
+    # The last of --no-memory and --compare counts: `tox -e train` passes
+    # --compare, and `tox -e train -- --no-memory` then trains one model.
+    parser.add_argument(
+        "--no-memory",
+        dest="models",
+        action="store_const",
+        const=("no_memory",),
+        default=("memory",),
+        help="train only the model without memory",
+    )
+    parser.add_argument(
+        "--compare",
+        dest="models",
+        action="store_const",
+        const=("memory", "no_memory"),
+        help="train with and without memory",
     )
     parser.add_argument(
         "--steps", type=positive_int, help="training steps (preset default)"

@@ -267,14 +267,43 @@ def prepare_run(
     return corpus, corpus_settings, preprocessor, documents
 
 
+def resumed_args(output_dir):
+    """`(argv, args)` of the run in `output_dir`, as `--resume` continues it:
+    on the backend it was started on, its relative paths read from the
+    directory it was started in.
+
+    Raises:
+        FileNotFoundError: `output_dir` holds no `run.json`.
+        ValueError: `KERAS_BACKEND` names another backend than the run's.
+    """
+    record = pathlib.Path(output_dir) / "run.json"
+    if not record.exists():
+        raise FileNotFoundError(
+            f"--resume {output_dir}: no run.json there, so it is not a "
+            "directory that recipes.train started."
+        )
+    run = json.loads(record.read_text())
+    backend = keras.backend.backend()
+    if run["backend"] != backend:
+        raise ValueError(
+            f"--resume {output_dir}: the run trains on {run['backend']}, this "
+            f"process on {backend}: resume it with KERAS_BACKEND={run['backend']}."
+        )
+    args = parse_args(run["argv"], __doc__.splitlines()[0])
+    started_in = run.get("directory", os.getcwd())
+    for flag in ("corpus", "init_from"):
+        if getattr(args, flag) is not None:
+            path = os.path.join(started_in, getattr(args, flag))
+            setattr(args, flag, type(getattr(args, flag))(path))
+    return run["argv"], args
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv, __doc__.splitlines()[0])
     output_dir = args.resume
     if output_dir is not None:
-        run = json.loads((output_dir / "run.json").read_text())
-        argv = run["argv"]
-        args = parse_args(argv, __doc__.splitlines()[0])
+        argv, args = resumed_args(output_dir)
         print(f"Resuming {output_dir}: recipes.train {' '.join(argv)}")
     backbone_config, training, vocabulary_size = resolve_config(args)
     # One device; or several: a JAX distribution, or torch processes, each
@@ -288,9 +317,8 @@ def main(argv=None):
         output_dir = checkpointing.claim_directory(
             args.output_dir or pathlib.Path("runs") / f"{args.preset}-{backend}"
         )
-        checkpointing.atomic_write(
-            output_dir / "run.json", json.dumps({"argv": argv, "backend": backend})
-        )
+        run = {"argv": argv, "backend": backend, "directory": os.getcwd()}
+        checkpointing.atomic_write(output_dir / "run.json", json.dumps(run))
     output_dir = processes.broadcast(output_dir)
     source = None if args.init_from is None else load_trained_model(args.init_from)
     corpus, corpus_settings, preprocessor, documents = prepare_run(
@@ -303,11 +331,7 @@ def main(argv=None):
         f"{sum(map(len, train_docs))} / {sum(map(len, validation_docs))} tokens, "
         f"vocabulary {vocabulary_size}, backend {backend}"
     )
-    runs = [("memory", True), ("no_memory", False)]
-    if args.no_memory:
-        runs = runs[1:]
-    elif not args.compare:
-        runs = runs[:1]
+    runs = [(name, name == "memory") for name in args.models]
     results_path = output_dir / "results.json"
     results = []
     if results_path.exists():

@@ -146,6 +146,20 @@ def test_trains_exactly_the_steps_asked_for_across_epochs(tmp_path, capsys):
     assert "% of training token slots" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "argv, models",
+    [
+        ([], ("memory",)),
+        (["--compare"], ("memory", "no_memory")),
+        (["--no-memory"], ("no_memory",)),
+        (["--compare", "--no-memory"], ("no_memory",)),  # tox -e train -- --no-memory
+        (["--no-memory", "--compare"], ("memory", "no_memory")),
+    ],
+)
+def test_the_last_of_compare_and_no_memory_picks_the_models(argv, models):
+    assert flags.parse_args(argv).models == models
+
+
 def test_flags_take_precedence_over_the_preset():
     args = flags.parse_args(
         ["--preset", "tiny", "--memory-kind", "scann", "--steps", "7"]

@@ -8,15 +8,18 @@ import sys
 import threading
 import time
 
+import keras
 import numpy as np
 import pytest
 
+from keras_memtrans.models import MemorizingTransformerCausalLM
 from recipes import checkpointing
 from recipes import common
 from recipes import flags
 from recipes import reporting
 from recipes import train
 from tests.arrays import to_numpy
+from tests.models.conftest import tiny_backbone
 from tests.recipes.conftest import RESUMED_SCHEDULE
 from tests.recipes.runs import COMPARED_RUN
 from tests.recipes.runs import UNINTERRUPTED_RUN
@@ -103,6 +106,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_result(
 
 KILLED_SAVER = """
 import sys
+from keras_memtrans.models import MemorizingTransformerCausalLM
 from recipes import checkpointing
 from tests.models.conftest import tiny_backbone
 from keras_memtrans.models import MemorizingTransformerCausalLM
@@ -135,6 +139,38 @@ def test_a_kill_during_a_checkpoint_save_leaves_a_complete_checkpoint(tmp_path):
     causal_lm, state = checkpointing.load_checkpoint(checkpoint)
     assert checkpoint.name == f"step-{state['step']}" and state["step"] >= 1
     assert len(causal_lm.backbone.memory_layers) == 1
+
+
+def test_a_run_resumes_only_on_the_backend_it_started_on(tmp_path):
+    run_json = {"argv": ["--preset", "tiny"], "backend": "another-backend"}
+    (tmp_path / "run.json").write_text(json.dumps(run_json))
+    with pytest.raises(ValueError, match="KERAS_BACKEND=another-backend"):
+        train.main(["--resume", str(tmp_path)])
+    assert [path.name for path in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_resume_names_a_directory_that_holds_no_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run.json"):
+        train.main(["--resume", str(tmp_path)])
+
+
+def test_a_resumed_run_reads_its_relative_paths_from_where_it_started(
+    tmp_path, monkeypatch
+):
+    argv = ["--corpus", "texts/*.py", "--init-from", "runs/base/no_memory"]
+    started_in = tmp_path / "project"
+    run_json = {
+        "argv": [*argv, "--preset", "tiny"],
+        "backend": keras.backend.backend(),
+        "directory": str(started_in),
+    }
+    (tmp_path / "run.json").write_text(json.dumps(run_json))
+    monkeypatch.chdir(tmp_path)  # another directory than the run's
+    saved_argv, args = train.resumed_args(tmp_path)
+    assert saved_argv == run_json["argv"]
+    assert args.corpus == str(started_in / "texts" / "*.py")
+    assert args.init_from == started_in / "runs" / "base" / "no_memory"
+    assert args.preset == "tiny"
 
 
 def test_two_runs_never_claim_the_same_directory(tmp_path):
@@ -219,6 +255,28 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, caps
     causal_lm, state = checkpointing.load_checkpoint(checkpoint)
     assert 1 <= state["step"] < 8
     for weight in causal_lm.weights:
+        assert np.all(np.isfinite(to_numpy(weight))), weight.path
+
+
+def test_weights_gone_non_finite_under_a_finite_loss_never_replace_a_checkpoint(
+    tmp_path,
+):
+    # The epoch's loss is computed before each step's update: a last update
+    # that makes the weights NaN still logs a finite loss.
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone())
+    causal_lm.compile()
+    callback = checkpointing.StepCheckpoint(tmp_path, 1, 8, 0, lambda logs: {})
+    callback.set_model(causal_lm)
+    for epoch, poisoned in enumerate([False, True]):
+        if poisoned:
+            weight = causal_lm.trainable_weights[0]
+            weight.assign(np.full(weight.shape, np.nan, weight.dtype))
+        callback.on_train_batch_end(0)
+        callback.on_epoch_end(epoch, {"loss": 1.0})
+    checkpoint = checkpointing.latest_checkpoint(tmp_path)
+    assert checkpoint.name == "step-1"
+    restored, _ = checkpointing.load_checkpoint(checkpoint)
+    for weight in restored.trainable_weights:
         assert np.all(np.isfinite(to_numpy(weight))), weight.path
 
 
