@@ -13,8 +13,9 @@ def clone_initializer(initializer, salt):
     weights (a layer's query, key and value projections would start
     equal). As in keras-hub, each sublayer gets its own copy: an
     initializer created without a seed gets a fresh default seed; one with
-    a concrete integer seed gets that seed offset by a hash of `salt`, so
-    the sublayers of one layer differ and the result stays reproducible.
+    a concrete integer seed, or a `keras.random.SeedGenerator` made with
+    one, gets that seed offset by a hash of `salt`, so the sublayers of
+    one layer differ and the result stays reproducible.
 
     Args:
         initializer: a `keras.initializers.Initializer`, or a name or config
@@ -36,5 +37,17 @@ def clone_initializer(initializer, salt):
     config = initializer.get_config()
     seed = config.get("seed")
     if isinstance(seed, int) and not isinstance(seed, bool):
-        config["seed"] = (seed + zlib.crc32(salt.encode())) % 2**31
+        config["seed"] = salted(seed, salt)
+    elif isinstance(getattr(initializer, "seed", None), keras.random.SeedGenerator):
+        # Rebuilt from its config, each copy's generator would restart from
+        # the same state: seeded ones get salted seeds too.
+        seed = initializer.seed.get_config()["seed"]
+        config["seed"] = keras.random.SeedGenerator(
+            None if seed is None else salted(seed, salt)
+        )
     return initializer.__class__.from_config(config)
+
+
+def salted(seed, salt):
+    """The int `seed` offset by a hash of the str `salt`, in [0, 2**31)."""
+    return (seed + zlib.crc32(salt.encode())) % 2**31

@@ -39,21 +39,27 @@ def test_knn_attention_starts_with_distinct_query_key_and_value():
 
 @pytest.mark.parametrize(
     "initializer",
-    ["glorot_uniform", keras.initializers.GlorotUniform(seed=3)],
-    ids=["named", "seeded"],
+    [
+        lambda: "glorot_uniform",
+        lambda: keras.initializers.GlorotUniform(seed=3),
+        lambda: keras.initializers.GlorotUniform(seed=keras.random.SeedGenerator(3)),
+    ],
+    ids=["named", "seeded", "seed_generator"],
 )
 def test_every_kernel_of_a_block_is_drawn_on_its_own(initializer):
-    block = built_memory_block(kernel_initializer=initializer)
+    block = built_memory_block(kernel_initializer=initializer())
     rows = first_rows(kernels(block))
     assert len(rows) == 6
     assert_independent(rows)
 
 
-def test_a_seeded_initializer_stays_reproducible():
+@pytest.mark.parametrize(
+    "seed", [lambda: 7, lambda: keras.random.SeedGenerator(7)], ids=["int", "generator"]
+)
+def test_a_seeded_initializer_stays_reproducible(seed):
     def build():
-        layer = SegmentAttention(
-            num_heads=2, kernel_initializer=keras.initializers.GlorotUniform(seed=7)
-        )
+        initializer = keras.initializers.GlorotUniform(seed=seed())
+        layer = SegmentAttention(num_heads=2, kernel_initializer=initializer)
         layer.build((2, 8, 16))
         return [to_numpy(kernel) for kernel in kernels(layer)]
 
