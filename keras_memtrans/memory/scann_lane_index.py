@@ -136,6 +136,14 @@ class ScannLaneIndex:
         self.clear()
 
     @property
+    def settings(self):
+        """int64 `[num_leaves, num_leaves_to_search]` of the searchers
+        (`[0, 0]`: brute force), saved with them."""
+        if self.brute_force:
+            return np.zeros(2, "int64")
+        return np.array([self.num_leaves, self.num_leaves_to_search], "int64")
+
+    @property
     def indexed(self):
         """Whether the lane is searched through ScaNN searchers."""
         return self.searchers is not None
@@ -234,12 +242,14 @@ class ScannLaneIndex:
         return found
 
     def state_arrays(self):
-        """The index as NumPy arrays: `{}` when not indexed, else `slots`
-        (the id -> slot map), `writes_since_build` and, per head, each file
-        the searcher serialises to as bytes, `head{head}/{file name}`."""
+        """The index as NumPy arrays: `{}` when not indexed, else `settings`,
+        `slots` (the id -> slot map), `writes_since_build` and, per head,
+        each file the searcher serialises to as bytes,
+        `head{head}/{file name}`."""
         if not self.indexed:
             return {}
         arrays = {
+            "settings": self.settings,
             "slots": self.index_slots.copy(),
             "writes_since_build": np.array(self.writes_since_build, "int64"),
         }
@@ -252,11 +262,22 @@ class ScannLaneIndex:
                     arrays[f"head{head}/{name}"] = data
         return arrays
 
-    def restore(self, arrays):
+    def restore(self, arrays, keys, positions):
         """Restores an index from `state_arrays()`; changes nothing and raises
-        a ValueError if they are inconsistent or a searcher fails to load."""
+        a ValueError if they are inconsistent or a searcher fails to load.
+
+        Searchers saved with other `settings` (or without them, by an
+        earlier version) are not loaded: the index is built again from the
+        lane's restored `keys` `[heads, memory_size, head_dim]` and
+        `positions` `[memory_size]`, as `update` would build it.
+        """
         if not arrays:
             self.clear()
+            return
+        if not np.array_equal(arrays.get("settings"), self.settings):
+            self.clear()
+            if np.count_nonzero(positions >= 0) >= self.build_entries:
+                self._build(keys, positions)
             return
         for name in ("slots", "writes_since_build"):
             if name not in arrays:

@@ -301,7 +301,9 @@ class ScannMemory(KNNMemory):
                     name[len(prefix) :]: array
                     for name, array in arrays.items()
                     if name.startswith(prefix)
-                }
+                },
+                buffer.keys[lane],
+                buffer.positions[lane],
             )
         self._buffer, self._indexes = buffer, indexes
 

@@ -331,7 +331,8 @@ def test_a_restore_that_fails_late_puts_the_earlier_states_back(tmp_path):
     assert memory.indexed_lanes.all()
     save_states({"a": last_key(1.0), "memory": memory}, tmp_path)
     rewrite_npz(saved_file(tmp_path, "memory"), **{"index/1/slots": np.zeros(2)})
-    states = {"a": last_key(5.0), "memory": ScannMemory(2, 1, 3, 32, num_leaves=2)}
+    fresh = ScannMemory(2, 1, 3, 32, num_leaves=2, num_leaves_to_search=2)
+    states = {"a": last_key(5.0), "memory": fresh}
     with pytest.raises(ValueError, match="invalid slots"):
         load_states(states, tmp_path)
     assert_carries(states["a"], 5.0)

@@ -49,8 +49,9 @@ def test_delete_slots_moves_the_last_id_into_each_deleted_one():
 )
 def test_restore_rejects_inconsistent_arrays_and_changes_nothing(arrays, match):
     index = ScannLaneIndex(None, 1, 8, 1, 1, 16)
+    keys, positions = np.zeros((1, 8, 4), "float32"), np.arange(8)
     with pytest.raises(ValueError, match=match):
-        index.restore(arrays)
+        index.restore({"settings": index.settings, **arrays}, keys, positions)
     assert not index.indexed
 
 

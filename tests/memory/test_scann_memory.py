@@ -258,6 +258,53 @@ def test_save_packs_the_searchers_into_one_file_and_load_restores_them(tmp_path)
 
 
 @pytest.mark.parametrize(
+    "loaded_options",
+    [
+        {"searcher": "brute_force"},
+        {"num_leaves": 16, "num_leaves_to_search": 16},
+    ],
+    ids=["brute_force", "every_leaf"],
+)
+def test_a_memory_loads_with_its_own_searcher_settings(tmp_path, loaded_options):
+    # Searchers saved with 1 of 16 leaves visited, loaded where every key is
+    # scored: the loaded memory's own settings hold, and its search is exact.
+    rng = np.random.default_rng(11)
+    saved = ScannMemory(2, HEADS, DIM, 256, num_leaves=16, num_leaves_to_search=1)
+    exact = ExactMemory(2, HEADS, DIM, 256)
+    exact.build()
+    for _ in range(3):
+        keys = clustered_keys(rng, (2, 64, HEADS, DIM))
+        for memory in (saved, exact):
+            memory.append(keys, keys)
+    saved.save(tmp_path / "memory.npz")
+    loaded = ScannMemory(2, HEADS, DIM, 256, **loaded_options)
+    loaded.load(tmp_path / "memory.npz")
+    assert loaded.indexed_lanes.all()
+    queries = rng.normal(size=(2, 16, HEADS, DIM)).astype("float32")
+    _, _, got = loaded.search(queries, 8)
+    _, _, want = exact.search(queries, 8)
+    np.testing.assert_array_equal(
+        np.sort(to_numpy(got), axis=-1), np.sort(to_numpy(want), axis=-1)
+    )
+
+
+def test_searchers_saved_without_their_settings_are_rebuilt(tmp_path):
+    rng = np.random.default_rng(12)
+    saved = ScannMemory(1, HEADS, DIM, 64, num_leaves=4, num_leaves_to_search=1)
+    keys = clustered_keys(rng, (1, 48, HEADS, DIM))
+    saved.append(keys, keys)
+    saved.save(tmp_path / "memory.npz")
+    rewrite_npz(tmp_path / "memory.npz", **{"index/0/settings": None})
+    loaded = exhaustive(1, 64)
+    loaded.load(tmp_path / "memory.npz")
+    fed = exhaustive(1, 64)
+    fed.append(keys, keys)
+    queries = rng.normal(size=(1, 8, HEADS, DIM)).astype("float32")
+    for got, want in zip(loaded.search(queries, 8), fed.search(queries, 8)):
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+
+
+@pytest.mark.parametrize(
     "damage, match",
     [
         ({"index/0/head0/scann_docids.pkl": np.zeros(4, "uint8")}, "docids.pkl"),
