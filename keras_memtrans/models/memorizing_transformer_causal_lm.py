@@ -123,13 +123,21 @@ class MemorizingTransformerCausalLM(LaneInputsMixin, keras.Model):
         Weight decay, when the optimizer has one, applies to the matmul
         kernels and the token embedding only: biases, layer norms, the
         attention scales, memory gates, key-smear logits and relative
-        position biases are excluded, as in the reference trainers.
+        position biases are excluded, as in the reference trainers, beside
+        what the optimizer already excluded.
         """
         if optimizer == "auto":
             optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.01)
         optimizer = keras.optimizers.get(optimizer)
         if getattr(optimizer, "weight_decay", None) and not optimizer.built:
-            optimizer.exclude_from_weight_decay(var_list=self._not_decayed())
+            # `exclude_from_weight_decay` replaces the optimizer's exclusions:
+            # the variables it already excluded are kept in the new list.
+            excluded = [
+                variable
+                for variable in self.trainable_variables
+                if not optimizer._use_weight_decay(variable)
+            ]
+            optimizer.exclude_from_weight_decay(var_list=self._not_decayed() + excluded)
         if loss == "auto":
             loss = keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True, reduction="mean_with_sample_weight"

@@ -217,11 +217,10 @@ def test_the_loss_is_the_mean_over_real_target_tokens(preprocessor, documents):
     assert float(to_numpy(empty)) == 0.0
 
 
-def test_weight_decay_applies_to_kernels_and_embeddings_only(preprocessor):
-    causal_lm = MemorizingTransformerCausalLM(
-        tiny_backbone(smear_keys=True, tie_word_embeddings=False), preprocessor
-    )
-    causal_lm.compile(optimizer=keras.optimizers.AdamW(0.1, weight_decay=0.5))
+def decayed_by_one_step(causal_lm):
+    """The paths of the trainable variables that one optimizer step with
+    zero gradients changes (AdamW: only its decay,
+    `value * (1 - lr * weight_decay)`, lr 0.1 and weight decay 0.5)."""
     variables = causal_lm.trainable_variables
     before = [to_numpy(v) for v in variables]
     causal_lm.optimizer.apply_gradients(
@@ -235,6 +234,16 @@ def test_weight_decay_applies_to_kernels_and_embeddings_only(preprocessor):
         # Zero gradients: only the decay, value * (1 - lr * weight_decay).
         np.testing.assert_allclose(after, value * (1 - 0.1 * 0.5), rtol=1e-5)
         decayed.add(variable.path)
+    return decayed
+
+
+def test_weight_decay_applies_to_kernels_and_embeddings_only(preprocessor):
+    causal_lm = MemorizingTransformerCausalLM(
+        tiny_backbone(smear_keys=True, tie_word_embeddings=False), preprocessor
+    )
+    causal_lm.compile(optimizer=keras.optimizers.AdamW(0.1, weight_decay=0.5))
+    decayed = decayed_by_one_step(causal_lm)
+    variables = causal_lm.trainable_variables
     kernels = {v.path for v in variables if v.path.endswith("kernel")}
     embeddings = {
         "token_embedding/embeddings",
@@ -243,6 +252,25 @@ def test_weight_decay_applies_to_kernels_and_embeddings_only(preprocessor):
     assert decayed == kernels | embeddings
     kept = {v.path.rsplit("/", 1)[-1] for v in variables} - {"kernel"}
     assert {"attention_scale", "gate_bias", "key_smear_logit", "gamma", "beta"} < kept
+
+
+def test_compile_keeps_the_weight_decay_exclusions_already_set(preprocessor):
+    causal_lm = MemorizingTransformerCausalLM(
+        tiny_backbone(tie_word_embeddings=False), preprocessor
+    )
+    optimizer = keras.optimizers.AdamW(0.1, weight_decay=0.5)
+    feedforward = causal_lm.backbone.transformer_layers[0].feedforward_output
+    optimizer.exclude_from_weight_decay(
+        var_list=[feedforward.kernel], var_names=["reverse_embeddings"]
+    )
+    causal_lm.compile(optimizer=optimizer)
+    decayed = decayed_by_one_step(causal_lm)
+    kernels = {
+        v.path for v in causal_lm.trainable_variables if v.path.endswith("kernel")
+    }
+    assert decayed == (kernels - {feedforward.kernel.path}) | {
+        "token_embedding/embeddings"
+    }
 
 
 def test_a_continuation_does_not_depend_on_the_other_prompts(preprocessor):
