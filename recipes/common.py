@@ -5,9 +5,6 @@ The architectures are `keras_memtrans.models.PRESETS`; how long and how fast
 a recipe trains each of them is recipe policy, so it lives here.
 """
 
-import os
-import shutil
-
 import keras
 
 from keras_memtrans.data import TextCorpus
@@ -144,21 +141,13 @@ def compile_for_training(causal_lm, training, jit_compile="auto", loss="auto"):
 
 
 def save_preset(causal_lm, directory):
-    """Saves `causal_lm` as a keras-hub preset at `directory`, all or nothing.
+    """Saves `causal_lm` as a keras-hub preset at `directory`, which must
+    not exist: a run never replaces a model (the save itself is all or
+    nothing, `MemorizingTransformerCausalLM.save_to_preset`).
 
-    The preset is written to a hidden sibling (`.<name>.partial`) and
-    renamed into place once complete, so `directory` is either absent or a
-    finished preset; a failed save leaves nothing behind.
-
-    Args:
-        causal_lm: a `MemorizingTransformerCausalLM`.
-        directory: a `pathlib.Path` that does not exist yet.
+    Raises:
+        FileExistsError: `directory` exists.
     """
-    partial = directory.with_name(f".{directory.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)  # what a killed save left
-    try:
-        causal_lm.save_to_preset(partial)
-        os.rename(partial, directory)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    if directory.exists():
+        raise FileExistsError(f"{directory} exists: a run never replaces a model.")
+    causal_lm.save_to_preset(directory)

@@ -3,11 +3,14 @@
 Every file the package writes (memories, lane states, checkpoints, results)
 goes through `atomic_write`: a temporary file in the same directory,
 flushed, fsynced and renamed onto its path, so a reader (or a run resumed
-after a kill) sees the old file or the complete new one.
+after a kill) sees the old file or the complete new one. A directory
+written by another library (a keras-hub preset) goes through
+`atomic_directory` the same way.
 """
 
 import errno
 import os
+import shutil
 import tempfile
 import zipfile
 
@@ -83,6 +86,50 @@ def atomic_write(path, write):
         os.remove(temporary)
         raise
     _fsync_directory(directory)
+
+
+def atomic_directory(path, write):
+    """Writes the directory `path` whole, or leaves what was there.
+
+    `write(directory)` fills a new hidden sibling (`.<name>.partial`), whose
+    files are then fsynced and which is renamed onto `path`. An existing
+    `path` is first renamed aside (`.<name>.previous`) and deleted once the
+    new directory is in place: a `write` that raises leaves `path` as it
+    was, and a kill leaves the old directory or the new one (between the
+    two renames, the old one as `.<name>.previous`).
+
+    Args:
+        path: the directory to write.
+        write: a function of the directory path (a str) to fill.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    make_directories(parent)
+    partial = os.path.join(parent, f".{name}.partial")
+    previous = os.path.join(parent, f".{name}.previous")
+    shutil.rmtree(partial, ignore_errors=True)  # what a killed write left
+    os.mkdir(partial)
+    try:
+        write(partial)
+        fsync_tree(partial)
+        if os.path.exists(path):
+            shutil.rmtree(previous, ignore_errors=True)
+            os.rename(path, previous)
+        os.rename(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _fsync_directory(parent)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def fsync_tree(directory):
+    """Makes every file and directory under `directory` durable."""
+    for root, _, names in os.walk(directory, topdown=False):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as file:
+                os.fsync(file.fileno())
+        _fsync_directory(root)
 
 
 def atomic_save_npz(path, arrays):

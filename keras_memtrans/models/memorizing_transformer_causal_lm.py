@@ -3,6 +3,7 @@ import numpy as np
 from keras import ops
 from keras_hub.src.utils import preset_utils
 
+from keras_memtrans.memory.atomic_files import atomic_directory
 from keras_memtrans.models.lane_inputs_mixin import LaneInputsMixin
 from keras_memtrans.models.memorizing_transformer_backbone import (
     MemorizingTransformerBackbone,
@@ -344,15 +345,21 @@ class MemorizingTransformerCausalLM(LaneInputsMixin, keras.Model):
 
         keras-hub's own preset saver writes the backbone's config, weights
         and metadata, the model's `task.json` and the preprocessor with its
-        tokenizer; memories are not saved.
+        tokenizer; memories are not saved. The directory is written whole
+        (`atomic_files.atomic_directory`): a save that fails or is killed
+        leaves the preset that was there.
 
         Args:
-            preset_dir: path of the preset directory (created if missing).
+            preset_dir: path of the preset directory (replaced if present).
             max_shard_size: int or float. Maximum size in GB of each weights
                 file; `None`: no sharding.
         """
-        saver = preset_utils.get_preset_saver(str(preset_dir))
-        saver.save_task(self, max_shard_size=max_shard_size)
+
+        def write(directory):
+            saver = preset_utils.get_preset_saver(directory)
+            saver.save_task(self, max_shard_size=max_shard_size)
+
+        atomic_directory(preset_dir, write)
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):

@@ -3,6 +3,7 @@ import json
 import keras_hub
 import numpy as np
 import pytest
+from keras_hub.src.utils import preset_utils
 
 from keras_memtrans.models import MemorizingTransformerBackbone
 from keras_memtrans.models import MemorizingTransformerCausalLM
@@ -134,3 +135,39 @@ def test_a_preset_of_another_architecture_is_refused(tmp_path):
     ).save_to_preset(tmp_path)
     with pytest.raises(ValueError, match="GPT2Backbone, not a Memorizing"):
         MemorizingTransformerCausalLM.from_preset(tmp_path)
+
+
+def test_a_preset_saved_over_another_replaces_it_whole_or_not_at_all(
+    tmp_path, preprocessor, monkeypatch
+):
+    first = MemorizingTransformerCausalLM(tiny_backbone(), preprocessor)
+    first.save_to_preset(tmp_path / "preset")
+    second = MemorizingTransformerCausalLM(tiny_backbone(), preprocessor)
+    for variable in second.trainable_variables:
+        variable.assign(variable + 1.0)
+
+    class HalfSave:  # a disk filling up in the middle of a save
+        def __init__(self, directory):
+            self.directory = directory
+
+        def save_task(self, task, max_shard_size):
+            with open(f"{self.directory}/config.json", "w") as file:
+                file.write("{")
+            raise OSError("disk full")
+
+    saver = preset_utils.get_preset_saver
+    monkeypatch.setattr(preset_utils, "get_preset_saver", HalfSave)
+    with pytest.raises(OSError, match="disk full"):
+        second.save_to_preset(tmp_path / "preset")
+    assert [p.name for p in tmp_path.iterdir()] == ["preset"]
+    loaded = MemorizingTransformerCausalLM.from_preset(tmp_path / "preset")
+    for got, want in zip(loaded.trainable_variables, first.trainable_variables):
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+
+    monkeypatch.setattr(preset_utils, "get_preset_saver", saver)
+    second.save_to_preset(tmp_path / "preset")
+    assert [p.name for p in tmp_path.iterdir()] == ["preset"]
+    assert files(tmp_path / "preset") == KERAS_HUB_FILES
+    loaded = MemorizingTransformerCausalLM.from_preset(tmp_path / "preset")
+    for got, want in zip(loaded.trainable_variables, second.trainable_variables):
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))

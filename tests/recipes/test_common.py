@@ -19,27 +19,15 @@ def test_every_preset_has_training_defaults():
         }
 
 
-class HalfSave:
-    """Writes part of a preset, then fails, as a full disk would."""
-
-    def save_to_preset(self, directory):
-        directory.mkdir()
-        (directory / "config.json").write_text("{}")
-        raise OSError("disk full")
-
-
-def test_a_saved_preset_is_complete_or_absent(tmp_path):
+def test_a_preset_is_saved_only_where_there_was_none(tmp_path):
     causal_lm = MemorizingTransformerCausalLM(tiny_backbone(memory_layer_indices=()))
     common.save_preset(causal_lm, tmp_path / "model")
     assert MemorizingTransformerCausalLM.from_preset(tmp_path / "model").built
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]
-    # A save that fails half-way leaves nothing, not even its partial copy.
-    with pytest.raises(OSError, match="disk full"):
-        common.save_preset(HalfSave(), tmp_path / "other")
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]
-    # A preset is never written into a directory that holds files.
-    with pytest.raises(OSError):
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "model").iterdir()}
+    with pytest.raises(FileExistsError, match="model"):
         common.save_preset(causal_lm, tmp_path / "model")
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "model").iterdir()}
+    assert after == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
