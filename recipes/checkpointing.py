@@ -18,6 +18,8 @@ needs no state of its own: `LaneStreamer(repeat=True)` batch `k` depends
 only on `k` and the documents, so it resumes at batch `step`.
 """
 
+import csv
+import io
 import json
 import math
 import os
@@ -55,6 +57,29 @@ def claim_directory(path):
             candidate = path.with_name(f"{path.name}-{n}")
 
 
+def truncate_log(path, epochs):
+    """Keeps the first `epochs` epochs' rows of the CSV log `path` (a
+    `keras.callbacks.CSVLogger`'s, which appends a row per epoch), written
+    atomically: a run resumed from the checkpoint of epoch `epochs` logs
+    the later ones again. A row a kill cut short is dropped too."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        rows = [
+            row
+            for row in reader
+            if None not in row.values() and int(row["epoch"]) < epochs
+        ]
+        fields = reader.fieldnames
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
+
+
 def latest_checkpoint(directory):
     """The newest complete checkpoint under `directory/checkpoints`, or None."""
     pointer = pathlib.Path(directory) / "checkpoints" / "latest"
@@ -90,6 +115,7 @@ def save_checkpoint(causal_lm, directory, step, state, processes=SINGLE):
     processes.barrier()
     if processes.is_main:
         (partial / "state.json").write_text(json.dumps({**state, "step": step}))
+        atomic_files.fsync_tree(partial)
         if (checkpoints / name).exists():  # the same step, saved before a kill
             shutil.rmtree(partial)
         else:

@@ -135,6 +135,8 @@ def train_and_evaluate(
         return {"curve": curve.rows, "train_seconds": seconds, "train_loss": loss}
 
     stop = StopAfterSteps(steps - first_step)
+    if processes.is_main:
+        checkpointing.truncate_log(log_dir / "log.csv", first_step // steps_per_epoch)
     logs = [
         keras.callbacks.CSVLogger(str(log_dir / "log.csv"), append=first_step > 0),
         keras.callbacks.TensorBoard(str(log_dir / "tensorboard")),

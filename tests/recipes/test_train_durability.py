@@ -121,6 +121,28 @@ while True:
 """
 
 
+def test_a_resumed_run_logs_each_epoch_once(tmp_path, monkeypatch):
+    # Epochs of 2 steps, a checkpoint every 4: a kill after the log's row of
+    # step 6 resumes from step 4, and epoch 2 (steps 5-6) is trained again.
+    schedule = ("--steps", "8", "--checkpoint-every", "4", "--eval-every", "2")
+    log_epoch = keras.callbacks.CSVLogger.on_epoch_end
+
+    def killed_after_epoch_2(self, epoch, logs=None):
+        log_epoch(self, epoch, logs)
+        if epoch == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(keras.callbacks.CSVLogger, "on_epoch_end", killed_after_epoch_2)
+    with pytest.raises(Interrupted):
+        train.main(recipe_args(tmp_path, *schedule))
+    assert sorted(epoch_losses(tmp_path / "out")) == [0, 1, 2]
+    monkeypatch.setattr(keras.callbacks.CSVLogger, "on_epoch_end", log_epoch)
+    assert train.main(["--resume", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "training" / "memory" / "log.csv") as file:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(file)]
+    assert epochs == [0, 1, 2, 3]
+
+
 def test_a_kill_during_a_checkpoint_save_leaves_a_complete_checkpoint(tmp_path):
     child = subprocess.Popen(
         [sys.executable, "-c", KILLED_SAVER, str(tmp_path)],
