@@ -18,6 +18,7 @@ its trained models (the run's presets), token by token
 import argparse
 import collections
 import html
+import io
 import json
 import pathlib
 import platform
@@ -28,6 +29,7 @@ import numpy as np
 
 from keras_memtrans.analysis import DocumentScorer
 from keras_memtrans.models import MemorizingTransformerCausalLM
+from recipes.checkpointing import atomic_write
 from recipes.common import split_corpus
 
 matplotlib.use("Agg")
@@ -172,8 +174,12 @@ def plot(rows, path):
     axes.set_ylabel("loss saved by memory (nats)")
     axes.tick_params(axis="x", labelrotation=45)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
+    png = io.BytesIO()
+    try:
+        figure.savefig(png, format="png", dpi=120)
+    finally:
+        pyplot.close(figure)
+    atomic_write(path, png.getvalue())
 
 
 def main(argv=None):
@@ -201,13 +207,14 @@ def main(argv=None):
         memory_scores, baseline_scores, position_bins(backbone.segment_length, longest)
     )
     plot(rows, output_dir / "gain_by_position.png")
-    (output_dir / "document.html").write_text(
+    atomic_write(
+        output_dir / "document.html",
         document_html(
             names[chosen],
             memory_scores[chosen],
             baseline_scores[chosen],
             preprocessor.detokenize,
-        )
+        ),
     )
     with_memory = np.concatenate([s["losses"] for s in memory_scores])
     without = np.concatenate([s["losses"] for s in baseline_scores])
@@ -235,7 +242,7 @@ def main(argv=None):
     summary += top_tokens(
         names, memory_scores, baseline_scores, preprocessor.detokenize, args.top
     )
-    (output_dir / "summary.md").write_text("\n".join(summary) + "\n")
+    atomic_write(output_dir / "summary.md", "\n".join(summary) + "\n")
     print("\n".join(summary[: 10 + len(rows)]))
     print(f"\nInspection in {output_dir}")
     return 0

@@ -1,6 +1,8 @@
 import json
+import os
 import re
 
+import matplotlib.figure
 import numpy as np
 import pytest
 
@@ -111,3 +113,20 @@ def test_top_tokens_lists_the_largest_gains_in_order():
         assert row[2] == f"`{i + 1}`"  # the next token's id
         assert float(row[3]) == pytest.approx(baseline[d]["losses"][i], abs=0.005)
         assert float(row[4]) == pytest.approx(memory[d]["losses"][i], abs=0.005)
+
+
+def test_a_plot_that_fails_half_way_leaves_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "gain_by_position.png"
+    path.write_bytes(b"the previous plot")
+
+    def half_a_png(figure, target, **kwargs):  # a disk filling up
+        if isinstance(target, (str, os.PathLike)):
+            target = open(target, "wb")
+        target.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_a_png)
+    with pytest.raises(OSError, match="disk full"):
+        inspect_memory.plot([(0, 64, 10, 2.0, 1.5)], path)
+    assert path.read_bytes() == b"the previous plot"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
