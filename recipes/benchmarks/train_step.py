@@ -134,8 +134,8 @@ def with_memory(backbone, memory_size, memory_kind, scores_per_block="auto"):
 def compiled_model(config, memory, dtype, jit_compile, scores_per_block="auto"):
     """The causal LM of `config` with the `--memories` entry `memory`
     (searched in blocks of `scores_per_block`), compiled with Adam and
-    `jit_compile` (`"auto"`: the recipe's default), its training memories
-    filled (see `fill`)."""
+    `jit_compile` (`"auto"`: the recipe's default), its training and
+    inference memories filled (see `fill`)."""
     memory_size, memory_kind = parse_memory(memory)
     backbone = with_memory(
         config["backbone"], memory_size, memory_kind, scores_per_block
@@ -153,7 +153,8 @@ def compiled_model(config, memory, dtype, jit_compile, scores_per_block="auto"):
         jit_compile=recipe_jit_compile(jit_compile),
     )
     for layer in causal_lm.backbone.memory_layers:
-        fill(layer.lane_states(training=True)["memory"])
+        for training in (True, False):  # `fit`'s, and `test_on_batch`'s
+            fill(layer.lane_states(training=training)["memory"])
     return causal_lm
 
 
@@ -195,7 +196,7 @@ def seconds_per_step(config, memory, args):
 
 
 def fill(memory):
-    """Fills every slot of a training memory with random keys (a ScaNN
+    """Fills every slot of a memory with random keys (a ScaNN
     memory's search costs depend on how full it is; the exact one's do not),
     as the memory of a long document would be."""
     shape = (memory.batch_size, memory.memory_size, memory.num_heads, memory.head_dim)

@@ -12,6 +12,7 @@ from recipes.benchmarks import memory_lookup
 from recipes.benchmarks import scann_layout
 from recipes.benchmarks import step_profile
 from recipes.benchmarks import train_step
+from tests.arrays import to_numpy
 
 
 def table_rows(text):
@@ -176,3 +177,16 @@ def test_the_step_benchmarks_pass_scores_per_block_to_the_memory(
             ]
         )
     assert built == [want]
+
+
+@pytest.mark.parametrize("memory", ["64:exact", "64:scann"])
+def test_the_step_benchmarks_fill_both_memories(memory):
+    # `fit` reads the training memory, `test_on_batch` (step_profile's
+    # forward step) the inference one.
+    config = train_step.model_config("tiny")
+    causal_lm = train_step.compiled_model(config, memory, "float32", "auto")
+    (layer,) = causal_lm.backbone.memory_layers
+    for training in (True, False):
+        positions = to_numpy(layer.lane_states(training=training)["memory"].positions)
+        filled = (positions >= 0).sum(axis=-1)  # an exact memory has spare slots
+        assert (filled == layer.memory_size).all(), training
