@@ -9,9 +9,9 @@ size the memories are filled with a lane's first `memory_size` keys and
 searched with the queries of its next 256 tokens (4 lanes x 4 heads x 256
 queries, k = 32). Times are medians of `--repeats` searches after one
 untimed search; recall@32 is the fraction of ScaNN's 32 neighbours that score at least
-the exact 32nd score (tie-aware: text keys repeat). The append of one
-512-token segment to each memory (called eagerly, as torch's `fit` does,
-and waited for) is timed the same way.
+the exact 32nd score (tie-aware: text keys repeat). Then the appends of
+the next 512-token segments, one per call, to each memory (called
+eagerly, as torch's `fit` does, and waited for) are timed the same way.
 
 A second table gives the throughput of `ExactMemory.search` (scores, top-k
 and gather) in the backend's compiled predict step, for the search of the
@@ -129,6 +129,10 @@ def scores(queries, keys):
 
 
 def measure(memory_size, queries, keys, repeats):
+    """The lookup table's row: both memories hold a lane's first
+    `memory_size` keys and are searched by its next `QUERIES` tokens; the
+    appends of the segments after those are timed last, once the searches
+    are done (they overwrite the oldest entries)."""
     lane_keys = keys[:, :memory_size]
     lane_queries = queries[:, memory_size : memory_size + QUERIES]
     exact = ExactMemory(LANES, HEADS, HEAD_DIM, memory_size)
@@ -138,14 +142,6 @@ def measure(memory_size, queries, keys, repeats):
     start = time.perf_counter()
     scann.append(lane_keys, lane_keys)  # fills the ring, builds the searchers
     build = (time.perf_counter() - start) / (LANES * HEADS)
-    segment = keys[:, memory_size : memory_size + SEGMENT]
-    append, _ = timed(lambda: scann.append(segment, segment), repeats)
-
-    def exact_append():  # the same writes as ScaNN's, waited for
-        exact.append(segment, segment)
-        return ops.convert_to_numpy(exact.next_slot.value)
-
-    exact_append_time, _ = timed(exact_append, repeats)
     exact_time, exact_keys = timed(lambda: exact_search(exact, lane_queries), repeats)
     scann_time, scann_keys = timed(
         lambda: ops.convert_to_numpy(scann.search(lane_queries, K)[0]), repeats
@@ -154,7 +150,24 @@ def measure(memory_size, queries, keys, repeats):
     # k-th score (text keys repeat, so position sets differ on ties).
     kth = scores(lane_queries, exact_keys).min(axis=-1, keepdims=True)
     recall = np.mean(scores(lane_queries, scann_keys) >= kth - 1e-5)
-    return exact_time, scann_time, recall, build, append, exact_append_time
+    # Each timed append writes the next segment of the text, the same ones
+    # to both memories.
+    starts = range(memory_size + QUERIES, keys.shape[1] - SEGMENT + 1, SEGMENT)
+    scann_starts, exact_starts = iter(starts), iter(starts)
+
+    def append(memory, starts):
+        start = next(starts)
+        segment = keys[:, start : start + SEGMENT]
+        memory.append(segment, segment)
+
+    scann_append, _ = timed(lambda: append(scann, scann_starts), repeats)
+
+    def exact_append():  # waited for
+        append(exact, exact_starts)
+        return ops.convert_to_numpy(exact.next_slot.value)
+
+    exact_append_time, _ = timed(exact_append, repeats)
+    return exact_time, scann_time, recall, build, scann_append, exact_append_time
 
 
 class CompiledCall(keras.layers.Layer):
@@ -173,9 +186,19 @@ class CompiledCall(keras.layers.Layer):
 def compiled_seconds(function, inputs, repeats, state=None):
     """Median seconds of `function(inputs)` inside `predict_on_batch`: the
     backend's compiled predict step (XLA on JAX and TensorFlow, eager torch),
-    the recipe's default compile mode."""
+    the recipe's default compile mode.
+
+    The inputs are put on the device before the timed calls, and each call
+    returns its result summed over all axes but the first: a timed call
+    copies no more than a few numbers between the host and a GPU."""
+
+    def summed(x):
+        result = function(x)
+        return ops.sum(result, axis=tuple(range(1, len(result.shape))))
+
+    inputs = ops.convert_to_tensor(inputs)
     x = keras.Input(inputs.shape[1:], batch_size=inputs.shape[0])
-    model = keras.Model(x, CompiledCall(function, state)(x))
+    model = keras.Model(x, CompiledCall(summed, state)(x))
     seconds, _ = timed(lambda: model.predict_on_batch(inputs), repeats)
     return seconds
 
@@ -246,7 +269,7 @@ def dense_gflops(size, repeats):
 
 
 def print_lookup_table(memory_sizes, repeats):
-    largest = max(memory_sizes) + 2 * SEGMENT * (repeats + 1) + QUERIES
+    largest = max(memory_sizes) + QUERIES + SEGMENT * (repeats + 1)
     tokens = -(-largest // SEGMENT) * SEGMENT
     start = time.perf_counter()
     queries, keys = text_queries_and_keys(tokens)

@@ -5,6 +5,7 @@ import re
 import sys
 
 import keras
+import numpy as np
 import pytest
 
 from recipes.benchmarks import accelerator
@@ -148,6 +149,39 @@ def test_step_profile_times_the_step_and_names_where_it_goes(capfd, monkeypatch)
     # batch's four arrays.
     counts = re.findall(r"^Tensors made from host data per step: (\d+)", output, re.M)
     assert [int(count) >= 4 for count in counts] == [True] * (backend == "torch")
+
+
+def test_the_lookup_searches_a_memory_of_the_keys_before_the_queries(monkeypatch):
+    searched = []
+    search = memory_lookup.exact_search
+
+    def recorded_search(memory, queries):
+        searched.append(to_numpy(memory.positions))
+        return search(memory, queries)
+
+    monkeypatch.setattr(memory_lookup, "exact_search", recorded_search)
+    memory_lookup.measure(*[512, *memory_lookup.text_queries_and_keys(2560)], 2)
+    for positions in searched:  # tokens 0-511: none queried, each once
+        filled = np.sort(positions[positions >= 0].reshape(memory_lookup.LANES, -1))
+        np.testing.assert_array_equal(filled, np.tile(np.arange(512), (4, 1)))
+
+
+def test_a_timed_search_copies_little_between_host_and_device(monkeypatch):
+    calls = []
+    predict = keras.Model.predict_on_batch
+
+    def recorded_predict(model, x):
+        outputs = predict(model, x)
+        calls.append((type(x), np.size(outputs)))
+        return outputs
+
+    monkeypatch.setattr(keras.Model, "predict_on_batch", recorded_predict)
+    memory_lookup.dense_gflops(64, 1)
+    memory_lookup.search_gflops(256, memory_lookup.SEARCH_SHAPES["quick"], 1)
+    assert len(calls) >= 4
+    for input_type, output_size in calls:
+        assert input_type is not np.ndarray  # already on the device
+        assert output_size <= 64  # one number per row of the batch
 
 
 class Built(Exception):
