@@ -68,7 +68,7 @@ class KNNAttention(SegmentAttention):
         num_leaves: optional int. Tree partitions of each ScaNN searcher
             (ScaNN memory only; default about `sqrt(memory_size)`).
         num_leaves_to_search: optional int. Partitions a ScaNN search
-            visits (ScaNN memory only; default an eighth of `num_leaves`):
+            visits (ScaNN memory only; default a quarter of `num_leaves`):
             more is slower and finds more of the true top-k.
         **kwargs: the `SegmentAttention` arguments (`head_dim`,
             `num_key_value_heads`: the memory then holds that many heads,

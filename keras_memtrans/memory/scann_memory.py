@@ -81,7 +81,7 @@ class ScannMemory(KNNMemory):
             `sqrt(memory_size)`; `memory_size // 2` must be at least
             `max(16, 8 * num_leaves)`.
         num_leaves_to_search: int. Partitions visited per query. Defaults
-            to an eighth of `num_leaves` (at least 1).
+            to a quarter of `num_leaves` (at least 1).
         training_sample_size: int. Keys sampled to train the trees.
         **kwargs: standard `keras.layers.Layer` arguments.
 
@@ -152,7 +152,7 @@ class ScannMemory(KNNMemory):
         self.training_sample_size = training_sample_size
         self._leaves = leaves
         self._leaves_to_search = min(
-            leaves, num_leaves_to_search or max(1, leaves // 8)
+            leaves, num_leaves_to_search or max(1, leaves // 4)
         )
         self.supports_jit = host_call_supports_jit()
         self.reset_state()

@@ -3,7 +3,7 @@
 Folding appends a one-hot head tag scaled by `c` to every key and query, so
 same-head pairs gain `c * c`, far above any `|q . k| <= 1`, and a query only
 returns keys of its own head. Both layouts use the `ScannMemory` settings
-(about sqrt(n) leaves, an eighth visited, exact scores in the visited
+(about sqrt(n) leaves, a quarter visited, exact scores in the visited
 leaves) on one lane of the memory-lookup benchmark's text keys.
 
     KERAS_BACKEND=jax python -m recipes.benchmarks.scann_layout
@@ -26,8 +26,9 @@ def build(points, k):
     builder = scann.scann_ops_pybind.builder(points, k, "dot_product")
     builder = builder.tree(
         num_leaves=leaves,
-        num_leaves_to_search=max(1, leaves // 8),
+        num_leaves_to_search=max(1, leaves // 4),
         training_sample_size=min(size, 16384),
+        random_init=False,  # k-means++ seeding, as ScannMemory builds its trees
     )
     return builder.score_brute_force().build()
 
