@@ -55,6 +55,19 @@ def checked_scores_per_block(scores_per_block):
     return int(scores_per_block)
 
 
+def check_top_k(top_k, recall_target):
+    """A ValueError unless `top_k` is `"exact"` or `"approx"` and
+    `recall_target` a number in (0, 1]."""
+    if top_k not in ("exact", "approx"):
+        raise ValueError(f'`top_k` must be "exact" or "approx", got {top_k!r}.')
+    if (
+        isinstance(recall_target, bool)
+        or not isinstance(recall_target, numbers.Real)
+        or not 0.0 < recall_target <= 1.0
+    ):
+        raise ValueError(f"`recall_target` must be in (0, 1], got {recall_target!r}.")
+
+
 def checked_key_value_heads(num_heads, num_key_value_heads):
     """`num_key_value_heads` resolved (`None`: `num_heads`); a ValueError
     unless it divides `num_heads` (an equal group of query heads each).

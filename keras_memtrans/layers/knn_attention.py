@@ -8,6 +8,7 @@ from keras_memtrans.layers.segment_attention import SegmentAttention
 from keras_memtrans.memory.factory import check_memory_kind
 from keras_memtrans.memory.factory import make_memory
 from keras_memtrans.validation import check_positive_ints
+from keras_memtrans.validation import check_top_k
 from keras_memtrans.validation import checked_scores_per_block
 
 
@@ -132,12 +133,7 @@ class KNNAttention(SegmentAttention):
                 f"({memory_size}): a lane holds at most memory_size entries."
             )
         check_memory_kind(memory_kind)
-        if top_k not in ("exact", "approx"):
-            raise ValueError(f'`top_k` must be "exact" or "approx", got {top_k!r}.')
-        if not 0.0 < recall_target <= 1.0:
-            raise ValueError(
-                f"`recall_target` must be in (0, 1], got {recall_target!r}."
-            )
+        check_top_k(top_k, recall_target)
         self.memory_size = memory_size
         self.num_neighbors = num_neighbors
         self.memory_kind = memory_kind

@@ -13,6 +13,7 @@ from keras_memtrans.memory.ring_buffer import saved_slots
 from keras_memtrans.memory.ring_buffer import stored_tokens
 from keras_memtrans.memory.ring_buffer import written_slots
 from keras_memtrans.validation import check_positive_ints
+from keras_memtrans.validation import check_top_k
 from keras_memtrans.validation import checked_scores_per_block
 
 
@@ -108,6 +109,7 @@ class ExactMemory(KNNMemory):
     ):
         super().__init__(batch_size, num_heads, head_dim, memory_size, **kwargs)
         check_positive_ints(segment_length=segment_length, optional=("segment_length",))
+        check_top_k(top_k, recall_target)
         self.top_k = top_k
         self.recall_target = recall_target
         self.scores_per_block = checked_scores_per_block(scores_per_block)

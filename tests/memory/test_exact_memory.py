@@ -127,6 +127,21 @@ def test_rejects_a_bad_scores_per_block(budget):
         )
 
 
+@pytest.mark.parametrize(
+    "option, match",
+    [
+        ({"top_k": "aprox"}, "top_k"),
+        ({"top_k": None}, "top_k"),
+        ({"recall_target": -3}, "recall_target"),
+        ({"recall_target": 0.0}, "recall_target"),
+        ({"recall_target": 1.5}, "recall_target"),
+    ],
+)
+def test_rejects_a_bad_top_k_or_recall_target(option, match):
+    with pytest.raises(ValueError, match=match):
+        ExactMemory(batch_size=1, num_heads=1, head_dim=2, memory_size=4, **option)
+
+
 def test_a_memory_saved_with_spare_slots_loads_into_one_without_and_back(tmp_path):
     """The file holds the `memory_size` slots a search sees, whatever the
     spare slots: memories with and without them, fed the same segments
