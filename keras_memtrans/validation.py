@@ -84,3 +84,25 @@ def checked_key_value_heads(num_heads, num_key_value_heads):
             "equal group of query heads."
         )
     return num_key_value_heads
+
+
+def checked_memory_layers(memory_layer_indices, num_layers):
+    """The set of layers (`0..num_layers - 1`) that `memory_layer_indices`
+    name (negative indices count from the top); a ValueError for an index
+    that is not an int, lies outside the layers or names a layer twice."""
+    memory_layers = set()
+    for index in memory_layer_indices:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError(f"`memory_layer_indices` must hold ints, got {index!r}.")
+        if not -num_layers <= index < num_layers:
+            raise ValueError(
+                f"`memory_layer_indices` holds {index}, outside the "
+                f"{num_layers} layers (valid: -{num_layers}..{num_layers - 1})."
+            )
+        if index % num_layers in memory_layers:
+            raise ValueError(
+                f"`memory_layer_indices` {tuple(memory_layer_indices)} names "
+                f"layer {index % num_layers} twice."
+            )
+        memory_layers.add(index % num_layers)
+    return memory_layers

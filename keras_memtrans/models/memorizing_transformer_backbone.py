@@ -8,6 +8,8 @@ from keras_memtrans.layers.lane_state_mixin import LANE_VARIABLE_PATH
 from keras_memtrans.memory.lane_state import load_states
 from keras_memtrans.memory.lane_state import save_states
 from keras_memtrans.models.lane_inputs_mixin import LaneInputsMixin
+from keras_memtrans.validation import check_positive_ints
+from keras_memtrans.validation import checked_memory_layers
 
 
 @keras.saving.register_keras_serializable(package="keras_memtrans")
@@ -114,23 +116,18 @@ class MemorizingTransformerBackbone(LaneInputsMixin, keras_hub.models.Backbone):
         dtype=None,
         **kwargs,
     ):
-        memory_layers = set()
-        for index in memory_layer_indices:
-            if isinstance(index, bool) or not isinstance(index, int):
-                raise ValueError(
-                    f"`memory_layer_indices` must hold ints, got {index!r}."
-                )
-            if not -num_layers <= index < num_layers:
-                raise ValueError(
-                    f"`memory_layer_indices` holds {index}, outside the "
-                    f"{num_layers} layers (valid: -{num_layers}..{num_layers - 1})."
-                )
-            if index % num_layers in memory_layers:
-                raise ValueError(
-                    f"`memory_layer_indices` {tuple(memory_layer_indices)} names "
-                    f"layer {index % num_layers} twice."
-                )
-            memory_layers.add(index % num_layers)
+        check_positive_ints(
+            vocabulary_size=vocabulary_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            hidden_dim=hidden_dim,
+            intermediate_dim=intermediate_dim,
+            batch_size=batch_size,
+            segment_length=segment_length,
+            head_dim=head_dim,
+            optional=("head_dim",),
+        )
+        memory_layers = checked_memory_layers(memory_layer_indices, num_layers)
         memory_options = check_memory_options(memory_options)
 
         # === Layers ===

@@ -135,6 +135,20 @@ def test_default_memory_layer_is_the_9th_of_12():
     assert memory_blocks == [8]
 
 
+@pytest.mark.parametrize(
+    "name", ["num_layers", "num_heads", "hidden_dim", "batch_size", "segment_length"]
+)
+@pytest.mark.parametrize("value", [0, 8.0])
+def test_rejects_a_size_that_is_not_a_positive_int_by_its_name(name, value):
+    with pytest.raises(ValueError, match=f"`{name}` must be a positive int"):
+        tiny_backbone(**{name: value})
+
+
+def test_a_segment_longer_than_the_memory_fails_when_the_model_is_built():
+    with pytest.raises(ValueError, match="exceeds `memory_size`"):
+        tiny_backbone(segment_length=100, memory_options={"memory_size": 64})
+
+
 def test_rejects_a_batch_other_than_its_lanes():
     backbone = tiny_backbone()
     with pytest.raises(ValueError, match="batch"):
