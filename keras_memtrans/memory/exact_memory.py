@@ -25,7 +25,8 @@ class ExactMemory(KNNMemory):
     non-trainable variables (`keys` and `values`
     `[batch, heads, num_slots, head_dim]` in the layer's compute dtype,
     `positions` `[batch, num_slots]` with `-1` for an empty slot,
-    `next_slot` and `document_length` `[batch]`), updated with `assign`
+    `document_length` `[batch]` and the ring's `next_slot`, a scalar
+    shared by the lanes), updated with `assign`
     (a segment's entries in place on torch: `host.scatter_update_variable`),
     so the memory persists across `model.fit` steps on every backend and
     compiles under XLA. The ring has `memory_size` slots plus

@@ -207,10 +207,6 @@ class RingBuffer:
         self.document_length[...] = document_lengths_after(self.document_length, mask)
         return slots
 
-    def filled_slots(self, lane):
-        """The slots of `lane` that hold an entry, in slot order."""
-        return np.flatnonzero(self.positions[lane] >= 0)
-
     def entries(self):
         """The number of entries `[batch]` each lane holds."""
         return np.count_nonzero(self.positions >= 0, axis=1)
