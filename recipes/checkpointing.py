@@ -73,6 +73,8 @@ def truncate_log(path, epochs):
             if None not in row.values() and int(row["epoch"]) < epochs
         ]
         fields = reader.fieldnames
+    if fields is None:  # no row logged yet
+        return
     text = io.StringIO()
     writer = csv.DictWriter(text, fields)
     writer.writeheader()

@@ -44,6 +44,14 @@ def non_negative_int(text):
     return value
 
 
+def positive_float(text):
+    """argparse type: a finite float above 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def finite_float(text):
     """argparse type: a finite float (`nan` and `inf` are refused)."""
     value = float(text)
@@ -156,7 +164,9 @@ def parse_args(argv, description=None):
     parser.add_argument(
         "--vocabulary-size", type=positive_int, help="SentencePiece vocabulary"
     )
-    parser.add_argument("--learning-rate", type=finite_float, help="peak learning rate")
+    parser.add_argument(
+        "--learning-rate", type=positive_float, help="peak learning rate"
+    )
     parser.add_argument(
         "--eval-every",
         type=positive_int,

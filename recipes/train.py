@@ -204,6 +204,10 @@ def load_trained_model(path):
     """A trained `MemorizingTransformerCausalLM` from a preset directory, a
     checkpoint directory (`model.keras` inside) or a `.keras` file."""
     path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--init-from {path}: no such preset directory, checkpoint or .keras file."
+        )
     if (path / "model.keras").exists():
         path = path / "model.keras"
     if path.suffix == ".keras":
@@ -233,13 +237,10 @@ def initialised_from(causal_lm, source):
     return causal_lm
 
 
-def prepare_run(
-    args, output_dir, vocabulary_size, max_documents, source=None, processes=SINGLE
-):
-    """The run's corpus, tokenizer and documents. The tokenizer is learnt once
-    (by process 0) and kept in `training/vocabulary.spm`, which every process
-    and a resumed run read back; with `--init-from` it is the trained
-    model's."""
+def read_corpus(args, max_documents):
+    """`(corpus_settings, corpus, train_corpus, validation_corpus)`: the
+    run's corpus, read (and split by document) before the run claims its
+    directory, so that a bad corpus fails first."""
     corpus_settings = {
         "source": args.corpus and os.path.abspath(args.corpus),
         "python": platform.python_version(),
@@ -250,6 +251,17 @@ def prepare_run(
     }
     corpus, train_corpus, validation_corpus = split_corpus(corpus_settings)
     print(corpus.summary())
+    return corpus_settings, corpus, train_corpus, validation_corpus
+
+
+def tokenized_documents(
+    args, output_dir, parts, vocabulary_size, source=None, processes=SINGLE
+):
+    """`(preprocessor, (train_docs, validation_docs))` of the corpus `parts`
+    (training, validation). The tokenizer is learnt once (by process 0) and
+    kept in `training/vocabulary.spm`, which every process and a resumed
+    run read back; with `--init-from` it is the trained model's."""
+    train_corpus, validation_corpus = parts
     vocabulary = output_dir / "training" / "vocabulary.spm"
     if processes.is_main and not vocabulary.exists():
         if source is not None:
@@ -266,7 +278,7 @@ def prepare_run(
         preprocessor(train_corpus.texts),
         preprocessor(validation_corpus.texts),
     )
-    return corpus, corpus_settings, preprocessor, documents
+    return preprocessor, documents
 
 
 def resumed_args(output_dir):
@@ -315,6 +327,9 @@ def main(argv=None):
         distribution, processes, model_config = start_data_parallel(backbone_config)
     devices = distribution.device_mesh.devices.size if distribution else processes.count
     backend = keras.backend.backend()
+    # What the run reads is read before it claims a directory.
+    source = None if args.init_from is None else load_trained_model(args.init_from)
+    corpus_settings, corpus, *parts = read_corpus(args, training["max_documents"])
     if output_dir is None and processes.is_main:
         output_dir = checkpointing.claim_directory(
             args.output_dir or pathlib.Path("runs") / f"{args.preset}-{backend}"
@@ -322,9 +337,8 @@ def main(argv=None):
         run = {"argv": argv, "backend": backend, "directory": os.getcwd()}
         checkpointing.atomic_write(output_dir / "run.json", json.dumps(run))
     output_dir = processes.broadcast(output_dir)
-    source = None if args.init_from is None else load_trained_model(args.init_from)
-    corpus, corpus_settings, preprocessor, documents = prepare_run(
-        args, output_dir, vocabulary_size, training["max_documents"], source, processes
+    preprocessor, documents = tokenized_documents(
+        args, output_dir, parts, vocabulary_size, source, processes
     )
     vocabulary_size = preprocessor.tokenizer.vocabulary_size()
     train_docs, validation_docs = documents

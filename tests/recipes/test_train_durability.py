@@ -266,6 +266,31 @@ def test_impossible_model_settings_fail_before_the_corpus_is_read(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (("--corpus", "missing"), FileNotFoundError),
+        (("--validation-fraction", "1.5"), ValueError),
+        (("--init-from", "missing/no_memory"), FileNotFoundError),
+    ],
+    ids=["corpus", "validation_fraction", "init_from"],
+)
+def test_bad_data_flags_fail_before_the_run_claims_its_directory(
+    tmp_path, flags, error
+):
+    argv = recipe_args(tmp_path)
+    flags = [str(tmp_path / f) if f.startswith("missing") else f for f in flags]
+    with pytest.raises(error):
+        train.main([*argv, *flags])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_learning_rate_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        flags.parse_args(["--learning-rate", "0"])
+    assert "positive" in capsys.readouterr().err
+
+
 def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, capsys):
     argv = recipe_args(tmp_path, "--steps", "8", "--checkpoint-every", "1")
     assert train.main([*argv, "--learning-rate", "1e30"]) == 1
