@@ -29,6 +29,7 @@ from recipes.benchmarks.timing import call_times
 from recipes.benchmarks.workers import print_measurements
 from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
+from recipes.flags import positive_int
 
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -40,7 +41,7 @@ def parse_args(argv):
     )
     parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--dtype", default="float32", help="e.g. mixed_bfloat16")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -46,6 +46,7 @@ from keras_memtrans import KNNAttention
 from keras_memtrans import ScannMemory
 from keras_memtrans import SegmentAttention
 from recipes.benchmarks.timing import call_times
+from recipes.flags import positive_int
 
 LANES, HEADS, HEAD_DIM, QUERIES, K, SEGMENT = 4, 4, 64, 256, 32, 512
 # The searches of the throughput table: (lanes, key heads, queries per key
@@ -62,7 +63,7 @@ def parse_args(argv):
         default=[8192, 32768, 65536, 262144],
         help="memory sizes of the ExactMemory / ScannMemory lookup table",
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument(
         "--throughput-sizes",
         type=int,

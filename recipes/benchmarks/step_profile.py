@@ -45,6 +45,7 @@ from recipes.benchmarks.train_step import model_config
 from recipes.benchmarks.train_step import random_batch
 from recipes.benchmarks.workers import print_measurements
 from recipes.benchmarks.workers import worker_lines
+from recipes.flags import positive_int
 
 
 def parse_args(argv):
@@ -53,7 +54,7 @@ def parse_args(argv):
     parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
     parser.add_argument("--memory", default="none", help="none, SIZE or SIZE:KIND")
     parser.add_argument("--dtype", default="float32", help="e.g. mixed_bfloat16")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--top", type=int, default=8, help="operation kinds shown")
     parser.add_argument(
         "--shapes",

@@ -16,7 +16,7 @@ loss and stamps the time, and the last `steps` intervals are averaged
 (separate `fit` calls recompile under JAX, and `train_on_batch` has a
 per-call overhead that dwarfs a step). With `--config peer` and the peer
 installed (`pip install --no-deps memorizing-transformers-pytorch==0.4.1
-einops-exts` plus `faiss-cpu einops filelock joblib`), the peer's own
+einops-exts` plus `faiss-cpu einops filelock joblib cloudpickle`), the peer's own
 training step (torch eager, Adam, its faiss memory, which fills as it
 trains) is timed the same way in a further process. Prints one markdown
 table: seconds per step, training tokens/s, the ratio to the same
@@ -44,6 +44,7 @@ from recipes.common import build_causal_lm
 from recipes.common import jit_compile_flag
 from recipes.common import recipe_jit_compile
 from recipes.flags import auto_or_positive_int
+from recipes.flags import positive_int
 
 PEER_CONFIG = {
     "vocabulary_size": 256,
@@ -75,8 +76,8 @@ def parse_args(argv):
         default=["none", "8192:exact", "65536", "262144"],
         help="none, SIZE (memory_kind auto) or SIZE:KIND (exact, scann, scann_exact)",
     )
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3, help="at least 1")
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--warmup", type=positive_int, default=3, help="at least 1")
     parser.add_argument("--dtype", default="float32", help="e.g. mixed_bfloat16")
     parser.add_argument(
         "--jit-compile",

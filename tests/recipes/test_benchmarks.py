@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from recipes.benchmarks import accelerator
+from recipes.benchmarks import generate
 from recipes.benchmarks import memory_lookup
 from recipes.benchmarks import scann_layout
 from recipes.benchmarks import step_profile
@@ -224,3 +225,19 @@ def test_the_step_benchmarks_fill_both_memories(memory):
         positions = to_numpy(layer.lane_states(training=training)["memory"].positions)
         filled = (positions >= 0).sum(axis=-1)  # an exact memory has spare slots
         assert (filled == layer.memory_size).all(), training
+
+
+@pytest.mark.parametrize(
+    "module, flag",
+    [
+        (train_step, "--steps"),
+        (train_step, "--warmup"),
+        (step_profile, "--repeats"),
+        (memory_lookup, "--repeats"),
+        (generate, "--repeats"),
+    ],
+)
+def test_a_count_of_steps_or_calls_is_at_least_one(module, flag, capsys):
+    with pytest.raises(SystemExit):
+        module.parse_args([flag, "0"])
+    assert "at least 1" in capsys.readouterr().err
