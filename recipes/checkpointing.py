@@ -67,14 +67,18 @@ def truncate_log(path, epochs):
         return
     with open(path, newline="") as file:
         reader = csv.DictReader(file)
+        fields = reader.fieldnames
+        if fields is None:  # no row logged yet
+            return
+        if "epoch" not in fields:
+            raise ValueError(f"{path} is not a log of epochs: no `epoch` column.")
         rows = [
             row
             for row in reader
-            if None not in row.values() and int(row["epoch"]) < epochs
+            if None not in row.values()
+            and row["epoch"].isdigit()
+            and int(row["epoch"]) < epochs
         ]
-        fields = reader.fieldnames
-    if fields is None:  # no row logged yet
-        return
     text = io.StringIO()
     writer = csv.DictWriter(text, fields)
     writer.writeheader()

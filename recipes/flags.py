@@ -7,9 +7,12 @@ read and the tokenizer trained.
 """
 
 import argparse
+import json
 import math
 import os
 import pathlib
+
+import keras
 
 from keras_memtrans import KNNAttention
 from keras_memtrans.memory.factory import MEMORY_KINDS
@@ -209,6 +212,37 @@ def parse_args(argv, description=None):
     parser.add_argument("--output-dir", type=pathlib.Path, default=None)
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     return parser.parse_args(argv)
+
+
+def resumed_args(output_dir, description=None):
+    """`(argv, args)` of the run in `output_dir`, as `--resume` continues it:
+    on the backend it was started on, its relative paths read from the
+    directory it was started in.
+
+    Raises:
+        FileNotFoundError: `output_dir` holds no `run.json`.
+        ValueError: `KERAS_BACKEND` names another backend than the run's.
+    """
+    record = pathlib.Path(output_dir) / "run.json"
+    if not record.exists():
+        raise FileNotFoundError(
+            f"--resume {output_dir}: no run.json there, so it is not a "
+            "directory that recipes.train started."
+        )
+    run = json.loads(record.read_text())
+    backend = keras.backend.backend()
+    if run["backend"] != backend:
+        raise ValueError(
+            f"--resume {output_dir}: the run trains on {run['backend']}, this "
+            f"process on {backend}: resume it with KERAS_BACKEND={run['backend']}."
+        )
+    args = parse_args(run["argv"], description)
+    started_in = run.get("directory", os.getcwd())
+    for flag in ("corpus", "init_from"):
+        if getattr(args, flag) is not None:
+            path = os.path.join(started_in, getattr(args, flag))
+            setattr(args, flag, type(getattr(args, flag))(path))
+    return run["argv"], args
 
 
 def resolve_config(args):

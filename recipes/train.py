@@ -51,6 +51,7 @@ from recipes.common import split_corpus
 from recipes.data_parallel import start_data_parallel
 from recipes.flags import parse_args
 from recipes.flags import resolve_config
+from recipes.flags import resumed_args
 from recipes.processes import SINGLE
 from recipes.reporting import HeldOutCurve
 from recipes.reporting import environment_line
@@ -135,26 +136,24 @@ def train_and_evaluate(
         return {"curve": curve.rows, "train_seconds": seconds, "train_loss": loss}
 
     stop = StopAfterSteps(steps - first_step)
-    if processes.is_main:
-        checkpointing.truncate_log(log_dir / "log.csv", first_step // steps_per_epoch)
-    logs = [
-        keras.callbacks.CSVLogger(str(log_dir / "log.csv"), append=first_step > 0),
-        keras.callbacks.TensorBoard(str(log_dir / "tensorboard")),
-    ]
+    logs = []
+    if processes.is_main:  # an epoch's row is logged before its checkpoint
+        epochs_done = math.ceil(first_step / steps_per_epoch)
+        checkpointing.truncate_log(log_dir / "log.csv", epochs_done)
+        logs = [
+            keras.callbacks.CSVLogger(str(log_dir / "log.csv"), append=first_step > 0),
+            keras.callbacks.TensorBoard(str(log_dir / "tensorboard")),
+        ]
+    checkpoint = checkpointing.StepCheckpoint(
+        log_dir, args.checkpoint_every, steps, first_step, checkpoint_state, processes
+    )
     callbacks = [
         *processes.callbacks(),
         stop,
         keras.callbacks.TerminateOnNaN(),
         *([curve] if args.eval_every else []),
-        checkpointing.StepCheckpoint(
-            log_dir,
-            args.checkpoint_every,
-            steps,
-            first_step,
-            checkpoint_state,
-            processes,
-        ),
-        *(logs if processes.is_main else []),
+        *logs,
+        checkpoint,
     ]
     print(
         f"\n[{name}] steps {first_step + 1}-{steps} in epochs of at most "
@@ -281,43 +280,12 @@ def tokenized_documents(
     return preprocessor, documents
 
 
-def resumed_args(output_dir):
-    """`(argv, args)` of the run in `output_dir`, as `--resume` continues it:
-    on the backend it was started on, its relative paths read from the
-    directory it was started in.
-
-    Raises:
-        FileNotFoundError: `output_dir` holds no `run.json`.
-        ValueError: `KERAS_BACKEND` names another backend than the run's.
-    """
-    record = pathlib.Path(output_dir) / "run.json"
-    if not record.exists():
-        raise FileNotFoundError(
-            f"--resume {output_dir}: no run.json there, so it is not a "
-            "directory that recipes.train started."
-        )
-    run = json.loads(record.read_text())
-    backend = keras.backend.backend()
-    if run["backend"] != backend:
-        raise ValueError(
-            f"--resume {output_dir}: the run trains on {run['backend']}, this "
-            f"process on {backend}: resume it with KERAS_BACKEND={run['backend']}."
-        )
-    args = parse_args(run["argv"], __doc__.splitlines()[0])
-    started_in = run.get("directory", os.getcwd())
-    for flag in ("corpus", "init_from"):
-        if getattr(args, flag) is not None:
-            path = os.path.join(started_in, getattr(args, flag))
-            setattr(args, flag, type(getattr(args, flag))(path))
-    return run["argv"], args
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv, __doc__.splitlines()[0])
     output_dir = args.resume
     if output_dir is not None:
-        argv, args = resumed_args(output_dir)
+        argv, args = resumed_args(output_dir, __doc__.splitlines()[0])
         print(f"Resuming {output_dir}: recipes.train {' '.join(argv)}")
     backbone_config, training, vocabulary_size = resolve_config(args)
     # One device; or several: a JAX distribution, or torch processes, each
@@ -374,9 +342,10 @@ def main(argv=None):
                 name, causal_lm, training, documents, args, output_dir, processes
             )
         if result is None:
+            log_dir = output_dir / "training" / name
             print(
-                f"[{name}] training diverged (a non-finite loss): stopped; the "
-                f"last good checkpoint is in {output_dir / 'training' / name}."
+                f"[{name}] training diverged (a non-finite loss or weights): "
+                f"stopped; the last good checkpoint is in {log_dir}."
             )
             return 1
         results.append(result)

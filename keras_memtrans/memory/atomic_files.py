@@ -94,9 +94,11 @@ def atomic_directory(path, write):
     `write(directory)` fills a new hidden sibling (`.<name>.partial`), whose
     files are then fsynced and which is renamed onto `path`. An existing
     `path` is first renamed aside (`.<name>.previous`) and deleted once the
-    new directory is in place: a `write` that raises leaves `path` as it
-    was, and a kill leaves the old directory or the new one (between the
-    two renames, the old one as `.<name>.previous`).
+    new directory is in place: a `write` that raises, or an exception
+    between the renames, leaves `path` as it was, and a kill leaves the old
+    directory or the new one (between the two renames, the old one as
+    `.<name>.previous`). The caller decides whether an existing `path` may
+    be replaced.
 
     Args:
         path: the directory to write.
@@ -117,6 +119,8 @@ def atomic_directory(path, write):
             os.rename(path, previous)
         os.rename(partial, path)
     except BaseException:
+        if os.path.exists(previous) and not os.path.exists(path):
+            os.rename(previous, path)
         shutil.rmtree(partial, ignore_errors=True)
         raise
     _fsync_directory(parent)

@@ -137,11 +137,14 @@ class ScannLaneIndex:
 
     @property
     def settings(self):
-        """int64 `[num_leaves, num_leaves_to_search]` of the searchers
-        (`[0, 0]`: brute force), saved with them."""
+        """int64 `[num_leaves, num_leaves_to_search, training_sample_size]`
+        of the searchers (zeros: brute force), saved with them."""
         if self.brute_force:
-            return np.zeros(2, "int64")
-        return np.array([self.num_leaves, self.num_leaves_to_search], "int64")
+            return np.zeros(3, "int64")
+        return np.array(
+            [self.num_leaves, self.num_leaves_to_search, self.training_sample_size],
+            "int64",
+        )
 
     @property
     def indexed(self):

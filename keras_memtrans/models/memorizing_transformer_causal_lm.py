@@ -3,7 +3,6 @@ import numpy as np
 from keras import ops
 from keras_hub.src.utils import preset_utils
 
-from keras_memtrans.memory.atomic_files import atomic_directory
 from keras_memtrans.models.lane_inputs_mixin import LaneInputsMixin
 from keras_memtrans.models.memorizing_transformer_backbone import (
     MemorizingTransformerBackbone,
@@ -12,6 +11,7 @@ from keras_memtrans.models.memorizing_transformer_preprocessor import (
     MemorizingTransformerPreprocessor,
 )
 from keras_memtrans.models.next_token_steps import NextTokenSteps
+from keras_memtrans.models.preset_directory import save_task_preset
 from keras_memtrans.models.score_step import ScoreStep
 from keras_memtrans.models.segment_generator import SegmentGenerator
 
@@ -350,16 +350,13 @@ class MemorizingTransformerCausalLM(LaneInputsMixin, keras.Model):
         leaves the preset that was there.
 
         Args:
-            preset_dir: path of the preset directory (replaced if present).
+            preset_dir: path of the preset directory: replaced if it holds a
+                preset; a directory holding other files is refused
+                (`FileExistsError`), never emptied.
             max_shard_size: int or float. Maximum size in GB of each weights
                 file; `None`: no sharding.
         """
-
-        def write(directory):
-            saver = preset_utils.get_preset_saver(directory)
-            saver.save_task(self, max_shard_size=max_shard_size)
-
-        atomic_directory(preset_dir, write)
+        save_task_preset(self, preset_dir, max_shard_size)
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):

@@ -337,3 +337,28 @@ def test_a_restore_that_fails_late_puts_the_earlier_states_back(tmp_path):
         load_states(states, tmp_path)
     assert_carries(states["a"], 5.0)
     assert not (states["memory"].positions >= 0).any()
+
+
+def test_a_directory_write_interrupted_between_its_renames_puts_the_old_one_back(
+    tmp_path, monkeypatch
+):
+    target = tmp_path / "preset"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    rename = os.rename
+
+    def interrupted_second_rename(source, destination):
+        if source.endswith(".partial"):  # the new directory moving into place
+            raise KeyboardInterrupt
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", interrupted_second_rename)
+
+    def write(directory):
+        with open(os.path.join(directory, "config.json"), "w") as file:
+            file.write("new")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_files.atomic_directory(target, write)
+    assert [p.name for p in tmp_path.iterdir()] == ["preset"]
+    assert (target / "config.json").read_text() == "old"

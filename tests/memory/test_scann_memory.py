@@ -367,3 +367,20 @@ def test_a_search_visits_a_quarter_of_the_leaves_by_default(
     # 0.76-0.78 for an eighth (docs/memory_lookup.md).
     memory = ScannMemory(1, 1, DIM, memory_size)
     assert (memory._leaves, memory._leaves_to_search) == (leaves, visited)
+
+
+def test_searchers_trained_on_another_sample_size_are_built_again(tmp_path):
+    rng = np.random.default_rng(13)
+    keys = clustered_keys(rng, (1, 256, HEADS, DIM))
+    options = dict(num_leaves=16, num_leaves_to_search=2)
+    saved = ScannMemory(1, HEADS, DIM, 256, training_sample_size=130, **options)
+    saved.append(keys, keys)
+    saved.save(tmp_path / "memory.npz")
+    loaded = ScannMemory(1, HEADS, DIM, 256, training_sample_size=256, **options)
+    loaded.load(tmp_path / "memory.npz")
+    fed = ScannMemory(1, HEADS, DIM, 256, training_sample_size=256, **options)
+    fed.append(keys, keys)
+    queries = rng.normal(size=(1, 32, HEADS, DIM)).astype("float32")
+    _, _, got = loaded.search(queries, 8)
+    _, _, want = fed.search(queries, 8)
+    np.testing.assert_array_equal(to_numpy(got), to_numpy(want))

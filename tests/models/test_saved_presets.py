@@ -171,3 +171,14 @@ def test_a_preset_saved_over_another_replaces_it_whole_or_not_at_all(
     loaded = MemorizingTransformerCausalLM.from_preset(tmp_path / "preset")
     for got, want in zip(loaded.trainable_variables, second.trainable_variables):
         np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+
+
+def test_a_preset_is_never_saved_over_a_directory_of_other_files(
+    tmp_path, preprocessor
+):
+    (tmp_path / "train.py").write_text("print('mine')")
+    causal_lm = MemorizingTransformerCausalLM(tiny_backbone(), preprocessor)
+    with pytest.raises(FileExistsError, match="not a preset's"):
+        causal_lm.save_to_preset(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["train.py"]
+    assert (tmp_path / "train.py").read_text() == "print('mine')"

@@ -1,3 +1,5 @@
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -41,3 +43,22 @@ def test_a_scann_memory_holds_no_spare_slots():
     options["memory_size"] = 256
     slot = 2 * (2 * 2 * 16 * 4 + 4)  # training and inference memories
     assert flags.memory_bytes(config, options) == 2 * 256 * slot
+
+
+def test_a_resumed_run_reads_its_relative_paths_from_where_it_started(
+    tmp_path, monkeypatch
+):
+    argv = ["--corpus", "texts/*.py", "--init-from", "runs/base/no_memory"]
+    started_in = tmp_path / "project"
+    run_json = {
+        "argv": [*argv, "--preset", "tiny"],
+        "backend": keras.backend.backend(),
+        "directory": str(started_in),
+    }
+    (tmp_path / "run.json").write_text(json.dumps(run_json))
+    monkeypatch.chdir(tmp_path)  # another directory than the run's
+    saved_argv, args = flags.resumed_args(tmp_path)
+    assert saved_argv == run_json["argv"]
+    assert args.corpus == str(started_in / "texts" / "*.py")
+    assert args.init_from == started_in / "runs" / "base" / "no_memory"
+    assert args.preset == "tiny"

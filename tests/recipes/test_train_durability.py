@@ -143,6 +143,18 @@ def test_a_resumed_run_logs_each_epoch_once(tmp_path, monkeypatch):
     assert epochs == [0, 1, 2, 3]
 
 
+def test_a_run_resumed_after_its_last_checkpoint_keeps_every_row(tmp_path, monkeypatch):
+    # Epochs of 2 steps; the last (step 5) is short. Killed after its
+    # checkpoint, as during the held-out scoring, the run has nothing left
+    # to train when it resumes: its log must keep the short epoch's row.
+    schedule = ("--steps", "5", "--checkpoint-every", "2")
+    run_until_checkpoint(tmp_path, monkeypatch, 5, *schedule, output="out")
+    assert train.main(["--resume", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "training" / "memory" / "log.csv") as file:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(file)]
+    assert epochs == [0, 1, 2]
+
+
 def test_a_kill_during_a_checkpoint_save_leaves_a_complete_checkpoint(tmp_path):
     child = subprocess.Popen(
         [sys.executable, "-c", KILLED_SAVER, str(tmp_path)],
@@ -174,25 +186,6 @@ def test_a_run_resumes_only_on_the_backend_it_started_on(tmp_path):
 def test_resume_names_a_directory_that_holds_no_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run.json"):
         train.main(["--resume", str(tmp_path)])
-
-
-def test_a_resumed_run_reads_its_relative_paths_from_where_it_started(
-    tmp_path, monkeypatch
-):
-    argv = ["--corpus", "texts/*.py", "--init-from", "runs/base/no_memory"]
-    started_in = tmp_path / "project"
-    run_json = {
-        "argv": [*argv, "--preset", "tiny"],
-        "backend": keras.backend.backend(),
-        "directory": str(started_in),
-    }
-    (tmp_path / "run.json").write_text(json.dumps(run_json))
-    monkeypatch.chdir(tmp_path)  # another directory than the run's
-    saved_argv, args = train.resumed_args(tmp_path)
-    assert saved_argv == run_json["argv"]
-    assert args.corpus == str(started_in / "texts" / "*.py")
-    assert args.init_from == started_in / "runs" / "base" / "no_memory"
-    assert args.preset == "tiny"
 
 
 def test_two_runs_never_claim_the_same_directory(tmp_path):
@@ -367,3 +360,18 @@ def test_init_from_copies_every_trained_weight_and_leaves_the_memory_at_init(
     assert report["vocabulary_size"] == vocabulary_size
     assert [result["run"] for result in report["results"]] == ["memory", "no_memory"]
     assert os.path.isdir(tmp_path / "tuned" / "memory")
+
+
+def test_truncate_log_drops_rows_cut_short_and_names_a_file_that_is_no_log(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,loss\n0,2.5\n1,2.0\n2,1.5\n3")  # killed mid-row
+    checkpointing.truncate_log(log, 4)
+    assert log.read_text().splitlines() == ["epoch,loss", "0,2.5", "1,2.0", "2,1.5"]
+    checkpointing.truncate_log(log, 2)
+    assert log.read_text().splitlines() == ["epoch,loss", "0,2.5", "1,2.0"]
+    log.write_text("")  # opened, no row written yet
+    checkpointing.truncate_log(log, 3)
+    assert log.read_text() == ""
+    log.write_text("step,loss\n0,2.5\n")
+    with pytest.raises(ValueError, match="no `epoch` column"):
+        checkpointing.truncate_log(log, 3)
