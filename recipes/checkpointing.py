@@ -27,7 +27,6 @@ import pathlib
 import shutil
 
 import keras
-import numpy as np
 
 from keras_memtrans.memory import atomic_files
 from recipes.processes import SINGLE
@@ -152,8 +151,9 @@ def finite(causal_lm):
     variables = list(causal_lm.trainable_weights)
     if causal_lm.optimizer is not None:
         variables += causal_lm.optimizer.variables
+    # One bool per variable is read back, not the variable.
     return all(
-        np.isfinite(keras.ops.convert_to_numpy(variable)).all()
+        bool(keras.ops.convert_to_numpy(keras.ops.all(keras.ops.isfinite(variable))))
         for variable in variables
         if keras.backend.is_float_dtype(variable.dtype)
     )

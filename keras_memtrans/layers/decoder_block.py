@@ -245,12 +245,12 @@ class DecoderBlock(keras.layers.Layer):
         training=None,
     ):
         self._check_return_neighbors(return_neighbors)
-        # A model that could never run fails as it is built.
-        self.attention._check_inputs(hidden_states, document_start, padding_mask)
         if return_neighbors:  # the block keeps the attention's output shapes
             return self.attention.compute_output_spec(
                 hidden_states, document_start, padding_mask, return_neighbors=True
             )
+        # A model that could never run fails as it is built.
+        self.attention._check_inputs(hidden_states, document_start, padding_mask)
         return keras.KerasTensor(hidden_states.shape, dtype=self.compute_dtype)
 
     def get_config(self):

@@ -279,8 +279,7 @@ class ScannLaneIndex:
             return
         if not np.array_equal(arrays.get("settings"), self.settings):
             self.clear()
-            if np.count_nonzero(positions >= 0) >= self.build_entries:
-                self._build(keys, positions)
+            self.update(keys, positions, np.arange(0))  # builds, if full enough
             return
         for name in ("slots", "writes_since_build"):
             if name not in arrays:

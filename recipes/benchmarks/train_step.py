@@ -154,8 +154,8 @@ def compiled_model(config, memory, dtype, jit_compile, scores_per_block="auto"):
         jit_compile=recipe_jit_compile(jit_compile),
     )
     for layer in causal_lm.backbone.memory_layers:
-        for training in (True, False):  # `fit`'s, and `test_on_batch`'s
-            fill(layer.lane_states(training=training)["memory"])
+        states = [layer.lane_states(training=mode) for mode in (True, False)]
+        fill([state["memory"] for state in states])  # `fit`'s, `test_on_batch`'s
     return causal_lm
 
 
@@ -196,14 +196,16 @@ def seconds_per_step(config, memory, args):
     return stamps.mean_seconds(args.warmup)
 
 
-def fill(memory):
-    """Fills every slot of a memory with random keys (a ScaNN
-    memory's search costs depend on how full it is; the exact one's do not),
-    as the memory of a long document would be."""
+def fill(memories):
+    """Fills every slot of each of `memories` (of one shape) with the same
+    random keys (a ScaNN memory's search costs depend on how full it is;
+    the exact one's do not), as the memory of a long document would be."""
+    memory = memories[0]
     shape = (memory.batch_size, memory.memory_size, memory.num_heads, memory.head_dim)
     keys = np.random.default_rng(1).normal(size=shape).astype("float32")
     keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
-    memory.append(keys, keys)
+    for memory in memories:
+        memory.append(keys, keys)
 
 
 def peer_runs(dtype):
