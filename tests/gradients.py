@@ -70,3 +70,28 @@ def segment_gradients(layer, segments, document_starts, output_weights):
     ]
     segment_grads = [as_numpy(g, s) for g, s in zip(grads[1], segments)]
     return variable_grads, segment_grads
+
+
+def function_gradient(function, x):
+    """The gradient of the scalar `function(x)` with respect to the NumPy
+    array `x`, as a NumPy array, on whichever backend runs."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        grad = jax.grad(function)(jax.numpy.asarray(x))
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = function(x)
+        grad = tape.gradient(y, x)
+    else:
+        import torch
+
+        x = torch.tensor(x, requires_grad=True)
+        function(x).backward()
+        grad = x.grad
+    return np.asarray(keras.ops.convert_to_numpy(grad))

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_memtrans.layers.attention_functions import attend_to_keys
+from keras_memtrans.layers.attention_functions import broadcast_over_batch
 from keras_memtrans.layers.attention_functions import check_hidden_rank
 from keras_memtrans.layers.attention_functions import check_lane_inputs
 from keras_memtrans.layers.attention_functions import l2_normalize
@@ -299,7 +300,7 @@ class SegmentAttention(SegmentDecodingMixin, LaneStateMixin, keras.layers.Layer)
             ops.transpose(keys, (0, 2, 1, 3)),
             ops.transpose(values, (0, 2, 1, 3)),
             self.attention_scale,
-            bias[None],
+            broadcast_over_batch(bias, batch_size),  # [batch, heads, q, k]
             key_bias,
             sees_a_key,
         )
