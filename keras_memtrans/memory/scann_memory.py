@@ -39,6 +39,12 @@ def _import_scann():
 SEARCHERS = ("tree", "brute_force")
 
 
+def default_num_leaves(memory_size):
+    """A `ScannMemory`'s tree leaves when `num_leaves` is not given: about
+    `sqrt(memory_size)`, at most `memory_size // 16` (one at least)."""
+    return max(1, min(round(math.sqrt(memory_size)), memory_size // 16))
+
+
 @keras.saving.register_keras_serializable(package="keras_memtrans")
 class ScannMemory(KNNMemory):
     """A host-side `KNNMemory` searched with ScaNN, for large memories.
@@ -136,9 +142,7 @@ class ScannMemory(KNNMemory):
             raise ValueError(
                 f"`searcher` must be one of {SEARCHERS}, got {searcher!r}."
             )
-        leaves = num_leaves or max(
-            1, min(round(math.sqrt(memory_size)), memory_size // 16)
-        )
+        leaves = num_leaves or default_num_leaves(memory_size)
         min_entries = min_index_entries(leaves)
         if searcher == "tree" and memory_size // 2 < min_entries:
             raise ValueError(

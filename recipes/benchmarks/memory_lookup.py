@@ -12,6 +12,8 @@ untimed search; recall@32 is the fraction of ScaNN's 32 neighbours that score at
 the exact 32nd score (tie-aware: text keys repeat). Then the appends of
 the next 512-token segments, one per call, to each memory (called
 eagerly, as torch's `fit` does, and waited for) are timed the same way.
+`--leaves-visited` (a share of the default leaves) and
+`--training-sample-size` set ScannMemory's trees.
 
 A second table gives the throughput of `ExactMemory.search` (scores, top-k
 and gather) in the backend's compiled predict step, for the search of the
@@ -45,6 +47,7 @@ from keras_memtrans import ExactMemory
 from keras_memtrans import KNNAttention
 from keras_memtrans import ScannMemory
 from keras_memtrans import SegmentAttention
+from keras_memtrans.memory.scann_memory import default_num_leaves
 from recipes.benchmarks.timing import call_times
 from recipes.flags import positive_int
 
@@ -78,7 +81,38 @@ def parse_args(argv):
         help="whose search the throughput table times",
     )
     parser.add_argument("--dense-size", type=int, default=2048)
+    parser.add_argument(
+        "--leaves-visited",
+        type=fraction,
+        default=None,
+        help="the share of its tree leaves ScannMemory visits, e.g. 0.125 "
+        "(default: its num_leaves_to_search default, a quarter)",
+    )
+    parser.add_argument(
+        "--training-sample-size",
+        type=positive_int,
+        default=16384,
+        help="keys ScannMemory trains its trees on",
+    )
     return parser.parse_args(argv)
+
+
+def fraction(text):
+    """argparse type: a float in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def scann_settings(memory_size, leaves_visited, training_sample_size):
+    """`ScannMemory`'s tree arguments for visiting `leaves_visited` of its
+    default leaves (`None`: its own default)."""
+    settings = {"training_sample_size": training_sample_size}
+    if leaves_visited is not None:
+        leaves = default_num_leaves(memory_size)
+        settings["num_leaves_to_search"] = max(1, round(leaves_visited * leaves))
+    return settings
 
 
 def stdlib_bytes(num_bytes):
@@ -129,17 +163,18 @@ def scores(queries, keys):
     return np.einsum("bqhd,bqhkd->bqhk", queries, keys)  # [batch, query, heads, k]
 
 
-def measure(memory_size, queries, keys, repeats):
+def measure(memory_size, queries, keys, repeats, scann_options=None):
     """The lookup table's row: both memories hold a lane's first
     `memory_size` keys and are searched by its next `QUERIES` tokens; the
     appends of the segments after those are timed last, once the searches
-    are done (they overwrite the oldest entries)."""
+    are done (they overwrite the oldest entries). `scann_options` are
+    `ScannMemory` arguments. The recall is per lane."""
     lane_keys = keys[:, :memory_size]
     lane_queries = queries[:, memory_size : memory_size + QUERIES]
     exact = ExactMemory(LANES, HEADS, HEAD_DIM, memory_size)
     exact.build()
     exact.append(lane_keys, lane_keys)
-    scann = ScannMemory(LANES, HEADS, HEAD_DIM, memory_size)
+    scann = ScannMemory(LANES, HEADS, HEAD_DIM, memory_size, **(scann_options or {}))
     start = time.perf_counter()
     scann.append(lane_keys, lane_keys)  # fills the ring, builds the searchers
     build = (time.perf_counter() - start) / (LANES * HEADS)
@@ -150,7 +185,8 @@ def measure(memory_size, queries, keys, repeats):
     # Tie-aware: a ScaNN neighbour counts if it scores at least the exact
     # k-th score (text keys repeat, so position sets differ on ties).
     kth = scores(lane_queries, exact_keys).min(axis=-1, keepdims=True)
-    recall = np.mean(scores(lane_queries, scann_keys) >= kth - 1e-5)
+    found = scores(lane_queries, scann_keys) >= kth - 1e-5  # [lane, q, head, k]
+    recall = found.mean(axis=(1, 2, 3))  # [lane]
     # Each timed append writes the next segment of the text, the same ones
     # to both memories.
     starts = range(memory_size + QUERIES, keys.shape[1] - SEGMENT + 1, SEGMENT)
@@ -269,29 +305,33 @@ def dense_gflops(size, repeats):
     return 2 * size**3 / seconds / 1e9
 
 
-def print_lookup_table(memory_sizes, repeats):
+def print_lookup_table(memory_sizes, repeats, leaves_visited, training_sample_size):
     largest = max(memory_sizes) + QUERIES + SEGMENT * (repeats + 1)
     tokens = -(-largest // SEGMENT) * SEGMENT
     start = time.perf_counter()
     queries, keys = text_queries_and_keys(tokens)
+    visited = "a quarter" if leaves_visited is None else f"{leaves_visited:g}"
     print(
         f"backend {keras.backend.backend()}; keys of {LANES} x {tokens} stdlib "
-        f"bytes in {time.perf_counter() - start:.0f} s"
+        f"bytes in {time.perf_counter() - start:.0f} s; ScaNN visits {visited} "
+        f"of its leaves, trees trained on {training_sample_size} keys"
     )
     print(
         "| memory | exact search (s) | scann search (s) | exact / scann "
         "| recall@32 | build per searcher (s) | scann append 512 (s) "
-        "| exact append 512 (s) |"
+        "| exact append 512 (s) | recall of lanes 0-3 |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for memory_size in memory_sizes:
+        options = scann_settings(memory_size, leaves_visited, training_sample_size)
         exact_time, scann_time, recall, build, append, exact_append = measure(
-            memory_size, queries, keys, repeats
+            memory_size, queries, keys, repeats, options
         )
+        lanes = ", ".join(f"{lane:.3f}" for lane in recall)
         print(
             f"| {memory_size} | {exact_time:.3f} | {scann_time:.3f} "
-            f"| {exact_time / scann_time:.1f} | {recall:.3f} | {build:.2f} "
-            f"| {append:.3f} | {exact_append:.3f} |",
+            f"| {exact_time / scann_time:.1f} | {recall.mean():.3f} | {build:.2f} "
+            f"| {append:.3f} | {exact_append:.3f} | {lanes} |",
             flush=True,
         )
 
@@ -331,7 +371,12 @@ def print_throughput_table(memory_sizes, model, dense_size, repeats):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.memory_sizes:
-        print_lookup_table(args.memory_sizes, args.repeats)
+        print_lookup_table(
+            args.memory_sizes,
+            args.repeats,
+            args.leaves_visited,
+            args.training_sample_size,
+        )
     if args.throughput_sizes:
         print_throughput_table(
             args.throughput_sizes, args.throughput_model, args.dense_size, args.repeats

@@ -10,19 +10,19 @@ leaves) on one lane of the memory-lookup benchmark's text keys.
 """
 
 import argparse
-import math
 import sys
 
 import numpy as np
 import scann
 
+from keras_memtrans.memory.scann_memory import default_num_leaves
 from recipes.benchmarks import memory_lookup as lookup
 from recipes.benchmarks.timing import call_times
 
 
 def build(points, k):
     size = len(points)
-    leaves = max(1, min(round(math.sqrt(size)), size // 16))
+    leaves = default_num_leaves(size)
     builder = scann.scann_ops_pybind.builder(points, k, "dot_product")
     builder = builder.tree(
         num_leaves=leaves,

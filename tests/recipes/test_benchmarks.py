@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_memtrans.memory.scann_memory import default_num_leaves
 from recipes.benchmarks import accelerator
 from recipes.benchmarks import generate
 from recipes.benchmarks import memory_lookup
@@ -39,14 +40,47 @@ def test_memory_lookup_prints_lookup_and_throughput_tables(capsys):
     assert lookup.startswith("| 512 |")
     # Times, their ratio, recall, build, and ScaNN's and the exact memory's
     # appends: every one a number, none negative (a tiny one prints as 0).
-    lookup_cells = [float(cell) for cell in lookup.strip("| ").split(" | ")[1:]]
+    *cells, lanes = lookup.strip("| ").split(" | ")[1:]
+    lookup_cells = [float(cell) for cell in cells]
     assert len(lookup_cells) == 7 and min(lookup_cells) >= 0
+    # Each lane's recall, whose mean is the table's recall@32.
+    lane_recalls = [float(recall) for recall in lanes.split(", ")]
+    assert len(lane_recalls) == memory_lookup.LANES
+    assert 0 <= min(lane_recalls) <= max(lane_recalls) <= 1
+    assert abs(np.mean(lane_recalls) - lookup_cells[3]) <= 1e-3
     assert throughput.startswith("| 256 |")
     assert "GFLOP/s" in output
     # The search, the scores alone and ScaNN's brute force: a time and a
     # ratio to the dense matmul each, every one a positive number.
     cells = [float(cell) for cell in throughput.strip("| ").split(" | ")]
     assert len(cells) == 8 and min(cells) > 0
+
+
+def test_memory_lookup_builds_scann_with_the_settings_given(capsys, monkeypatch):
+    built = []
+
+    class RecordedScannMemory(memory_lookup.ScannMemory):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(memory_lookup, "ScannMemory", RecordedScannMemory)
+    argv = ["--memory-sizes", "2048", "--repeats", "1", "--throughput-sizes"]
+    settings = ["--leaves-visited", "0.125", "--training-sample-size", "700"]
+    memory_lookup.main([*argv, *settings])
+    assert default_num_leaves(2048) == 45  # an eighth of them: 5.6
+    assert built == [{"num_leaves_to_search": 6, "training_sample_size": 700}]
+    output = capsys.readouterr().out
+    assert "visits 0.125 of its leaves, trees trained on 700 keys" in output
+    memory_lookup.main(argv)  # the memory's own default: a quarter
+    assert built[1] == {"training_sample_size": 16384}
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.25"])
+def test_memory_lookup_refuses_a_share_of_leaves_outside_zero_to_one(value, capsys):
+    with pytest.raises(SystemExit):
+        memory_lookup.parse_args(["--leaves-visited", value])
+    assert "must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_memory_lookup_times_the_peers_search(capsys):
