@@ -6,6 +6,7 @@ from keras import ops
 from keras.backend import standardize_dtype
 
 from keras_memtrans.memory.host import full_like
+from keras_memtrans.memory.host import on_accelerator
 
 _MASKED_LOGIT = -1e9
 
@@ -36,17 +37,21 @@ def masked_softmax(logits, mask, axis=-1):
 def broadcast_over_batch(x, batch_size):
     """`x` repeated along a new leading axis: `[batch_size, *x.shape]`.
 
-    Made as a matmul with a column of ones, so that its gradient is a
-    matmul too, where a broadcast's is a sum over the leading axis alone.
-    XLA's CPU compiler in JAX 0.10 (its YNNPACK fusions) takes about 30
-    times as long for that sum as for one over any other axis (4.3 ms
-    against 0.13 ms for `[4, 4, 256, 256]` float32): the relative position
-    bias's gradient, once per layer and step (docs/performance.md, "A sum
-    over the batch alone").
+    On the CPU, made as a matmul with a column of ones, so that its
+    gradient is a matmul too, where a broadcast's is a sum over the leading
+    axis alone. XLA's CPU compiler in JAX 0.10 (its YNNPACK fusions) takes
+    about 30 times as long for that sum as for one over any other axis
+    (4.3 ms against 0.13 ms for `[4, 4, 256, 256]` float32): the relative
+    position bias's gradient, once per layer and step (docs/performance.md,
+    "A sum over the batch alone"). On a GPU or TPU, whose float32 matmuls
+    may round their inputs to TF32 or bfloat16, a broadcast.
     """
+    shape = (batch_size, *x.shape)
+    if on_accelerator():
+        return ops.broadcast_to(x[None], shape)
     ones = ops.ones((batch_size, 1), x.dtype)
     repeated = ops.matmul(ones, ops.reshape(x, (1, -1)))  # [batch, size of x]
-    return ops.reshape(repeated, (batch_size, *x.shape))
+    return ops.reshape(repeated, shape)
 
 
 def grouped_scores(queries, keys):

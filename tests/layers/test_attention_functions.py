@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_memtrans.layers import attention_functions
 from keras_memtrans.layers.attention_functions import broadcast_over_batch
 from keras_memtrans.layers.attention_functions import mask_logits
 from keras_memtrans.layers.segment_attention import SegmentAttention
@@ -30,8 +31,13 @@ def test_mask_logits_are_a_finite_float32_whatever_floatx(floatx):
     assert np.all(logits[~mask] <= -1e8)
 
 
+@pytest.mark.parametrize("accelerator", [False, True])
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_broadcast_over_batch_repeats_x_and_sums_its_gradient(batch_size):
+def test_broadcast_over_batch_repeats_x_and_sums_its_gradient(
+    batch_size, accelerator, monkeypatch
+):
+    # A matmul on the CPU, a broadcast on an accelerator: the same values.
+    monkeypatch.setattr(attention_functions, "on_accelerator", lambda: accelerator)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 3, 4)).astype("float32")
     weights = rng.normal(size=(batch_size, 2, 3, 4)).astype("float32")
