@@ -34,6 +34,14 @@ def positive_int(text):
     return value
 
 
+def fraction(text):
+    """argparse type: a float in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def auto_or_positive_int(text):
     """argparse type: `"auto"`, or an int of at least 1."""
     return text if text == "auto" else positive_int(text)

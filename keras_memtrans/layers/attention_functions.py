@@ -51,7 +51,7 @@ def broadcast_over_batch(x, batch_size):
         return ops.broadcast_to(x[None], shape)
     ones = ops.ones((batch_size, 1), x.dtype)
     repeated = ops.matmul(ones, ops.reshape(x, (1, -1)))  # [batch, size of x]
-    return ops.reshape(repeated, shape)
+    return ops.reshape(repeated, shape)  # [batch, *x.shape]
 
 
 def grouped_scores(queries, keys):

@@ -49,6 +49,7 @@ from keras_memtrans import ScannMemory
 from keras_memtrans import SegmentAttention
 from keras_memtrans.memory.scann_memory import default_num_leaves
 from recipes.benchmarks.timing import call_times
+from recipes.flags import fraction
 from recipes.flags import positive_int
 
 LANES, HEADS, HEAD_DIM, QUERIES, K, SEGMENT = 4, 4, 64, 256, 32, 512
@@ -97,21 +98,14 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def fraction(text):
-    """argparse type: a float in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def scann_settings(memory_size, leaves_visited, training_sample_size):
     """`ScannMemory`'s tree arguments for visiting `leaves_visited` of its
-    default leaves (`None`: its own default)."""
+    default leaves, rounded down as its own quarter is (`None`: that
+    quarter)."""
     settings = {"training_sample_size": training_sample_size}
     if leaves_visited is not None:
         leaves = default_num_leaves(memory_size)
-        settings["num_leaves_to_search"] = max(1, round(leaves_visited * leaves))
+        settings["num_leaves_to_search"] = max(1, int(leaves_visited * leaves))
     return settings
 
 
@@ -319,7 +313,7 @@ def print_lookup_table(memory_sizes, repeats, leaves_visited, training_sample_si
     print(
         "| memory | exact search (s) | scann search (s) | exact / scann "
         "| recall@32 | build per searcher (s) | scann append 512 (s) "
-        "| exact append 512 (s) | recall of lanes 0-3 |"
+        f"| exact append 512 (s) | recall of lanes 0-{LANES - 1} |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for memory_size in memory_sizes:

@@ -68,8 +68,10 @@ def test_memory_lookup_builds_scann_with_the_settings_given(capsys, monkeypatch)
     argv = ["--memory-sizes", "2048", "--repeats", "1", "--throughput-sizes"]
     settings = ["--leaves-visited", "0.125", "--training-sample-size", "700"]
     memory_lookup.main([*argv, *settings])
-    assert default_num_leaves(2048) == 45  # an eighth of them: 5.6
-    assert built == [{"num_leaves_to_search": 6, "training_sample_size": 700}]
+    # An eighth of 45 leaves, 5.6, rounded down as ScannMemory's own
+    # quarter is: with 0.25 the default's 11.
+    assert default_num_leaves(2048) == 45
+    assert built == [{"num_leaves_to_search": 5, "training_sample_size": 700}]
     output = capsys.readouterr().out
     assert "visits 0.125 of its leaves, trees trained on 700 keys" in output
     memory_lookup.main(argv)  # the memory's own default: a quarter
