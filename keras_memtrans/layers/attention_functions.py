@@ -40,8 +40,8 @@ def broadcast_over_batch(x, batch_size):
     On the CPU, made as a matmul with a column of ones, so that its
     gradient is a matmul too, where a broadcast's is a sum over the leading
     axis alone. XLA's CPU compiler in JAX 0.10 (its YNNPACK fusions) takes
-    about 30 times as long for that sum as for one over any other axis
-    (4.3 ms against 0.13 ms for `[4, 4, 256, 256]` float32): the relative
+    30-60 times as long for that sum as for one over any other axis (4.4
+    ms against 0.07-0.14 ms for `[4, 4, 256, 256]` float32): the relative
     position bias's gradient, once per layer and step (docs/performance.md,
     "A sum over the batch alone"). On a GPU or TPU, whose float32 matmuls
     may round their inputs to TF32 or bfloat16, a broadcast.

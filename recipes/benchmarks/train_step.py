@@ -200,8 +200,8 @@ def fill(memories):
     """Fills every slot of each of `memories` (of one shape) with the same
     random keys (a ScaNN memory's search costs depend on how full it is;
     the exact one's do not), as the memory of a long document would be."""
-    memory = memories[0]
-    shape = (memory.batch_size, memory.memory_size, memory.num_heads, memory.head_dim)
+    first = memories[0]
+    shape = (first.batch_size, first.memory_size, first.num_heads, first.head_dim)
     keys = np.random.default_rng(1).normal(size=shape).astype("float32")
     keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
     for memory in memories:

@@ -39,7 +39,10 @@ def test_broadcast_over_batch_repeats_x_and_sums_its_gradient(
 ):
     # A matmul on the CPU, a broadcast on an accelerator: the same values.
     if on_accelerator() and not accelerator:
-        pytest.skip("the matmul runs on the CPU only (a GPU's may round to TF32)")
+        pytest.skip(
+            "an accelerator never takes the matmul path (its float32 matmul "
+            "may round to TF32), so that path is checked on the CPU"
+        )
     monkeypatch.setattr(attention_functions, "on_accelerator", lambda: accelerator)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 3, 4)).astype("float32")
