@@ -71,6 +71,24 @@ def finite_float(text):
     return value
 
 
+def add_keep_freed_memory(parser):
+    """`--keep-freed-memory` / `--no-keep-freed-memory`: whether the
+    process's `malloc` keeps freed memory for reuse
+    (`recipes.host_memory.keep_freed_memory`)."""
+    parser.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="glibc's malloc keeps freed memory for the next step instead of "
+        "faulting it in again (recipes/host_memory.py)",
+    )
+
+
+def keep_freed_memory_flag(args):
+    """`args`' `--keep-freed-memory` as a worker process's flag."""
+    return "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory"
+
+
 def parse_args(argv, description=None):
     parser = argparse.ArgumentParser(
         description=description,
@@ -115,6 +133,7 @@ def parse_args(argv, description=None):
         help="XLA (TensorFlow, JAX): auto uses it wherever the memory "
         "allows (torch: eager)",
     )
+    add_keep_freed_memory(parser)
     parser.add_argument(
         "--memory-size", type=positive_int, help="tokens per memory lane"
     )

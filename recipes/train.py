@@ -52,6 +52,7 @@ from recipes.data_parallel import start_data_parallel
 from recipes.flags import parse_args
 from recipes.flags import resolve_config
 from recipes.flags import resumed_args
+from recipes.host_memory import keep_freed_memory
 from recipes.processes import SINGLE
 from recipes.reporting import HeldOutCurve
 from recipes.reporting import environment_line
@@ -287,6 +288,8 @@ def main(argv=None):
     if output_dir is not None:
         argv, args = resumed_args(output_dir, __doc__.splitlines()[0])
         print(f"Resuming {output_dir}: recipes.train {' '.join(argv)}")
+    if args.keep_freed_memory:
+        keep_freed_memory()
     backbone_config, training, vocabulary_size = resolve_config(args)
     # One device; or several: a JAX distribution, or torch processes, each
     # building a model of its share of the lanes (`model_config`).

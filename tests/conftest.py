@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
+from recipes import host_memory
+
 # Eager backends are slow per example; keep property tests to a CI budget.
 # Local runs explore 25 new examples each time; CI (HYPOTHESIS_PROFILE=ci,
 # set by .ci/run) draws the same 15 every run (three backends in 20
@@ -37,3 +39,14 @@ def _seed_and_policy():
     np.random.seed(0)
     yield
     keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _malloc_left_alone():
+    """A recipe's `main` run in a test's process sets nothing in its
+    `malloc` (`recipes.host_memory`): the setting is the process's, for
+    good, and would reach every later test. tests/recipes/test_host_memory.py
+    sets it in processes of its own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(host_memory, "mallopt", lambda parameter, value: True)
+        yield

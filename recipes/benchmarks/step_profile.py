@@ -45,7 +45,10 @@ from recipes.benchmarks.train_step import model_config
 from recipes.benchmarks.train_step import random_batch
 from recipes.benchmarks.workers import print_measurements
 from recipes.benchmarks.workers import worker_lines
+from recipes.flags import add_keep_freed_memory
+from recipes.flags import keep_freed_memory_flag
 from recipes.flags import positive_int
+from recipes.host_memory import keep_freed_memory
 
 
 def parse_args(argv):
@@ -62,6 +65,7 @@ def parse_args(argv):
         help="torch: one row per operator and input shapes",
     )
     add_scores_per_block(parser)
+    add_keep_freed_memory(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -170,6 +174,8 @@ def measurements(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.worker:
         print_measurements(measurements(args))
         return 0
@@ -177,6 +183,7 @@ def main(argv=None):
         *("--config", args.config, "--memory", args.memory, "--dtype", args.dtype),
         *("--repeats", str(args.repeats), "--top", str(args.top), "--worker"),
         *("--scores-per-block", str(args.scores_per_block)),
+        keep_freed_memory_flag(args),
         *(["--shapes"] if args.shapes else []),
     ]
     print(f"config {args.config}, memory {args.memory}, dtype {args.dtype}\n")

@@ -43,8 +43,11 @@ from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
 from recipes.common import jit_compile_flag
 from recipes.common import recipe_jit_compile
+from recipes.flags import add_keep_freed_memory
 from recipes.flags import auto_or_positive_int
+from recipes.flags import keep_freed_memory_flag
 from recipes.flags import positive_int
+from recipes.host_memory import keep_freed_memory
 
 PEER_CONFIG = {
     "vocabulary_size": 256,
@@ -86,6 +89,7 @@ def parse_args(argv):
         help="Model.compile's jit_compile (auto: the recipe's default)",
     )
     add_scores_per_block(parser)
+    add_keep_freed_memory(parser)
     parser.add_argument("--worker", choices=["keras", "peer"], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -309,6 +313,8 @@ def print_rows(name, lines, peer, tokens):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.worker:
         print_measurements(measurements(args))
         return 0
@@ -317,6 +323,7 @@ def main(argv=None):
         *("--warmup", str(args.warmup), "--dtype", args.dtype),
         *("--jit-compile", args.jit_compile),
         *("--scores-per-block", str(args.scores_per_block)),
+        keep_freed_memory_flag(args),
         "--memories",
         *args.memories,
     ]

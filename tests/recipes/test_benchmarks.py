@@ -277,3 +277,24 @@ def test_a_count_of_steps_or_calls_is_at_least_one(module, flag, capsys):
     with pytest.raises(SystemExit):
         module.parse_args([flag, "0"])
     assert "at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", [train_step, step_profile])
+@pytest.mark.parametrize("flag", [[], ["--no-keep-freed-memory"]])
+def test_the_step_benchmarks_keep_freed_memory_unless_told_not_to(
+    monkeypatch, module, flag
+):
+    kept, workers = [], []
+    monkeypatch.setattr(module, "keep_freed_memory", lambda: kept.append(True))
+
+    def worker_lines(module_name, name, argv, environment):
+        workers.append(argv)
+        return iter(())
+
+    monkeypatch.setattr(module, "worker_lines", worker_lines)
+    memory = "--memories" if module is train_step else "--memory"
+    module.main(["--config", "tiny", "--backends", "jax", memory, "none", *flag])
+    assert kept == ([] if flag else [True])
+    # Each worker process is told the same.
+    want = flag[0] if flag else "--keep-freed-memory"
+    assert workers and all(want in argv for argv in workers)
