@@ -29,7 +29,10 @@ from recipes.benchmarks.timing import call_times
 from recipes.benchmarks.workers import print_measurements
 from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
+from recipes.flags import add_keep_freed_memory
+from recipes.flags import keep_freed_memory_flag
 from recipes.flags import positive_int
+from recipes.host_memory import keep_freed_memory
 
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -43,6 +46,7 @@ def parse_args(argv):
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--dtype", default="float32", help="e.g. mixed_bfloat16")
+    add_keep_freed_memory(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -93,6 +97,8 @@ def measurements(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.worker:
         print_measurements(measurements(args))
         return 0
@@ -106,6 +112,7 @@ def main(argv=None):
         *("--presets", *args.presets, "--new-tokens", str(args.new_tokens)),
         *("--repeats", str(args.repeats)),
         *("--dtype", args.dtype, "--worker"),
+        keep_freed_memory_flag(args),
     ]
     for backend in args.backends:
         lines = worker_lines(

@@ -49,8 +49,10 @@ from keras_memtrans import ScannMemory
 from keras_memtrans import SegmentAttention
 from keras_memtrans.memory.scann_memory import default_num_leaves
 from recipes.benchmarks.timing import call_times
+from recipes.flags import add_keep_freed_memory
 from recipes.flags import fraction
 from recipes.flags import positive_int
+from recipes.host_memory import keep_freed_memory
 
 LANES, HEADS, HEAD_DIM, QUERIES, K, SEGMENT = 4, 4, 64, 256, 32, 512
 # The searches of the throughput table: (lanes, key heads, queries per key
@@ -95,6 +97,7 @@ def parse_args(argv):
         default=16384,
         help="keys ScannMemory trains its trees on",
     )
+    add_keep_freed_memory(parser)
     return parser.parse_args(argv)
 
 
@@ -364,6 +367,8 @@ def print_throughput_table(memory_sizes, model, dense_size, repeats):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.memory_sizes:
         print_lookup_table(
             args.memory_sizes,

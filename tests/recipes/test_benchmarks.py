@@ -298,3 +298,27 @@ def test_the_step_benchmarks_keep_freed_memory_unless_told_not_to(
     # Each worker process is told the same.
     want = flag[0] if flag else "--keep-freed-memory"
     assert workers and all(want in argv for argv in workers)
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-keep-freed-memory"]])
+def test_generation_keeps_freed_memory_unless_told_not_to(monkeypatch, flag):
+    kept, workers = [], []
+    monkeypatch.setattr(generate, "keep_freed_memory", lambda: kept.append(True))
+
+    def worker_lines(module_name, name, argv, environment):
+        workers.append(argv)
+        return iter(())
+
+    monkeypatch.setattr(generate, "worker_lines", worker_lines)
+    generate.main(["--presets", "tiny", "--backends", "jax", *flag])
+    assert kept == ([] if flag else [True])
+    want = flag[0] if flag else "--keep-freed-memory"
+    assert workers and all(want in argv for argv in workers)
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-keep-freed-memory"]])
+def test_the_lookup_keeps_freed_memory_unless_told_not_to(monkeypatch, flag):
+    kept = []
+    monkeypatch.setattr(memory_lookup, "keep_freed_memory", lambda: kept.append(True))
+    memory_lookup.main(["--memory-sizes", "--throughput-sizes", *flag])
+    assert kept == ([] if flag else [True])
