@@ -80,7 +80,8 @@ def add_keep_freed_memory(parser):
         action=argparse.BooleanOptionalAction,
         default=True,
         help="glibc's malloc keeps freed memory for the next step instead of "
-        "faulting it in again (recipes/host_memory.py)",
+        "faulting it in again (recipes/host_memory.py); a setting of the "
+        "process: --resume takes it from its own command line",
     )
 
 

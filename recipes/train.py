@@ -284,12 +284,12 @@ def tokenized_documents(
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv, __doc__.splitlines()[0])
+    if args.keep_freed_memory:  # this process's setting, resumed or not
+        keep_freed_memory()
     output_dir = args.resume
     if output_dir is not None:
         argv, args = resumed_args(output_dir, __doc__.splitlines()[0])
         print(f"Resuming {output_dir}: recipes.train {' '.join(argv)}")
-    if args.keep_freed_memory:
-        keep_freed_memory()
     backbone_config, training, vocabulary_size = resolve_config(args)
     # One device; or several: a JAX distribution, or torch processes, each
     # building a model of its share of the lanes (`model_config`).

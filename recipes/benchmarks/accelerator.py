@@ -28,6 +28,8 @@ import sys
 from recipes.benchmarks import generate
 from recipes.benchmarks import train_step
 from recipes.benchmarks.workers import run_main
+from recipes.flags import add_keep_freed_memory
+from recipes.flags import keep_freed_memory_flag
 
 SIZES = {
     "paper": {
@@ -64,6 +66,7 @@ def parse_args(argv):
         "--backends", nargs="+", default=["jax", "torch"], choices=generate.BACKENDS
     )
     parser.add_argument("--dtype", default="mixed_bfloat16")
+    add_keep_freed_memory(parser)
     return parser.parse_args(argv)
 
 
@@ -80,12 +83,14 @@ def main(argv=None):
             *("--config", size["config"], "--backends", *args.backends),
             *("--memories", *memories, "--dtype", args.dtype),
             *("--steps", str(size["steps"]), "--warmup", str(size["warmup"])),
+            keep_freed_memory_flag(args),
         ]
     )
     lookup = [
         "--memory-sizes",
         *("--throughput-sizes", *map(str, size["search_sizes"])),
         *("--dense-size", str(size["dense_size"]), "--repeats", "3"),
+        keep_freed_memory_flag(args),
     ]
     for backend in args.backends:
         print(f"\n## Exact search throughput, {backend}\n", flush=True)
@@ -96,6 +101,7 @@ def main(argv=None):
             *("--presets", *size["presets"], "--backends", *args.backends),
             *("--new-tokens", str(size["new_tokens"]), "--dtype", args.dtype),
             *("--repeats", str(size["repeats"])),
+            keep_freed_memory_flag(args),
         ]
     )
     return 0

@@ -279,11 +279,9 @@ def test_a_count_of_steps_or_calls_is_at_least_one(module, flag, capsys):
     assert "at least 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", [train_step, step_profile])
-@pytest.mark.parametrize("flag", [[], ["--no-keep-freed-memory"]])
-def test_the_step_benchmarks_keep_freed_memory_unless_told_not_to(
-    monkeypatch, module, flag
-):
+def recorded_workers(monkeypatch, module):
+    """`(kept, workers)`: the calls of `module`'s `keep_freed_memory` and
+    the argv of each worker it would start (none is started)."""
     kept, workers = [], []
     monkeypatch.setattr(module, "keep_freed_memory", lambda: kept.append(True))
 
@@ -292,26 +290,25 @@ def test_the_step_benchmarks_keep_freed_memory_unless_told_not_to(
         return iter(())
 
     monkeypatch.setattr(module, "worker_lines", worker_lines)
-    memory = "--memories" if module is train_step else "--memory"
-    module.main(["--config", "tiny", "--backends", "jax", memory, "none", *flag])
+    return kept, workers
+
+
+@pytest.mark.parametrize(
+    "module, argv",
+    [
+        (train_step, ["--config", "tiny", "--memories", "none"]),
+        (step_profile, ["--config", "tiny", "--memory", "none"]),
+        (generate, ["--presets", "tiny"]),
+    ],
+)
+@pytest.mark.parametrize("flag", [[], ["--no-keep-freed-memory"]])
+def test_the_benchmarks_keep_freed_memory_unless_told_not_to(
+    monkeypatch, module, argv, flag
+):
+    kept, workers = recorded_workers(monkeypatch, module)
+    module.main([*argv, "--backends", "jax", *flag])
     assert kept == ([] if flag else [True])
     # Each worker process is told the same.
-    want = flag[0] if flag else "--keep-freed-memory"
-    assert workers and all(want in argv for argv in workers)
-
-
-@pytest.mark.parametrize("flag", [[], ["--no-keep-freed-memory"]])
-def test_generation_keeps_freed_memory_unless_told_not_to(monkeypatch, flag):
-    kept, workers = [], []
-    monkeypatch.setattr(generate, "keep_freed_memory", lambda: kept.append(True))
-
-    def worker_lines(module_name, name, argv, environment):
-        workers.append(argv)
-        return iter(())
-
-    monkeypatch.setattr(generate, "worker_lines", worker_lines)
-    generate.main(["--presets", "tiny", "--backends", "jax", *flag])
-    assert kept == ([] if flag else [True])
     want = flag[0] if flag else "--keep-freed-memory"
     assert workers and all(want in argv for argv in workers)
 

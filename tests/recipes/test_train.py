@@ -259,3 +259,37 @@ def test_the_model_without_memory_starts_from_the_same_weights():
     assert {p for p in set(with_memory) - set(without) if p in trainable} == {
         "transformer_layer_1/attention/gate_bias"
     }
+
+
+class Stopped(Exception):
+    """Stops `train.main` once it would read its settings."""
+
+
+@pytest.mark.parametrize(
+    "flag, resumed_argv, kept",
+    [
+        ([], None, [True]),
+        (["--no-keep-freed-memory"], None, []),
+        # A setting of the process: a resumed run takes the command line's.
+        (["--no-keep-freed-memory"], [], []),
+        ([], ["--no-keep-freed-memory"], [True]),
+    ],
+)
+def test_the_recipe_keeps_freed_memory_unless_told_not_to(
+    tmp_path, monkeypatch, flag, resumed_argv, kept
+):
+    calls = []
+    monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append(True))
+
+    def stop(args):
+        raise Stopped
+
+    monkeypatch.setattr(train, "resolve_config", stop)
+    argv = ["--preset", "tiny", *flag]
+    if resumed_argv is not None:
+        run = {"argv": resumed_argv, "backend": keras.backend.backend()}
+        (tmp_path / "run.json").write_text(json.dumps(run))
+        argv = ["--resume", str(tmp_path), *flag]
+    with pytest.raises(Stopped):
+        train.main(argv)
+    assert calls == kept
