@@ -71,6 +71,35 @@ def test_freed_block_is_reused_without_page_faults():
         assert kept * 100 <= pages
 
 
+def recorded_settings(monkeypatch):
+    """The `(parameter, value)` of each `mallopt` call, none made."""
+    made = []
+
+    def record(parameter, value):
+        made.append((parameter, value))
+        return True
+
+    monkeypatch.setattr(host_memory, "mallopt", record)
+    return made
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_one_arena_no_mmap_no_trim_except_on_tensorflow(monkeypatch):
+    made = recorded_settings(monkeypatch)
+    kept = host_memory.keep_freed_memory()
+    if keras.backend.backend() == "tensorflow":
+        assert kept is False and made == []
+    else:
+        assert kept is True
+        assert made == [
+            (host_memory.M_ARENA_MAX, 1),
+            (host_memory.M_MMAP_MAX, 0),
+            (host_memory.M_TRIM_THRESHOLD, host_memory.NEVER_TRIM),
+        ]
+
+
 def test_without_glibc_nothing_is_set(monkeypatch):
+    made = recorded_settings(monkeypatch)
     monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("", ""))
     assert host_memory.keep_freed_memory() is False
+    assert made == []
