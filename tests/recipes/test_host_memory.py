@@ -11,6 +11,12 @@ import pytest
 
 from recipes import host_memory
 
+ON_GLIBC = pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc",
+    reason="mallopt and its arenas are glibc's: another C library has no "
+    "such settings, and keep_freed_memory makes none there",
+)
+
 # A thread of the backend's (not the main one) allocates, fills and frees
 # 96 MB three times, as XLA's temporary buffer is at every step: over the
 # 64 MB that glibc's thread arenas can serve without `mmap`. Prints the
@@ -58,7 +64,7 @@ def page_faults(mode):
     return int(result.stdout.split()[-1])
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@ON_GLIBC
 def test_freed_block_is_reused_without_page_faults():
     default = page_faults("default")
     kept = page_faults("kept")
@@ -83,7 +89,7 @@ def recorded_settings(monkeypatch):
     return made
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@ON_GLIBC
 def test_one_arena_no_mmap_no_trim_except_on_tensorflow(monkeypatch):
     made = recorded_settings(monkeypatch)
     kept = host_memory.keep_freed_memory()
