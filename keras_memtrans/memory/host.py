@@ -142,6 +142,17 @@ def on_accelerator():
     return False
 
 
+def host_memory_is_cheap():
+    """Whether a host memory on this machine costs its search alone: on
+    the CPU under JAX, whose `io_callback`s run inside the `jax.jit`ted
+    step, and under torch, whose steps run eagerly by default. Not under
+    TensorFlow, whose XLA cannot compile a `tf.numpy_function` (a host
+    memory turns XLA off for the whole step, which is 17-18% slower without
+    it on a CPU, docs/performance.md), nor on a GPU or TPU, where each
+    call is a round trip to the host."""
+    return keras.backend.backend() in ("jax", "torch") and not on_accelerator()
+
+
 def in_symbolic_build():
     """Whether the layers run inside Keras' symbolic scope: torch's
     `compute_output_spec` (e.g. `fit`'s symbolic build) runs them on

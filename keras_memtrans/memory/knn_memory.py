@@ -43,7 +43,8 @@ class KNNMemory(LaneState):
     ring buffer of every lane: `keys` and `values`
     `[batch, heads, memory_size, head_dim]` float32, `positions`
     `[batch, memory_size]`, `next_slot` `()` and `document_length`
-    `[batch]`, int32, plus the subclass's own arrays. While `read_only` is
+    `[batch]`, int32, plus the subclass's own arrays; any memory of the
+    same sizes loads it (the others' arrays aside). While `read_only` is
     `True` (for instance inside `with memory.frozen():`), `reset` and
     `append` change nothing and `search` works as usual; when the flag is
     read (at call, trace or host-call time) is up to each memory.
@@ -178,6 +179,18 @@ class KNNMemory(LaneState):
             "next_slot": ((), "int32"),
             "document_length": ((lanes,), "int32"),
         }
+
+    def _loads_saved_class(self, saved_class):
+        """Any memory's file: every `KNNMemory` saves the same ring buffer
+        (and arrays of its own, which the others ignore), so a run saved
+        with one kind of memory resumes with another (`memory_kind="auto"`
+        picks by backend and device)."""
+        classes, memory_classes = [KNNMemory], set()
+        while classes:
+            memory_class = classes.pop()
+            memory_classes.add(memory_class.__name__)
+            classes.extend(memory_class.__subclasses__())
+        return saved_class in memory_classes
 
     def _read_saved(self, path):
         arrays = super()._read_saved(path)

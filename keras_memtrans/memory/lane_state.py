@@ -159,7 +159,7 @@ class LaneState(keras.layers.Layer):
                 f"{path!r} is not a saved {kind} (it has no `{self.CLASS_ARRAY}`)."
             )
         saved_kind = str(arrays[self.CLASS_ARRAY])
-        if saved_kind != kind:
+        if not self._loads_saved_class(saved_kind):
             raise ValueError(f"{path!r} holds {saved_kind}, not {kind}.")
         for name, size in self._sizes().items():
             saved = int(checked_array(arrays, name, (), "int64", path))
@@ -171,6 +171,11 @@ class LaneState(keras.layers.Layer):
         for name, (shape, dtype) in self._state_specs().items():
             arrays[name] = checked_array(arrays, name, shape, dtype, path)
         return arrays
+
+    def _loads_saved_class(self, saved_class):
+        """Whether a file saved by the class named `saved_class` loads
+        here (by default: this class's own files only)."""
+        return saved_class == type(self).__name__
 
     def _state_specs(self):
         """The saved arrays: a dict from name to `(shape, NumPy dtype)`,

@@ -270,14 +270,13 @@ class ScannLaneIndex:
         a ValueError if they are inconsistent or a searcher fails to load.
 
         Searchers saved with other `settings` (or without them, by an
-        earlier version) are not loaded: the index is built again from the
-        lane's restored `keys` `[heads, memory_size, head_dim]` and
-        `positions` `[memory_size]`, as `update` would build it.
+        earlier version), and a lane saved without searchers (unindexed, or
+        by another kind of memory), are not loaded: the index is built
+        again from the lane's restored `keys` `[heads, memory_size,
+        head_dim]` and `positions` `[memory_size]`, as `update` would build
+        it.
         """
-        if not arrays:
-            self.clear()
-            return
-        if not np.array_equal(arrays.get("settings"), self.settings):
+        if not arrays or not np.array_equal(arrays.get("settings"), self.settings):
             self.clear()
             self.update(keys, positions, np.arange(0))  # builds, if full enough
             return

@@ -1,5 +1,6 @@
 import concurrent.futures
 import functools
+import importlib.util
 import math
 import os
 
@@ -22,6 +23,11 @@ from keras_memtrans.validation import check_positive_ints
 def search_threads():
     """The threads that search a memory's lanes, one per core."""
     return concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
+
+
+def scann_installed():
+    """Whether the `scann` package is installed (without importing it)."""
+    return importlib.util.find_spec("scann") is not None
 
 
 def _import_scann():

@@ -25,9 +25,11 @@ GFLOP/s of its score matmul (2 x lanes x heads x queries x slots x
 head_dim), next to a dense float32 matmul measured in the same process,
 and next to two references for the same scores: the score matmul alone
 (reduced by a max, so that only the scores are written: the ceiling of any
-search that materialises them), and ScaNN's brute-force searcher on the
-host (SIMD scoring with a fused top-k, one searcher per (lane, head), one
-thread).
+search that materialises them), and the exact search of the host memory
+(`memory_kind="scann_exact"`: ScaNN's brute-force searchers, SIMD scoring
+with a fused top-k, one per (lane, head), the lanes searched side by side,
+one thread per core, and the neighbours gathered on the host), through the
+same compiled predict step.
 
     KERAS_BACKEND=jax python -m recipes.benchmarks.memory_lookup
 """
@@ -48,6 +50,7 @@ from keras_memtrans import KNNAttention
 from keras_memtrans import ScannMemory
 from keras_memtrans import SegmentAttention
 from keras_memtrans.memory.scann_memory import default_num_leaves
+from keras_memtrans.memory.scann_memory import scann_installed
 from recipes.benchmarks.timing import call_times
 from recipes.flags import add_keep_freed_memory
 from recipes.flags import fraction
@@ -239,9 +242,9 @@ def compiled_seconds(function, inputs, repeats, state=None):
 
 def search_gflops(memory_size, shape, repeats):
     """GFLOP/s of the score matmul of one compiled exact search of `shape`
-    (`SEARCH_SHAPES`), of the score matmul alone, and of ScaNN's
-    brute-force searchers (None for the times and rates where ScaNN is not
-    installed)."""
+    (`SEARCH_SHAPES`), of the score matmul alone, and of the host memory's
+    exact search (`memory_kind="scann_exact"`; None for its time and rate
+    where ScaNN is not installed)."""
     (lanes, heads, queries, head_dim), k = shape, K
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(lanes, memory_size, heads, head_dim)).astype("float32")
@@ -259,38 +262,28 @@ def search_gflops(memory_size, shape, repeats):
         repeats,
         state=memory,
     )
-    brute_force = scann_brute_force_seconds(keys, query, k, repeats)
+    host_search = host_exact_search_seconds(keys, query, k, repeats)
     flops = 2 * lanes * heads * queries * memory_size * head_dim
     return [
         (seconds, None if seconds is None else flops / seconds / 1e9)
-        for seconds in (search, scores_only, brute_force)
+        for seconds in (search, scores_only, host_search)
     ]
 
 
-def scann_brute_force_seconds(keys, queries, k, repeats):
-    """Median seconds of ScaNN brute-force searches of every (lane, head);
+def host_exact_search_seconds(keys, queries, k, repeats):
+    """Median seconds of the search of a `ScannMemory` with ScaNN's
+    brute-force searchers holding `keys`, as the step runs it (its lanes
+    side by side, the neighbours' keys and values gathered on the host);
     None where ScaNN is not installed (an accelerator image)."""
-    try:
-        import scann
-    except ImportError:
+    if not scann_installed():
         return None
-
-    lanes, _, heads, _ = keys.shape
-    pairs = [(lane, head) for lane in range(lanes) for head in range(heads)]
-    searchers = {
-        (lane, head): scann.scann_ops_pybind.builder(
-            np.ascontiguousarray(keys[lane, :, head]), k, "dot_product"
-        )
-        .score_brute_force()
-        .build()
-        for lane, head in pairs
-    }
-    rows = {pair: np.ascontiguousarray(queries[pair[0], :, pair[1]]) for pair in pairs}
-    seconds, _ = timed(
-        lambda: [searchers[pair].search_batched(rows[pair], k) for pair in pairs],
-        repeats,
+    lanes, memory_size, heads, head_dim = keys.shape
+    memory = ScannMemory(lanes, heads, head_dim, memory_size, searcher="brute_force")
+    memory.build()
+    memory.append(keys, keys)
+    return compiled_seconds(
+        lambda x: memory.search(x, k)[1], queries, repeats, state=memory
     )
-    return seconds
 
 
 def dense_gflops(size, repeats):
@@ -346,7 +339,7 @@ def print_throughput_table(memory_sizes, model, dense_size, repeats):
     print(
         "| memory | search (ms) | search GFLOP/s | vs dense matmul "
         "| scores alone (ms) | scores alone vs dense "
-        "| ScaNN brute force (ms) | ScaNN brute force vs dense |"
+        "| host exact search (ms) | host exact search vs dense |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for memory_size in memory_sizes:

@@ -76,7 +76,7 @@ def parse_args(argv):
     parser.add_argument(
         "--memories",
         nargs="+",
-        default=["none", "8192:exact", "65536", "262144"],
+        default=["none", "8192:exact", "8192:scann_exact", "65536", "262144"],
         help="none, SIZE (memory_kind auto) or SIZE:KIND (exact, scann, scann_exact)",
     )
     parser.add_argument("--steps", type=positive_int, default=10)

@@ -96,7 +96,7 @@ def saved_memory_of(tmp_path, make, path=None):
         ("truncated", ValueError, "not a readable .npz"),
         ("memory_size", ValueError, "`memory_size` 40"),
         ("head_dim", ValueError, "`head_dim` 4"),
-        ("other_kind", ValueError, "not "),
+        ("other_state", ValueError, "not a saved (Exact|Scann)Memory"),
     ],
 )
 def test_a_failed_memory_load_leaves_the_memory_as_it_was(
@@ -112,9 +112,9 @@ def test_a_failed_memory_load_leaves_the_memory_as_it_was(
     elif damage == "head_dim":
         options = {**memory, "head_dim": 4}
         saved_memory_of(tmp_path, lambda: make_layer(KNNAttention, **options))
-    elif damage == "other_kind":
-        kind = "exact" if memory["memory_kind"] == "scann" else "scann"
-        saved_memory_of(tmp_path, lambda: make_layer(KNNAttention, **MEMORIES[kind]))
+    elif damage == "other_state":  # the XL cache's file, not a memory's
+        other = make_layer(KNNAttention, use_xl_cache=True, **memory)
+        other.lane_states(False)["cache"].save(path)
     x = segments(5)
     layer, twin = (make_layer(KNNAttention, **memory) for _ in range(2))
     for target in (layer, twin):
@@ -122,6 +122,47 @@ def test_a_failed_memory_load_leaves_the_memory_as_it_was(
     with pytest.raises(error, match=match):
         layer.load_memory(path)
     assert_continues_like(layer, twin, x, False)
+
+
+# Each kind with the same sizes, as "auto" picks one by backend and device.
+SAME_SIZES = {
+    "exact": dict(MEMORIES["exact"], memory_size=32),
+    "scann": MEMORIES["scann"],
+    "scann_exact": dict(memory_kind="scann_exact", memory_size=32, num_neighbors=5),
+}
+
+
+@pytest.mark.parametrize(
+    "saved, loaded",
+    [
+        ("scann", "exact"),
+        ("exact", "scann"),
+        ("scann_exact", "exact"),
+        ("exact", "scann_exact"),
+    ],
+)
+def test_a_memory_saved_by_another_kind_loads_and_continues_alike(
+    tmp_path, saved, loaded
+):
+    # Every memory saves the same ring buffer (a ScaNN memory its searchers
+    # too, which the exact one ignores and which it builds without them).
+    x = segments(5)
+    layer = make_layer(KNNAttention, **SAME_SIZES[saved])
+    read(layer, x, SAVED, False)
+    layer.save_memory(tmp_path / "memory.npz")
+    restored = make_layer(KNNAttention, **SAME_SIZES[loaded])
+    restored.load_memory(tmp_path / "memory.npz")
+    memory = restored.lane_states(False)["memory"]
+    assert type(memory).__name__ == (
+        "ExactMemory" if loaded == "exact" else "ScannMemory"
+    )
+    assert filled_lanes(restored, False)["memory"].all()
+    if loaded != "exact":  # indexed as if it had read the segments itself
+        twin = make_layer(KNNAttention, **SAME_SIZES[loaded])
+        read(twin, x, SAVED, False)
+        twin_memory = twin.lane_states(False)["memory"]
+        np.testing.assert_array_equal(memory.indexed_lanes, twin_memory.indexed_lanes)
+    assert_continues_like(restored, layer, x, False)
 
 
 # Every lane state at once: the XL cache, the last keys, the memory.
@@ -172,39 +213,43 @@ def shorter_segments():
     return layer
 
 
-def damage_saved_state(directory, name, make_other):
-    """Replaces the saved state `name` of `directory` with the same state
-    of a `make_other()` layer."""
+def damage_saved_state(directory, name, make_other, other_name=None):
+    """Replaces the saved state `name` of `directory` with the state
+    `other_name` (default: the same) of a `make_other()` layer."""
     other = make_other()
     path = os.path.join(directory, manifest_of(directory)["save"], f"{name}.npz")
-    other.lane_states(True)[name].save(path)
+    other.lane_states(True)[other_name or name].save(path)
 
 
 @pytest.mark.parametrize(
-    "name, make_other, match",
+    "name, make_other, other_name, match",
     [
         # The memory is read last: the cache and last key were fine.
         (
             "memory",
             lambda: make_layer(LANE_STATE_CASES["knn_exact_xl_smear"], memory_size=24),
+            None,
             "`memory_size` 24",
         ),
         (
             "memory",
-            lambda: make_layer(LANE_STATE_CASES["knn_scann_xl_smear"]),
-            "holds ScannMemory, not ExactMemory",
+            lambda: make_layer(LANE_STATE_CASES["knn_exact_xl_smear"]),
+            "last_key",
+            "not a saved ExactMemory",
         ),
-        ("cache", lambda: shorter_segments(), "`cache_length` 4, this one 8"),
+        ("cache", lambda: shorter_segments(), None, "`cache_length` 4, this one 8"),
     ],
-    ids=["memory_size", "memory_kind", "cache_length"],
+    ids=["memory_size", "other_state", "cache_length"],
 )
-def test_a_failed_lane_state_load_changes_no_state(tmp_path, name, make_other, match):
+def test_a_failed_lane_state_load_changes_no_state(
+    tmp_path, name, make_other, other_name, match
+):
     case = LANE_STATE_CASES["knn_exact_xl_smear"]
     x = segments(5)
     saved = make_layer(case)
     read(saved, segments(5, seed=9), SAVED, True)
     saved.save_lane_states(tmp_path)
-    damage_saved_state(tmp_path, name, make_other)
+    damage_saved_state(tmp_path, name, make_other, other_name)
     layer, twin = make_layer(case), make_layer(case)
     for target in (layer, twin):
         read(target, x, SAVED, True)

@@ -1,12 +1,16 @@
+from unittest import mock
+
 import keras
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 from keras import ops
 
+from keras_memtrans.memory import host
 from keras_memtrans.memory.host import approx_top_k
 from keras_memtrans.memory.host import full_like
 from keras_memtrans.memory.host import host_call
+from keras_memtrans.memory.host import host_memory_is_cheap
 from keras_memtrans.memory.host import slice_update_variable
 from tests.host_data import only_on_torch
 from tests.host_data import package_host_tensors
@@ -176,3 +180,10 @@ def test_slice_update_variable_in_a_compiled_predict_step_is_read_after_it():
         expected[:, start : start + 1] = column
         np.testing.assert_array_equal(read, expected)
         np.testing.assert_array_equal(ops.convert_to_numpy(writer.table), expected)
+
+
+def test_a_host_memory_is_cheap_on_the_cpu_under_jax_and_torch_only():
+    backend = keras.backend.backend()
+    assert host_memory_is_cheap() == (backend in ("jax", "torch"))
+    with mock.patch.object(host, "on_accelerator", return_value=True):
+        assert not host_memory_is_cheap()

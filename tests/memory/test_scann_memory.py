@@ -331,12 +331,25 @@ def test_a_broken_searcher_fails_the_load_and_changes_nothing(tmp_path, damage, 
     assert not memory.indexed_lanes.any()
 
 
-def test_a_saved_exact_memory_does_not_load_into_a_scann_memory(tmp_path):
-    exact = ExactMemory(1, HEADS, DIM, 32)
+def test_a_saved_exact_memory_loads_into_a_scann_memory_and_back(tmp_path):
+    # One ring-buffer file for every memory: a ScaNN memory indexes it on
+    # loading, an exact one ignores the saved searchers.
+    exact = ExactMemory(2, HEADS, DIM, 32)
     exact.build()
-    exact.save(tmp_path / "memory.npz")
-    with pytest.raises(ValueError, match="ExactMemory, not ScannMemory"):
-        exhaustive(1, 32).load(tmp_path / "memory.npz")
+    keys = clustered_keys(np.random.default_rng(8), (2, 40, HEADS, DIM))
+    exact.append(keys, -keys, np.random.default_rng(9).random((2, 40)) > 0.2)
+    exact.save(tmp_path / "exact.npz")
+    scann = exhaustive(2, 32)
+    scann.load(tmp_path / "exact.npz")
+    assert scann.indexed_lanes.all()
+    scann.save(tmp_path / "scann.npz")
+    back = ExactMemory(2, HEADS, DIM, 32)
+    back.load(tmp_path / "scann.npz")
+    queries = clustered_keys(np.random.default_rng(10), (2, 6, HEADS, DIM))
+    want = np.sort(to_numpy(exact.search(queries, 4)[2]), axis=-1)
+    for memory in (scann, back):
+        got = np.sort(to_numpy(memory.search(queries, 4)[2]), axis=-1)
+        np.testing.assert_array_equal(got, want)
 
 
 def test_properties_match_the_exact_memory_layout():

@@ -50,8 +50,8 @@ def test_memory_lookup_prints_lookup_and_throughput_tables(capsys):
     assert abs(np.mean(lane_recalls) - lookup_cells[3]) <= 1e-3
     assert throughput.startswith("| 256 |")
     assert "GFLOP/s" in output
-    # The search, the scores alone and ScaNN's brute force: a time and a
-    # ratio to the dense matmul each, every one a positive number.
+    # The search, the scores alone and the host memory's exact search: a
+    # time and a ratio to the dense matmul each, every one a positive number.
     cells = [float(cell) for cell in throughput.strip("| ").split(" | ")]
     assert len(cells) == 8 and min(cells) > 0
 
