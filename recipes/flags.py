@@ -16,7 +16,8 @@ import keras
 
 from keras_memtrans import KNNAttention
 from keras_memtrans.memory.factory import MEMORY_KINDS
-from keras_memtrans.memory.factory import resolve_memory_kind
+from keras_memtrans.memory.factory import SCANN_MIN_MEMORY_SIZE
+from keras_memtrans.memory.factory import check_memory_kind
 from keras_memtrans.models import PRESETS
 from keras_memtrans.models import get_preset
 from recipes.common import TRAINING
@@ -302,10 +303,20 @@ def resolve_config(args):
 
 
 def memory_slots(backbone, options):
-    """Slots per lane of each memory of a backbone config, with its memory
-    `options` resolved: `memory_size`, plus a segment's spare slots in an
-    exact memory (see `ExactMemory`)."""
-    kind = resolve_memory_kind(options["memory_kind"], options["memory_size"])
+    """Slots per lane of each memory of a backbone config: `memory_size`,
+    plus a segment's spare slots in an exact memory (see `ExactMemory`).
+
+    `"auto"` counts them below `SCANN_MIN_MEMORY_SIZE`, where it is the
+    exact memory under a distribution, on TensorFlow and on an accelerator
+    (and ScaNN's brute force, which has none, on the CPU under JAX and
+    torch): an upper bound, made without asking the backend for its
+    devices, which would start JAX's backends before a multi-process run
+    has initialised them (`recipes.jax_processes`)."""
+    kind = options["memory_kind"]
+    check_memory_kind(kind)
+    if kind == "auto":
+        large = options["memory_size"] >= SCANN_MIN_MEMORY_SIZE
+        kind = "scann" if large else "exact"
     spare = backbone["segment_length"] if kind == "exact" else 0
     return options["memory_size"] + spare
 

@@ -346,8 +346,9 @@ class KNNAttention(SegmentAttention):
         """Restores the kNN memory of one mode saved by `save_memory`.
 
         The whole file is checked before the memory changes: a load that
-        fails leaves it as it was. A ScaNN memory gets its searchers back
-        from the file, not rebuilt.
+        fails leaves it as it was. Any kind of memory of the same sizes
+        loads it: a ScaNN memory gets its searchers back from its own
+        file, and builds them from another memory's.
 
         Args:
             path: the file to read.
@@ -356,8 +357,9 @@ class KNNAttention(SegmentAttention):
 
         Raises:
             FileNotFoundError: there is no file at `path`.
-            ValueError: the file is unreadable, or holds another kind of
-                memory or other sizes (the message names what differs).
+            ValueError: the file is unreadable, or holds a state other
+                than a memory, or other sizes (the message names what
+                differs).
         """
         self._built_lane_states(training)["memory"].load(path)
 

@@ -9,7 +9,8 @@ approximate top-k that `keras.ops` lacks. `scatter_update_variable` and
 `slice_update_variable` write entries of a variable in place where
 `ops.scatter_update` and `ops.slice_update` would copy it whole; `full_like`
 fills a tensor on the device where torch's `ops.full_like` would copy its
-value from the host; `on_accelerator` tells a GPU or TPU from the CPU.
+value from the host; `on_accelerator` tells a GPU or TPU from the CPU, and
+`host_memory_is_cheap` whether a host memory costs its search alone.
 `process_rows` and `assign_process_rows` read and write the lanes a process
 holds of a state a JAX distribution shards over several processes (hosts).
 Backends are imported lazily, inside the function that needs them: nothing

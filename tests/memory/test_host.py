@@ -2,6 +2,7 @@ from unittest import mock
 
 import keras
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from keras import ops
@@ -182,8 +183,8 @@ def test_slice_update_variable_in_a_compiled_predict_step_is_read_after_it():
         np.testing.assert_array_equal(ops.convert_to_numpy(writer.table), expected)
 
 
-def test_a_host_memory_is_cheap_on_the_cpu_under_jax_and_torch_only():
-    backend = keras.backend.backend()
-    assert host_memory_is_cheap() == (backend in ("jax", "torch"))
-    with mock.patch.object(host, "on_accelerator", return_value=True):
-        assert not host_memory_is_cheap()
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_a_host_memory_is_cheap_on_the_cpu_under_jax_and_torch_only(accelerator):
+    on_cpu_backend = keras.backend.backend() in ("jax", "torch")
+    with mock.patch.object(host, "on_accelerator", return_value=accelerator):
+        assert host_memory_is_cheap() == (on_cpu_backend and not accelerator)

@@ -73,3 +73,18 @@ def test_the_same_entries_build_the_same_searchers(seed):
         assert arrays.keys() == builds[0].keys()
         for name, array in arrays.items():
             np.testing.assert_array_equal(array, builds[0][name], err_msg=name)
+
+
+@pytest.mark.parametrize("entries, indexed", [(100, False), (300, True)])
+def test_a_lane_saved_without_searchers_is_indexed_as_its_entries_ask(entries, indexed):
+    # An unindexed lane of a tree memory (fewer entries than half the
+    # memory) stays unindexed; one saved by another kind of memory, which
+    # saves no searchers, gets them built when it is full enough.
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(1, 512, 16)).astype("float32")  # [heads, slots, dim]
+    positions = np.where(np.arange(512) < entries, np.arange(512), -1)
+    index = ScannLaneIndex(scann_ops_pybind, 1, 512, 8, 2, 256)
+    index.restore({}, keys, positions)
+    assert index.indexed == indexed
+    if indexed:
+        np.testing.assert_array_equal(np.sort(index.index_slots), np.arange(entries))

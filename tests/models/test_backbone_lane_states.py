@@ -78,7 +78,8 @@ def test_a_restored_backbone_continues_like_the_saved_one(tmp_path, options):
 
 def test_a_backbone_with_another_memory_kind_continues_like_the_saved_one(tmp_path):
     # "auto" picks the kind by backend and device: a run saved with the
-    # exact memory resumes with ScaNN's (and the other way round).
+    # exact memory resumes with ScaNN's (each direction and kind at the
+    # layer: tests/layers/test_lane_state_persistence.py).
     saved_options = dict(SCANN, memory_options={**SCANN["memory_options"]})
     saved_options["memory_options"]["memory_kind"] = "exact"
     backbone = tiny_backbone(**saved_options)

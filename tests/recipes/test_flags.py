@@ -1,10 +1,12 @@
 import json
+from unittest import mock
 
 import keras
 import numpy as np
 import pytest
 
 from keras_memtrans import KNNAttention
+from keras_memtrans.memory import host
 from keras_memtrans.models import MemorizingTransformerBackbone
 from keras_memtrans.models import get_preset
 from recipes import flags
@@ -43,6 +45,17 @@ def test_a_scann_memory_holds_no_spare_slots():
     options["memory_size"] = 256
     slot = 2 * (2 * 2 * 16 * 4 + 4)  # training and inference memories
     assert flags.memory_bytes(config, options) == 2 * 256 * slot
+
+
+def test_memory_slots_of_auto_ask_no_device_and_bound_the_exact_memory():
+    # A multi-process JAX run checks its memory budget before it starts
+    # JAX's distributed runtime, which refuses to start after the backends.
+    config = get_preset("paper")["backbone"]
+    options = {**KNNAttention.memory_options(), **config["memory_options"]}
+    assert options["memory_kind"] == "auto" and options["memory_size"] == 8192
+    with mock.patch.object(host, "on_accelerator", side_effect=AssertionError):
+        slots = flags.memory_slots(config, options)
+    assert slots == 8192 + config["segment_length"]
 
 
 def test_a_resumed_run_reads_its_relative_paths_from_where_it_started(
