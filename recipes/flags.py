@@ -306,12 +306,12 @@ def memory_slots(backbone, options):
     """Slots per lane of each memory of a backbone config: `memory_size`,
     plus a segment's spare slots in an exact memory (see `ExactMemory`).
 
-    `"auto"` counts them below `SCANN_MIN_MEMORY_SIZE`, where it is the
-    exact memory under a distribution, on TensorFlow and on an accelerator
-    (and ScaNN's brute force, which has none, on the CPU under JAX and
-    torch): an upper bound, made without asking the backend for its
-    devices, which would start JAX's backends before a multi-process run
-    has initialised them (`recipes.jax_processes`)."""
+    `"auto"` is the exact memory below `SCANN_MIN_MEMORY_SIZE`, and ScaNN's
+    from it (the exact memory under a distribution over several devices,
+    which is set up after this count: its spare slots are then not
+    counted). Made without asking the backend for its devices, which would
+    start JAX's backends before a multi-process run has initialised them
+    (`recipes.jax_processes`)."""
     kind = options["memory_kind"]
     check_memory_kind(kind)
     if kind == "auto":

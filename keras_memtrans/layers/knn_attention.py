@@ -50,12 +50,13 @@ class KNNAttention(SegmentAttention):
             memory searched with ScaNN's trees; turns `jit_compile` off on
             TensorFlow and torch, runs inside `jax.jit` on JAX),
             `"scann_exact"` (the host memory with ScaNN's brute-force
-            searchers: exact; on a CPU faster than `"exact"` under JAX and
-            torch from 8K slots) or `"auto"`: `"scann"` from
-            `memory_size >= 32768` (the crossover measured in
-            docs/memory_lookup.md), `"scann_exact"` from 8192 on the CPU
-            under JAX and torch, when `scann` is installed, else `"exact"`
-            (see `make_memory`).
+            searchers: exact; on a CPU under JAX and torch faster than
+            `"exact"` from 8K slots in the PyTorch peer's configuration,
+            docs/performance.md) or
+            `"auto"`:
+            `"scann"` from `memory_size >= 32768` (the crossover measured in
+            docs/memory_lookup.md) when `scann` is installed, else
+            `"exact"` (see `make_memory`).
         top_k: `"exact"` or `"approx"`: the exact memory's top-k;
             `"approx"` uses `approx_max_k` on JAX and TensorFlow (fast on
             TPU; exact on CPU and GPU), exact top-k on torch.

@@ -9,18 +9,11 @@ import warnings
 
 from keras_memtrans.memory.exact_memory import ExactMemory
 from keras_memtrans.memory.host import distributed_devices
-from keras_memtrans.memory.host import host_memory_is_cheap
 from keras_memtrans.memory.scann_memory import ScannMemory
-from keras_memtrans.memory.scann_memory import scann_installed
 
 # Smallest `memory_size` at which `memory_kind="auto"` picks ScaNN: the
 # measured crossover of docs/memory_lookup.md.
 SCANN_MIN_MEMORY_SIZE = 32768
-# Smallest `memory_size` at which `"auto"` picks ScaNN's brute-force
-# searchers where a host memory costs its search alone (`host.
-# host_memory_is_cheap`: the CPU, under JAX and torch): the training-step
-# crossover of docs/performance.md, "The exact search on the host".
-SCANN_EXACT_MIN_MEMORY_SIZE = 8192
 
 # Each kind's class and its arguments beyond the sizes.
 MEMORY_CLASSES = {
@@ -45,28 +38,16 @@ def check_memory_kind(memory_kind):
 
 
 def resolve_memory_kind(memory_kind, memory_size):
-    """The kind of memory `make_memory` builds for `memory_kind`: any kind
-    but `"auto"` unchanged. Under a `keras.distribution` over several
-    devices `"auto"` is `"exact"`; otherwise `"scann"` from
-    `memory_size >= SCANN_MIN_MEMORY_SIZE` (`make_memory` falls back to
-    `"exact"` when `scann` is not installed), `"scann_exact"` from
-    `SCANN_EXACT_MIN_MEMORY_SIZE` where a host memory costs its search
-    alone (`host_memory_is_cheap`) and `scann` is installed, else
-    `"exact"`."""
+    """The kind of memory `make_memory` builds for `memory_kind`: `"auto"`
+    resolved to `"scann"` from `memory_size >= SCANN_MIN_MEMORY_SIZE` when
+    no `keras.distribution` spreads the step over several devices, else to
+    `"exact"` (`make_memory` falls back to `"exact"` when `scann` is not
+    installed); any other kind unchanged."""
     check_memory_kind(memory_kind)
     if memory_kind != "auto":
         return memory_kind
-    if distributed_devices() > 1:
-        return "exact"
-    if memory_size >= SCANN_MIN_MEMORY_SIZE:
-        return "scann"
-    if (
-        memory_size >= SCANN_EXACT_MIN_MEMORY_SIZE
-        and host_memory_is_cheap()
-        and scann_installed()
-    ):
-        return "scann_exact"
-    return "exact"
+    large = memory_size >= SCANN_MIN_MEMORY_SIZE
+    return "scann" if large and distributed_devices() == 1 else "exact"
 
 
 def make_memory(
@@ -90,14 +71,11 @@ def make_memory(
             top-k, compiles with XLA), `"scann"` (`ScannMemory`: host memory
             searched with ScaNN's trees), `"scann_exact"` (`ScannMemory`
             with ScaNN's brute-force searchers: the exact top-k on the
-            host) or `"auto"`: where no `keras.distribution` spreads the
-            step over several devices (a host memory cannot run there),
-            `"scann"` from `memory_size >= SCANN_MIN_MEMORY_SIZE` (32768,
-            the crossover measured in docs/memory_lookup.md) when `scann`
-            is installed, and `"scann_exact"` from
-            `SCANN_EXACT_MIN_MEMORY_SIZE` (8192) on the CPU under JAX and
-            torch (`host_memory_is_cheap`; the training-step crossover of
-            docs/performance.md); else `"exact"`.
+            host) or `"auto"`: `"scann"` from
+            `memory_size >= SCANN_MIN_MEMORY_SIZE` (32768, the crossover
+            measured in docs/memory_lookup.md) when `scann` is installed
+            and no `keras.distribution` spreads the step over several
+            devices (a host memory cannot run there), else `"exact"`.
         batch_size, num_heads, head_dim, memory_size: the memory's sizes
             (see `KNNMemory`).
         top_k, recall_target, scores_per_block: the in-graph memory's

@@ -9,8 +9,7 @@ approximate top-k that `keras.ops` lacks. `scatter_update_variable` and
 `slice_update_variable` write entries of a variable in place where
 `ops.scatter_update` and `ops.slice_update` would copy it whole; `full_like`
 fills a tensor on the device where torch's `ops.full_like` would copy its
-value from the host; `on_accelerator` tells a GPU or TPU from the CPU, and
-`host_memory_is_cheap` whether a host memory costs its search alone.
+value from the host; `on_accelerator` tells a GPU or TPU from the CPU.
 `process_rows` and `assign_process_rows` read and write the lanes a process
 holds of a state a JAX distribution shards over several processes (hosts).
 Backends are imported lazily, inside the function that needs them: nothing
@@ -141,17 +140,6 @@ def on_accelerator():
 
         return torch.device(get_device()).type not in ("cpu", "meta")
     return False
-
-
-def host_memory_is_cheap():
-    """Whether a host memory on this machine costs its search alone: on
-    the CPU under JAX, whose `io_callback`s run inside the `jax.jit`ted
-    step, and under torch, whose steps run eagerly by default. Not under
-    TensorFlow, whose XLA cannot compile a `tf.numpy_function` (a host
-    memory turns XLA off for the whole step, which is 17-18% slower without
-    it on a CPU, docs/performance.md), nor on a GPU or TPU, where each
-    call is a round trip to the host."""
-    return keras.backend.backend() in ("jax", "torch") and not on_accelerator()
 
 
 def in_symbolic_build():

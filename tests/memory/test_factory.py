@@ -1,9 +1,8 @@
 """`make_memory`: each kind's memory and searcher; what `"auto"` picks by
-size, backend and device; under a `keras.distribution` over two devices a
+size; under a `keras.distribution` over two devices a
 host memory cannot run, so `"auto"` keeps the in-graph memory and the
 ScaNN kinds are refused with the reason."""
 
-import warnings
 from unittest import mock
 
 import keras
@@ -11,16 +10,13 @@ import pytest
 
 from keras_memtrans.memory import ExactMemory
 from keras_memtrans.memory import ScannMemory
-from keras_memtrans.memory import factory
 from keras_memtrans.memory import scann_memory
-from keras_memtrans.memory.factory import SCANN_EXACT_MIN_MEMORY_SIZE
 from keras_memtrans.memory.factory import SCANN_MIN_MEMORY_SIZE
 from keras_memtrans.memory.factory import make_memory
-from keras_memtrans.memory.host import host_memory_is_cheap
 
 SIZES = dict(batch_size=2, num_heads=1, head_dim=4, memory_size=SCANN_MIN_MEMORY_SIZE)
-# A memory between the two thresholds of "auto".
-MIDDLE = dict(SIZES, memory_size=SCANN_EXACT_MIN_MEMORY_SIZE)
+# The largest memory "auto" keeps in the graph.
+BELOW = dict(SIZES, memory_size=SCANN_MIN_MEMORY_SIZE - 1)
 
 
 def kind_of(memory):
@@ -44,33 +40,14 @@ def test_auto_picks_scann_for_a_large_memory_on_one_device():
 def test_auto_picks_the_in_graph_memory_under_a_distribution():
     with two_devices().scope():
         assert isinstance(make_memory("auto", **SIZES), ExactMemory)
-        assert isinstance(make_memory("auto", **MIDDLE), ExactMemory)
 
 
-def test_auto_picks_the_host_exact_search_from_8k_where_a_host_memory_is_cheap():
-    # On the CPU: JAX and torch, not TensorFlow (see host_memory_is_cheap).
-    want = "scann_exact" if host_memory_is_cheap() else "exact"
-    assert kind_of(make_memory("auto", **MIDDLE)) == want
-    largest = SCANN_MIN_MEMORY_SIZE - 1
-    assert kind_of(make_memory("auto", **dict(MIDDLE, memory_size=largest))) == want
-    smaller = dict(MIDDLE, memory_size=SCANN_EXACT_MIN_MEMORY_SIZE - 1)
-    assert kind_of(make_memory("auto", **smaller)) == "exact"
-
-
-@pytest.mark.parametrize("cheap", [True, False])
-def test_auto_between_the_thresholds_follows_the_cost_of_a_host_memory(cheap):
-    with mock.patch.object(factory, "host_memory_is_cheap", return_value=cheap):
-        memory = make_memory("auto", **MIDDLE)
-    assert kind_of(memory) == ("scann_exact" if cheap else "exact")
-
-
-def test_auto_without_scann_keeps_the_exact_memory_below_the_scann_threshold():
-    # A speed choice, not a need: no warning.
-    with mock.patch.object(factory, "scann_installed", return_value=False):
-        with mock.patch.object(factory, "host_memory_is_cheap", return_value=True):
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                assert kind_of(make_memory("auto", **MIDDLE)) == "exact"
+def test_auto_keeps_the_in_graph_memory_below_the_scann_threshold():
+    # Not ScaNN's brute force, though faster in the peer's configuration on
+    # the CPU: with it the paper preset's training ran out of a 24 GB
+    # machine's memory, where the in-graph memory trained (its search hands
+    # the step 1.07 GB of neighbours' keys and values; docs/performance.md).
+    assert kind_of(make_memory("auto", **BELOW)) == "exact"
 
 
 def test_auto_without_scann_falls_back_to_the_exact_memory_with_a_warning():

@@ -1,17 +1,12 @@
-from unittest import mock
-
 import keras
 import numpy as np
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from keras import ops
 
-from keras_memtrans.memory import host
 from keras_memtrans.memory.host import approx_top_k
 from keras_memtrans.memory.host import full_like
 from keras_memtrans.memory.host import host_call
-from keras_memtrans.memory.host import host_memory_is_cheap
 from keras_memtrans.memory.host import slice_update_variable
 from tests.host_data import only_on_torch
 from tests.host_data import package_host_tensors
@@ -181,10 +176,3 @@ def test_slice_update_variable_in_a_compiled_predict_step_is_read_after_it():
         expected[:, start : start + 1] = column
         np.testing.assert_array_equal(read, expected)
         np.testing.assert_array_equal(ops.convert_to_numpy(writer.table), expected)
-
-
-@pytest.mark.parametrize("accelerator", [False, True])
-def test_a_host_memory_is_cheap_on_the_cpu_under_jax_and_torch_only(accelerator):
-    on_cpu_backend = keras.backend.backend() in ("jax", "torch")
-    with mock.patch.object(host, "on_accelerator", return_value=accelerator):
-        assert host_memory_is_cheap() == (on_cpu_backend and not accelerator)
