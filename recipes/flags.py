@@ -16,8 +16,7 @@ import keras
 
 from keras_memtrans import KNNAttention
 from keras_memtrans.memory.factory import MEMORY_KINDS
-from keras_memtrans.memory.factory import SCANN_MIN_MEMORY_SIZE
-from keras_memtrans.memory.factory import check_memory_kind
+from keras_memtrans.memory.factory import resolve_memory_kind
 from keras_memtrans.models import PRESETS
 from keras_memtrans.models import get_preset
 from recipes.common import TRAINING
@@ -303,20 +302,12 @@ def resolve_config(args):
 
 
 def memory_slots(backbone, options):
-    """Slots per lane of each memory of a backbone config: `memory_size`,
-    plus a segment's spare slots in an exact memory (see `ExactMemory`).
-
-    `"auto"` is the exact memory below `SCANN_MIN_MEMORY_SIZE`, and ScaNN's
-    from it (the exact memory under a distribution over several devices,
-    which is set up after this count: its spare slots are then not
-    counted). Made without asking the backend for its devices, which would
-    start JAX's backends before a multi-process run has initialised them
+    """Slots per lane of each memory of a backbone config, with its memory
+    `options` resolved: `memory_size`, plus a segment's spare slots in an
+    exact memory (see `ExactMemory`). `resolve_memory_kind` asks no device,
+    so this count runs before a multi-process JAX run starts its backends
     (`recipes.jax_processes`)."""
-    kind = options["memory_kind"]
-    check_memory_kind(kind)
-    if kind == "auto":
-        large = options["memory_size"] >= SCANN_MIN_MEMORY_SIZE
-        kind = "scann" if large else "exact"
+    kind = resolve_memory_kind(options["memory_kind"], options["memory_size"])
     spare = backbone["segment_length"] if kind == "exact" else 0
     return options["memory_size"] + spare
 

@@ -182,9 +182,9 @@ class KNNMemory(LaneState):
 
     def _loads_saved_class(self, saved_class):
         """Any memory's file: every `KNNMemory` saves the same ring buffer
-        (and arrays of its own, which the others ignore), so a run saved
-        with one kind of memory resumes with another (`memory_kind="auto"`
-        picks by backend and device)."""
+        (and arrays of its own, which the others ignore), so a memory saved
+        by one kind loads into another: the kind is a choice of search, not
+        of contents."""
         classes, memory_classes = [KNNMemory], set()
         while classes:
             memory_class = classes.pop()

@@ -22,9 +22,9 @@ memories), on any machine.
 """
 
 import argparse
-import importlib.util
 import sys
 
+from keras_memtrans.memory.scann_memory import scann_installed
 from recipes.benchmarks import generate
 from recipes.benchmarks import train_step
 from recipes.benchmarks.workers import run_main
@@ -74,7 +74,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     size = SIZES["tiny" if args.tiny else "paper"]
     memories = size["memories"]
-    if importlib.util.find_spec("scann") is None:
+    if not scann_installed():
         memories = [m for m in memories if not m.endswith(":scann")]
         print("scann is not installed here: no ScaNN memory row\n")
     print("## Training step\n", flush=True)
