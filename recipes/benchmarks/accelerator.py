@@ -9,7 +9,7 @@ memory beside a dense matmul (`memory_lookup`), and the decoding rate of
 `generate` on the `quick` and `paper` presets (`generate`). Each backend
 runs in its own process (this one for its own backend), and each row is
 printed as soon as it is measured. Sized for one H100 in under 8
-minutes; on one H200 its parts took about 7 (docs/performance.md, "On
+minutes: there its parts took 464 s in all (docs/performance.md, "On
 an accelerator"):
 
     KERAS_BACKEND=jax python -m recipes.benchmarks.accelerator
