@@ -16,13 +16,13 @@ from keras_memtrans import KNNAttention
 from tests.arrays import to_numpy
 from tests.host_data import only_on_torch
 from tests.host_data import package_host_tensors
-from tests.layers.test_attention_contract import BATCH
-from tests.layers.test_attention_contract import HEADS
-from tests.layers.test_attention_contract import SEGMENT
-from tests.layers.test_attention_contract import STARTS
-from tests.layers.test_attention_contract import attend
-from tests.layers.test_attention_contract import make_layer
-from tests.layers.test_attention_contract import segments
+from tests.layers.attention_cases import BATCH
+from tests.layers.attention_cases import HEADS
+from tests.layers.attention_cases import SEGMENT
+from tests.layers.attention_cases import STARTS
+from tests.layers.attention_cases import attend
+from tests.layers.attention_cases import make_layer
+from tests.layers.attention_cases import segments
 from tests.memory.memories import rewrite_npz
 
 MEMORY_KINDS = {

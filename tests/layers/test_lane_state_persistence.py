@@ -13,14 +13,14 @@ from keras_memtrans import KNNAttention
 from keras_memtrans.layers.segment_attention import SegmentAttention
 from keras_memtrans.memory.lane_state import MANIFEST
 from tests.arrays import filled_lanes
-from tests.layers.test_attention_contract import BATCH
-from tests.layers.test_attention_contract import HEADS
-from tests.layers.test_attention_contract import HIDDEN
-from tests.layers.test_attention_contract import MIXED_PADDING
-from tests.layers.test_attention_contract import STARTS
-from tests.layers.test_attention_contract import attend
-from tests.layers.test_attention_contract import make_layer
-from tests.layers.test_attention_contract import segments
+from tests.layers.attention_cases import BATCH
+from tests.layers.attention_cases import HEADS
+from tests.layers.attention_cases import HIDDEN
+from tests.layers.attention_cases import MIXED_PADDING
+from tests.layers.attention_cases import STARTS
+from tests.layers.attention_cases import attend
+from tests.layers.attention_cases import make_layer
+from tests.layers.attention_cases import segments
 
 # ScaNN visits every leaf, so its results are exact; its lanes are indexed
 # from 16 entries (2 segments of 8).

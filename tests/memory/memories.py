@@ -1,11 +1,13 @@
-"""Shared helpers of the memory tests: every memory, test keys, a FIFO
-reference and damaged saved memories."""
+"""Shared helpers of the memory tests: every memory, its test sizes, test
+keys and segments, random write plans, a FIFO reference and damaged saved
+memories."""
 
 import collections
 import functools
 
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from keras_memtrans.memory.factory import make_memory
 from tests.arrays import to_numpy
@@ -129,3 +131,49 @@ def held_entries(memory):
     positions = np.take_along_axis(positions, order, axis=-1)
     keys = np.take_along_axis(keys, order[..., None], axis=-2)
     return positions[:, 0], keys.transpose(0, 2, 1, 3)
+
+
+# ScaNN with 2 leaves needs memory_size // 2 >= 16 entries to build its trees.
+BATCH, HEADS, DIM, MEMORY = 2, 2, 8, 32
+SIZES = dict(batch_size=BATCH, num_heads=HEADS, head_dim=DIM, memory_size=MEMORY)
+
+
+def segment(rng, length, batch=BATCH):
+    """Keys and distinct values `[batch, length, heads, dim]`."""
+    keys = clustered_keys(rng, (batch, length, HEADS, DIM))
+    return keys, rng.normal(size=keys.shape).astype("float32")
+
+
+def search(memory, queries, k=MEMORY):
+    return tuple(to_numpy(x) for x in memory.search(queries, k))
+
+
+def filled_memory(make, rng, segments=3, length=24):
+    """A memory fed `segments * length` tokens: ScaNN lanes get indexed,
+    then upserted and rebuilt."""
+    memory = make(**SIZES)
+    for _ in range(segments):
+        memory.append(*segment(rng, length))
+    return memory
+
+
+@st.composite
+def write_plans(draw):
+    """Lanes, memory size and steps `(reset flags, padding mask [batch,
+    length])`: segments of mixed lengths, some wrapping around the ring,
+    some longer than the memory."""
+    # Few distinct shapes: JAX compiles the exact memory's ops for each (one
+    # lane, and lanes reset and padded apart).
+    batch = draw(st.sampled_from([1, 2]))
+    memory_size = 32
+    lengths = st.sampled_from([1, 5, 12, memory_size, memory_size + 5])
+    steps = []
+    for _ in range(draw(st.integers(1, 8))):
+        length = draw(lengths)
+        resets = draw(st.lists(st.booleans(), min_size=batch, max_size=batch))
+        mask = draw(
+            st.just([True] * (batch * length))
+            | st.lists(st.booleans(), min_size=batch * length, max_size=batch * length)
+        )
+        steps.append((resets, np.array(mask).reshape(batch, length)))
+    return batch, memory_size, steps

@@ -7,13 +7,13 @@ from hypothesis import given
 from hypothesis import settings
 
 from tests.arrays import to_numpy
+from tests.memory.memories import DIM
+from tests.memory.memories import HEADS
 from tests.memory.memories import FifoReference
 from tests.memory.memories import each_memory
-from tests.memory.test_memory_contract import DIM
-from tests.memory.test_memory_contract import HEADS
-from tests.memory.test_memory_contract import search
-from tests.memory.test_memory_contract import segment
-from tests.memory.test_memory_contract import write_plans
+from tests.memory.memories import search
+from tests.memory.memories import segment
+from tests.memory.memories import write_plans
 
 
 def reference_entries(reference, lane, positions, head):
