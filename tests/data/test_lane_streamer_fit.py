@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 from keras import ops
 
 from keras_memtrans.data import LaneStreamer
-from tests.data.test_lane_streamer import VOCABULARY
-from tests.data.test_lane_streamer import assert_documents_in_order
-from tests.data.test_lane_streamer import expected_orders
-from tests.data.test_lane_streamer import make_documents
-from tests.data.test_lane_streamer import reconstruct
+from tests.data.lane_documents import VOCABULARY
+from tests.data.lane_documents import assert_documents_in_order
+from tests.data.lane_documents import expected_orders
+from tests.data.lane_documents import make_documents
+from tests.data.lane_documents import reconstruct
 
 
 class RecordingModel(keras.Model):

@@ -1,5 +1,8 @@
 """Recipe runs on the `tiny` preset, for the recipe tests."""
 
+import csv
+import json
+
 import keras
 import pytest
 
@@ -83,3 +86,15 @@ def run_until_checkpoint(tmp_path, monkeypatch, step, *flags, output):
     with pytest.raises(Interrupted):
         train.main(recipe_args(tmp_path, *flags, output=output))
     monkeypatch.setattr(checkpointing, "save_checkpoint", save)
+
+
+def epoch_losses(output_dir, name="memory"):
+    """`{epoch: loss}` of a run's `name` model, from its CSV log."""
+    log = output_dir / "training" / name / "log.csv"
+    with open(log) as file:
+        return {int(row["epoch"]): float(row["loss"]) for row in csv.DictReader(file)}
+
+
+def results(output_dir):
+    """The `results` list of a run's results.json."""
+    return json.loads((output_dir / "results.json").read_text())["results"]

@@ -23,11 +23,11 @@ from recipes import checkpointing
 from recipes import train
 from tests.recipes.conftest import RESUMED_SCHEDULE
 from tests.recipes.runs import UNINTERRUPTED_RUN
+from tests.recipes.runs import epoch_losses
 from tests.recipes.runs import recipe_args
+from tests.recipes.runs import results
 from tests.recipes.runs import run
 from tests.recipes.runs import run_until_checkpoint
-from tests.recipes.test_train_durability import epoch_losses
-from tests.recipes.test_train_durability import results
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 TORCH_ENVIRONMENT = dict(os.environ, OMP_NUM_THREADS="1")

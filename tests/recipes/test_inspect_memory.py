@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from recipes import inspect_memory
-from tests.recipes.test_train import run
+from tests.recipes.runs import run
 
 # One pytest-xdist worker runs this module (`--dist loadgroup`, see
 # tests/recipes/runs.py): it makes the `compare_run` once.

@@ -24,21 +24,13 @@ from tests.recipes.conftest import RESUMED_SCHEDULE
 from tests.recipes.runs import COMPARED_RUN
 from tests.recipes.runs import UNINTERRUPTED_RUN
 from tests.recipes.runs import Interrupted
+from tests.recipes.runs import epoch_losses
 from tests.recipes.runs import recipe_args
+from tests.recipes.runs import results
 from tests.recipes.runs import run
 from tests.recipes.runs import run_until_checkpoint
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
-
-
-def epoch_losses(output_dir, name="memory"):
-    log = output_dir / "training" / name / "log.csv"
-    with open(log) as file:
-        return {int(row["epoch"]): float(row["loss"]) for row in csv.DictReader(file)}
-
-
-def results(output_dir):
-    return json.loads((output_dir / "results.json").read_text())["results"]
 
 
 @UNINTERRUPTED_RUN
