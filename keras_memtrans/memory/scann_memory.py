@@ -19,10 +19,28 @@ from keras_memtrans.memory.scann_lane_index import min_index_entries
 from keras_memtrans.validation import check_positive_ints
 
 
+def search_thread_count():
+    """The threads this process searches lanes with: one per core it may
+    run on (its CPU affinity, not the machine's count), shared with the
+    other processes a launcher started on the host (`LOCAL_WORLD_SIZE`,
+    which `torchrun` sets)."""
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    processes = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    if not processes.isdigit() or int(processes) < 1:
+        raise ValueError(
+            "LOCAL_WORLD_SIZE (the processes on this host) must be a "
+            f"positive integer, got {processes!r}."
+        )
+    return max(1, cores // int(processes))
+
+
 @functools.cache
 def search_threads():
-    """The threads that search a memory's lanes, one per core."""
-    return concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
+    """The threads that search a memory's lanes (`search_thread_count`)."""
+    return concurrent.futures.ThreadPoolExecutor(search_thread_count())
 
 
 def scann_installed():
@@ -35,8 +53,9 @@ def _import_scann():
         from scann.scann_ops.py import scann_ops_pybind
     except ImportError as error:
         raise ImportError(
-            "ScannMemory needs the `scann` package: "
-            "`pip install keras-memtrans[scann]`."
+            f"ScannMemory needs the `scann` package, which did not import "
+            f"({error}): `pip install keras-memtrans[scann]` (scann 1.4.2 "
+            "needs TensorFlow 2.20)."
         ) from error
     return scann_ops_pybind
 

@@ -1,0 +1,47 @@
+"""What a `ScannMemory` takes from its host: the threads that search its
+lanes, and the `scann` package."""
+
+import sys
+
+import pytest
+
+from keras_memtrans import ScannMemory
+from keras_memtrans.memory import scann_memory
+
+
+@pytest.mark.skipif(
+    not hasattr(scann_memory.os, "sched_getaffinity"), reason="no CPU affinity"
+)
+@pytest.mark.parametrize(
+    "cores, processes, threads",
+    [(8, None, 8), (8, "2", 4), (8, "3", 2), (2, "4", 1), (1, None, 1)],
+)
+def test_search_threads_share_the_cores_this_process_may_use(
+    monkeypatch, cores, processes, threads
+):
+    # A process pinned to `cores` of a larger machine, one of `processes`
+    # that torchrun started on the host.
+    monkeypatch.setattr(scann_memory.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(
+        scann_memory.os, "sched_getaffinity", lambda pid: set(range(cores))
+    )
+    if processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    assert scann_memory.search_thread_count() == threads
+
+
+@pytest.mark.parametrize("processes", ["0", "two", "-1", ""])
+def test_a_bad_local_world_size_is_named(monkeypatch, processes):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE"):
+        scann_memory.search_thread_count()
+
+
+def test_a_scann_that_does_not_import_says_why(monkeypatch):
+    # An installed `scann` can fail to import (a TensorFlow it was not
+    # built for): the error carries the import's own message.
+    monkeypatch.setitem(sys.modules, "scann.scann_ops.py", None)
+    with pytest.raises(ImportError, match=r"did not import \(.*halted"):
+        ScannMemory(1, 1, 8, 32)
