@@ -26,6 +26,7 @@ import numpy as np
 from keras_memtrans.models import PRESETS
 from keras_memtrans.models import get_preset
 from recipes.benchmarks.timing import call_times
+from recipes.benchmarks.workers import free_previous_model
 from recipes.benchmarks.workers import print_measurements
 from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
@@ -92,6 +93,7 @@ def measure(preset_name, args):
 def measurements(args):
     """`measure` of each preset of `--presets`, in this process."""
     for preset in args.presets:
+        free_previous_model()
         yield measure(preset, args)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from keras_memtrans.models import PRESETS
 from keras_memtrans.models import get_preset
+from recipes.benchmarks.workers import free_previous_model
 from recipes.benchmarks.workers import print_measurements
 from recipes.benchmarks.workers import worker_lines
 from recipes.common import build_causal_lm
@@ -285,6 +286,7 @@ def measurements(args):
     for memory in args.memories:
         if args.worker == "peer" and memory != "none" and not peer_runs(args.dtype):
             continue
+        free_previous_model()
         if args.worker == "peer":
             seconds = peer_seconds_per_step(memory, args)
         else:

@@ -2,6 +2,7 @@
 per process), each printing its measurements as JSON lines, or this very
 process where it already runs the backend asked for."""
 
+import gc
 import importlib
 import json
 import os
@@ -9,6 +10,16 @@ import subprocess
 import sys
 
 import keras
+
+
+def free_previous_model():
+    """Frees the model a previous measurement of this process built before
+    the next is built: unreachable once its measurement returned, it is
+    still held by the reference cycles of Keras' layers until the garbage
+    collector runs, so the next model was built beside it (two `paper`
+    models in one process overflowed a 24 GB machine, where either alone
+    fits)."""
+    gc.collect()
 
 
 def print_measurements(measurements):

@@ -43,10 +43,10 @@ def test_auto_picks_the_in_graph_memory_under_a_distribution():
 
 
 def test_auto_keeps_the_in_graph_memory_below_the_scann_threshold():
-    # Not ScaNN's brute force, though faster in the peer's configuration on
-    # the CPU: with it the paper preset's training ran out of a 24 GB
-    # machine's memory, where the in-graph memory trained (its search hands
-    # the step 1.07 GB of neighbours' keys and values; docs/performance.md).
+    # Not ScaNN's brute force, though its training step is faster in the
+    # peer's configuration on the CPU: JAX's generation with it decodes
+    # 1.6-2.4x slower at 8K, and TensorFlow's step is slower
+    # (docs/performance.md, "The exact search on the host").
     assert kind_of(make_memory("auto", **BELOW)) == "exact"
 
 

@@ -3,6 +3,7 @@ scripts: their timings are never asserted)."""
 
 import re
 import sys
+import weakref
 
 import keras
 import numpy as np
@@ -319,3 +320,48 @@ def test_the_lookup_keeps_freed_memory_unless_told_not_to(monkeypatch, flag):
     monkeypatch.setattr(memory_lookup, "keep_freed_memory", lambda: kept.append(True))
     memory_lookup.main(["--memory-sizes", "--throughput-sizes", *flag])
     assert kept == ([] if flag else [True])
+
+
+@pytest.mark.parametrize(
+    "module, builder, argv",
+    [
+        (
+            train_step,
+            "compiled_model",
+            ["--config", "tiny", "--memories", "none", "64:exact", "none"]
+            + ["--steps", "1", "--warmup", "1"],
+        ),
+        (
+            generate,
+            "build_causal_lm",
+            [
+                "--presets",
+                "tiny",
+                "tiny",
+                "tiny",
+                "--new-tokens",
+                "1",
+                "--repeats",
+                "1",
+            ],
+        ),
+    ],
+    ids=["train_step", "generate"],
+)
+def test_each_measured_model_is_freed_before_the_next_is_built(
+    monkeypatch, module, builder, argv
+):
+    # Reference cycles kept a measured model alive until the garbage
+    # collector ran, so two `paper` models were held at once.
+    models, alive = [], []
+    build = getattr(module, builder)
+
+    def spy(*args, **kwargs):
+        alive.append([model() is not None for model in models])
+        model = build(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(module, builder, spy)
+    list(module.measurements(module.parse_args(argv)))
+    assert alive == [[], [False], [False, False]]
