@@ -21,19 +21,23 @@ from keras_memtrans.validation import check_positive_ints
 
 def search_thread_count():
     """The threads this process searches lanes with: one per core it may
-    run on (its CPU affinity, not the machine's count), shared with the
-    other processes a launcher started on the host (`LOCAL_WORLD_SIZE`,
-    which `torchrun` sets)."""
+    run on (its CPU affinity, not the machine's count). Where it may run on
+    every core of the machine, they are shared with the other processes a
+    launcher started on the host (`LOCAL_WORLD_SIZE`, which `torchrun`
+    sets); a process pinned to fewer cores has them to itself."""
+    machine = os.cpu_count() or 1
     if hasattr(os, "sched_getaffinity"):
         cores = len(os.sched_getaffinity(0))
     else:
-        cores = os.cpu_count() or 1
+        cores = machine
     processes = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    if not processes.isdigit() or int(processes) < 1:
+    if not (processes.isascii() and processes.isdecimal()) or int(processes) < 1:
         raise ValueError(
             "LOCAL_WORLD_SIZE (the processes on this host) must be a "
             f"positive integer, got {processes!r}."
         )
+    if cores < machine:
+        return cores
     return max(1, cores // int(processes))
 
 

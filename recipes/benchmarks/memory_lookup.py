@@ -28,7 +28,8 @@ and next to two references for the same scores: the score matmul alone
 search that materialises them), and the exact search of the host memory
 (`memory_kind="scann_exact"`: ScaNN's brute-force searchers, SIMD scoring
 with a fused top-k, one per (lane, head), the lanes searched side by side,
-one thread per core, and the neighbours gathered on the host), through the
+one thread per core this process may use, and the neighbours gathered on
+the host), through the
 same compiled predict step.
 
     KERAS_BACKEND=jax python -m recipes.benchmarks.memory_lookup

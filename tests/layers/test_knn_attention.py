@@ -2,7 +2,8 @@
 
 The contract it shares with the other attention layers (NumPy reference
 with retrieval over a wrapping memory, smeared keys, padding, lane state,
-gradients, bad inputs, config) is in `test_attention_contract`.
+gradients, config) is in `test_attention_contract`, bad inputs in
+`test_attention_bad_input`.
 """
 
 import functools

@@ -1,6 +1,7 @@
 """What only `SegmentAttention` does; the contract it shares with the other
 attention layers (NumPy reference, smeared keys, padding, XL cache, lane
-state, gradients, bad inputs, config) is in `test_attention_contract`."""
+state, gradients, config) is in `test_attention_contract`, bad inputs in
+`test_attention_bad_input`."""
 
 import numpy as np
 import pytest

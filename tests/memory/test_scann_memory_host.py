@@ -14,13 +14,22 @@ from keras_memtrans.memory import scann_memory
 )
 @pytest.mark.parametrize(
     "cores, processes, threads",
-    [(8, None, 8), (8, "2", 4), (8, "3", 2), (2, "4", 1), (1, None, 1)],
+    [
+        # Every core of the machine: shared by the host's processes.
+        (64, None, 64),
+        (64, "2", 32),
+        (64, "3", 21),
+        # Pinned to fewer (a container, or a launcher that pins each
+        # process): those cores are this process's own.
+        (8, None, 8),
+        (8, "2", 8),
+        (1, "4", 1),
+    ],
 )
-def test_search_threads_share_the_cores_this_process_may_use(
+def test_search_threads_use_the_cores_this_process_may_run_on(
     monkeypatch, cores, processes, threads
 ):
-    # A process pinned to `cores` of a larger machine, one of `processes`
-    # that torchrun started on the host.
+    # One of `processes` that torchrun started on a 64-core host.
     monkeypatch.setattr(scann_memory.os, "cpu_count", lambda: 64)
     monkeypatch.setattr(
         scann_memory.os, "sched_getaffinity", lambda pid: set(range(cores))
@@ -32,7 +41,7 @@ def test_search_threads_share_the_cores_this_process_may_use(
     assert scann_memory.search_thread_count() == threads
 
 
-@pytest.mark.parametrize("processes", ["0", "two", "-1", ""])
+@pytest.mark.parametrize("processes", ["0", "two", "-1", "", "\u00b2", "1.5"])
 def test_a_bad_local_world_size_is_named(monkeypatch, processes):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
     with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE"):

@@ -1,4 +1,5 @@
-"""Recipe runs on the `tiny` preset, for the recipe tests."""
+"""Recipe runs on the `tiny` preset, for the recipe tests, and readers of
+what a run wrote (its losses by epoch, its results)."""
 
 import csv
 import json
