@@ -53,6 +53,7 @@ from keras_memtrans import SegmentAttention
 from keras_memtrans.memory.scann_memory import default_num_leaves
 from keras_memtrans.memory.scann_memory import scann_installed
 from recipes.benchmarks.timing import call_times
+from recipes.benchmarks.workers import free_previous_model
 from recipes.flags import add_keep_freed_memory
 from recipes.flags import fraction
 from recipes.flags import positive_int
@@ -314,6 +315,7 @@ def print_lookup_table(memory_sizes, repeats, leaves_visited, training_sample_si
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for memory_size in memory_sizes:
+        free_previous_model()
         options = scann_settings(memory_size, leaves_visited, training_sample_size)
         exact_time, scann_time, recall, build, append, exact_append = measure(
             memory_size, queries, keys, repeats, options
@@ -344,6 +346,7 @@ def print_throughput_table(memory_sizes, model, dense_size, repeats):
     )
     print("|---|---|---|---|---|---|---|---|")
     for memory_size in memory_sizes:
+        free_previous_model()
         (search, search_gflop), *references = search_gflops(memory_size, shape, repeats)
         cells = [
             f"{1e3 * search:.1f}",

@@ -13,12 +13,12 @@ import keras
 
 
 def free_previous_model():
-    """Frees the model a previous measurement of this process built before
-    the next is built: unreachable once its measurement returned, it is
-    still held by the reference cycles of Keras' layers until the garbage
-    collector runs, so the next model was built beside it (two `paper`
-    models in one process overflowed a 24 GB machine, where either alone
-    fits)."""
+    """Frees the model (or memories) a previous measurement of this process
+    built before the next is built: unreachable once its measurement
+    returned, it is still held by the reference cycles of Keras' layers
+    until the garbage collector runs, so the next was built beside it (two
+    `paper` models in one process overflowed a 24 GB machine, where either
+    alone fits)."""
     gc.collect()
 
 

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_memtrans.memory import ExactMemory
 from keras_memtrans.memory.scann_memory import default_num_leaves
 from recipes.benchmarks import accelerator
 from recipes.benchmarks import generate
@@ -365,3 +366,27 @@ def test_each_measured_model_is_freed_before_the_next_is_built(
     monkeypatch.setattr(module, builder, spy)
     list(module.measurements(module.parse_args(argv)))
     assert alive == [[], [False], [False, False]]
+
+
+@pytest.mark.parametrize(
+    "table, args",
+    [
+        ("print_lookup_table", ([512, 1024], 1, None, 1000)),
+        ("print_throughput_table", ([256, 512, 256], "quick", 64, 1)),
+    ],
+)
+def test_each_memory_size_is_freed_before_the_next_is_built(
+    monkeypatch, capsys, table, args
+):
+    memories, alive = [], []
+
+    def spy(*args, **kwargs):
+        alive.append([memory() is not None for memory in memories])
+        memory = ExactMemory(*args, **kwargs)
+        memories.append(weakref.ref(memory))
+        return memory
+
+    monkeypatch.setattr(memory_lookup, "ExactMemory", spy)
+    getattr(memory_lookup, table)(*args)
+    assert alive == [[False] * count for count in range(len(alive))]
+    assert len(alive) == len(args[0])
